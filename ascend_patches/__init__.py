@@ -1,0 +1,135 @@
+"""ascend_patches: stock Megatron-Core on Ascend NPUs, CUDA GPUs and plain CPUs.
+
+``import ascend_patches`` (before or after megatron) detects the accelerator and applies
+the declared patches (``ascend_patches.patches``).  ``report()`` says what was patched and
+why anything was skipped; ``revert()`` puts every original back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Iterable, Optional
+
+import torch
+
+from . import _state
+from .backend import detect, dist_backend as _dist_backend_for
+from .patches import REGISTRY
+from .registry import Patch, PatchTargetError
+from .settings import Settings, auto_apply, env_backend, env_disabled, parse_disable
+from .versions import check_megatron_version, installed_versions
+
+__version__ = "0.1.0"
+__all__ = ["apply", "revert", "configure", "report", "settings", "dist_backend", "device",
+           "Patch", "PatchTargetError", "REGISTRY"]
+
+_notes = []
+
+
+def _validate_disabled(names) -> None:
+    unknown = set(names) - REGISTRY.names_and_groups()
+    if unknown:
+        known = ", ".join(sorted(REGISTRY.names_and_groups()))
+        raise ValueError(f"cannot disable unknown patch(es) {sorted(unknown)}; known: {known}")
+
+
+def _settings_from_env() -> Settings:
+    disabled = env_disabled()
+    _validate_disabled(disabled)
+    backend, why = detect(env_backend())
+    return Settings(backend=backend, disabled=disabled, backend_reason=why)
+
+
+def settings() -> Settings:
+    return _state.current()
+
+
+def apply() -> None:
+    """Apply every patch that fits the settings; idempotent."""
+    s = _state.current()
+    if s.backend == "npu" and "device" not in s.disabled:
+        from .device.npu import activate_transfer_to_npu
+
+        note = activate_transfer_to_npu()
+        if note not in _notes:
+            _notes.append(note)
+    REGISTRY.apply(s)
+
+
+def revert() -> None:
+    """Put every patched object back (names rebound elsewhere included)."""
+    REGISTRY.revert()
+
+
+def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = None) -> Settings:
+    """Change settings and re-apply: ``configure(disable=["ops"])`` leaves only the device
+    layer; ``configure(disable=[])`` turns everything back on. Unknown names are errors."""
+    current = _state.current()
+    disabled = current.disabled if disable is None else parse_disable(disable)
+    _validate_disabled(disabled)
+    if backend is not None:
+        b, why = detect(backend)
+    else:
+        b, why = current.backend, current.backend_reason
+    was_active = REGISTRY.active
+    REGISTRY.revert()
+    _state.set_current(Settings(backend=b, disabled=disabled, backend_reason=why))
+    if was_active or auto_apply():
+        apply()
+    return _state.current()
+
+
+def dist_backend() -> str:
+    """'hccl', 'nccl' or 'gloo' for the backend in force."""
+    return _dist_backend_for(_state.backend())
+
+
+def device() -> torch.device:
+    from .backend import device as _device
+
+    return _device(_state.backend())
+
+
+def _import_targets() -> None:
+    for name in sorted({p.module for p in REGISTRY.patches.values()}):
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+
+
+def report(import_targets: bool = False) -> str:
+    """A readable account: backend, versions, and each patch's state with its reason."""
+    if import_targets:
+        _import_targets()
+    s = _state.current()
+    lines = [
+        f"ascend_patches {__version__}",
+        f"backend: {s.backend} ({s.backend_reason}); torch.distributed backend: {dist_backend()}",
+        f"versions: {installed_versions()}",
+    ]
+    lines += [f"note: {n}" for n in _notes]
+    if s.disabled:
+        lines.append(f"disabled: {', '.join(sorted(s.disabled))}")
+    counts = {}
+    by_group = {}
+    for name, patch in REGISTRY.patches.items():
+        state, why = REGISTRY.status.get(name, ("not applied", "ascend_patches.apply() not called"))
+        counts[state] = counts.get(state, 0) + 1
+        by_group.setdefault(patch.group, []).append(f"  [{state:>8}] {name:<38} {patch.kind:<7} {patch.target}\n"
+                                                     f"             {why}")
+    for group, rows in by_group.items():
+        lines.append(f"{group}:")
+        lines += rows
+    lines.append("summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+_version_note = check_megatron_version()
+if _version_note:
+    _notes.append(_version_note)
+_state.set_current(_settings_from_env())
+if auto_apply():
+    apply()

@@ -1,0 +1,81 @@
+"""Collectives that gloo lacks, so Megatron's distributed optimizer and sequence
+parallelism run over CPU processes.
+
+gloo has all-reduce and all-gather but no reduce-scatter.  Reduce-scatter is emulated as
+an all-reduce into a scratch copy followed by taking this rank's slice: the result is
+the same sum, at world-size times the traffic, which is fine for CPU tests and demos.
+Groups on other backends go straight to the original function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _DoneWork:
+    """What an ``async_op=True`` collective returns once it has already completed."""
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _reduce_scatter_via_all_reduce(output, input, op, group):
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if input.shape[0] != world * output.shape[0]:
+        raise ValueError(
+            f"reduce_scatter: input dim 0 ({input.shape[0]}) must be world size ({world}) "
+            f"x output dim 0 ({output.shape[0]})"
+        )
+    scratch = input.detach().clone()
+    average = op == dist.ReduceOp.AVG
+    dist.all_reduce(scratch, op=dist.ReduceOp.SUM if average else op, group=group)
+    if average:
+        scratch.div_(world)
+    output.copy_(scratch.chunk(world, dim=0)[rank])
+
+
+def _is_gloo(group) -> bool:
+    return dist.get_backend(group) == "gloo"
+
+
+def reduce_scatter_tensor_wrapper(original):
+    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not _is_gloo(group):
+            return original(output, input, op=op, group=group, async_op=async_op)
+        _reduce_scatter_via_all_reduce(output, input, op, group)
+        return _DoneWork() if async_op else None
+
+    reduce_scatter_tensor.__wrapped__ = original
+    return reduce_scatter_tensor
+
+
+def reduce_scatter_base_wrapper(original):
+    def _reduce_scatter_base(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not _is_gloo(group):
+            return original(output, input, op=op, group=group, async_op=async_op)
+        _reduce_scatter_via_all_reduce(output, input, op, group)
+        return _DoneWork() if async_op else None
+
+    _reduce_scatter_base.__wrapped__ = original
+    return _reduce_scatter_base
+
+
+def backend_name_wrapper(original, accelerator_backend: str):
+    """``init_process_group(backend='nccl')`` as Megatron-LM scripts write it, on a machine
+    whose accelerator needs another backend."""
+
+    def with_backend(*args, **kwargs):
+        if kwargs.get("backend") == "nccl":
+            kwargs["backend"] = accelerator_backend
+        elif args and isinstance(args[0], str) and args[0] == "nccl" and original.__name__ == "init_process_group":
+            args = (accelerator_backend,) + args[1:]
+        return original(*args, **kwargs)
+
+    with_backend.__wrapped__ = original
+    with_backend.__name__ = original.__name__
+    return with_backend

@@ -1,0 +1,1 @@
+"""Device layers: what makes stock megatron-core run on a given accelerator."""

@@ -1,0 +1,1 @@
+"""Fused ops, one file each, with their NPU, CUDA and CPU implementations side by side."""

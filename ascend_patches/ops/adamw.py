@@ -1,0 +1,36 @@
+"""Fused AdamW where Megatron builds its optimizer.
+
+Megatron picks TE's or Apex's FusedAdam when installed, else a plain ``torch.optim.AdamW``
+(one kernel per tensor per step).  We hand it, per backend:
+
+- NPU: ``torch_npu.optim.NpuFusedAdamW``;
+- CUDA and CPU: ``torch.optim.AdamW(fused=True)`` (torch has fused CPU AdamW since 2.4).
+
+Megatron calls the class the Apex way (``adam_w_mode=`` selects AdamW vs Adam+L2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _state
+
+
+class FusedAdamW:
+    """A factory with Apex FusedAdam's signature that returns the backend's fused optimizer."""
+
+    def __new__(cls, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                adam_w_mode=True, **unsupported):
+        if unsupported:
+            raise TypeError(f"ascend_patches FusedAdamW does not support {sorted(unsupported)}; "
+                            "disable the 'adamw' patch to use megatron's own choice")
+        kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if _state.backend() == "npu":
+            import torch_npu
+
+            if not adam_w_mode:
+                raise NotImplementedError("torch_npu has no fused Adam with L2 decay here; "
+                                          "use decoupled_weight_decay=True or disable the 'adamw' patch")
+            return torch_npu.optim.NpuFusedAdamW(params, **kw)
+        opt_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+        return opt_cls(params, fused=True, **kw)

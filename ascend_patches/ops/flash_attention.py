@@ -1,0 +1,127 @@
+"""Flash attention for megatron's ``DotProductAttention`` (the local spec's core attention).
+
+- NPU: ``torch_npu.npu_fusion_attention`` in the "SBH" layout megatron already holds
+  ([s, b, heads*d]), causal via the compressed 2048x2048 mask with ``sparse_mode=2``,
+  GQA with k/v at their own head count (no repeat).
+- CUDA and CPU: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-
+  efficient kernels), ``enable_gqa`` so k/v are not materialised per query head.
+
+Megatron's masks are boolean with True = masked out (NPU agrees; SDPA wants the opposite).
+Stock fills masked scores with -10000 rather than -inf; the two agree whenever a row keeps
+at least one position, which causal and padding masks always do.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _state
+from ..registry import warn_once
+
+_COMPRESSED_CAUSAL = {}
+
+
+def _compressed_causal_mask(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _COMPRESSED_CAUSAL:
+        _COMPRESSED_CAUSAL[key] = torch.triu(torch.ones(2048, 2048, device=device), diagonal=1).bool()
+    return _COMPRESSED_CAUSAL[key]
+
+
+def _full_mask(mask: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
+    """npu_fusion_attention rejects [B,1,1,S] padding masks: broadcast them to [B,1,Sq,Sk]."""
+    if mask.dim() == 4 and (mask.shape[2] != sq or mask.shape[3] != sk):
+        mask = mask.expand(mask.shape[0], mask.shape[1], sq, sk)
+    return mask.bool()
+
+
+def attention_npu(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float):
+    import torch_npu
+
+    sq, b, n, d = q.shape
+    sk, _, ng, dv = v.shape
+    kwargs = dict(scale=scale, keep_prob=1.0 - dropout_p)
+    if causal:
+        kwargs.update(atten_mask=_compressed_causal_mask(q.device), sparse_mode=2,
+                      pre_tockens=65536, next_tockens=0)
+    elif mask is not None:
+        kwargs.update(atten_mask=_full_mask(mask, sq, sk), sparse_mode=0)
+    out = torch_npu.npu_fusion_attention(
+        q.reshape(sq, b, n * d), k.reshape(sk, b, ng * d), v.reshape(sk, b, ng * dv), n, "SBH", **kwargs
+    )[0]
+    return out
+
+
+def attention_sdpa(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float):
+    sq, b, n, d = q.shape
+    ng = k.shape[2]
+    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d], views
+    attn_mask = None if mask is None else ~mask.bool()
+    out = F.scaled_dot_product_attention(
+        qb, kb, vb, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal and mask is None,
+        scale=scale, enable_gqa=ng != n,
+    )
+    return out.permute(2, 0, 1, 3).reshape(sq, b, n * v.shape[3])
+
+
+def attention(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0):
+    """q: [sq, b, n, d]; k, v: [sk, b, ng, d] with ng dividing n. Returns [sq, b, n*d]."""
+    if _state.backend() == "npu":
+        return attention_npu(q, k, v, causal, mask, scale, dropout_p)
+    return attention_sdpa(q, k, v, causal, mask, scale, dropout_p)
+
+
+def attention_reference(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float):
+    """Plain softmax(QK^T)V in float32 with explicit k/v repetition, for tests."""
+    sq, b, n, d = q.shape
+    rep = n // k.shape[2]
+    qf, kf, vf = (t.float().permute(1, 2, 0, 3) for t in (q, k, v))
+    kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
+    scores = qf @ kf.transpose(-1, -2) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(sq, k.shape[0], dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(mask.bool(), float("-inf"))
+    out = scores.softmax(-1) @ vf
+    return out.permute(2, 0, 1, 3).reshape(sq, b, -1).to(q.dtype)
+
+
+def _unsupported(module, attention_bias, packed_seq_params) -> Optional[str]:
+    if packed_seq_params is not None:
+        return "packed sequences"
+    if attention_bias is not None:
+        return "attention bias"
+    if module.softmax_offset is not None:
+        return f"softmax_type={module.config.softmax_type}"
+    if module.scale_mask_softmax.window_size is not None:
+        return "sliding-window attention"
+    return None
+
+
+def dot_product_attention_forward(original):
+    """Wrap ``DotProductAttention.forward``. Inputs the fused kernel does not cover (packed
+    sequences, attention bias, softmax offsets, sliding windows) run stock code, with a
+    one-time warning naming the reason."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.enums import AttnMaskType
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        reason = _unsupported(self, attention_bias, packed_seq_params)
+        if reason:
+            warn_once(f"ascend_patches flash attention does not cover {reason}; "
+                      "running stock DotProductAttention for it")
+            return original(self, query, key, value, attention_mask, attn_mask_type,
+                            attention_bias, packed_seq_params)
+        causal = self.attn_mask_type == AttnMaskType.causal and attention_mask is None and query.shape[0] > 1
+        scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return attention(query, key, value, causal, attention_mask, scale, dropout_p)
+        return attention(query, key, value, causal, attention_mask, scale, dropout_p)
+
+    return forward

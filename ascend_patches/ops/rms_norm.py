@@ -1,0 +1,70 @@
+"""RMSNorm: ``torch_npu.npu_rms_norm`` on NPU, ``torch.nn.functional.rms_norm`` elsewhere
+(one fused kernel in torch >= 2.4 on CUDA and CPU).
+
+Math: ``y = x * rsqrt(mean(x^2, -1) + eps) * weight``, computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _state
+
+
+def rms_norm_npu(x, weight, eps):
+    import torch_npu
+
+    return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0]
+
+
+def rms_norm_torch(x, weight, eps):
+    if x.dtype in (torch.float16, torch.bfloat16):
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+        return y * weight.to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rms_norm(x, weight, eps):
+    if _state.backend() == "npu":
+        return rms_norm_npu(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def rms_norm_reference(x, weight, eps):
+    """The unfused formula, for tests."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """Drop-in for what megatron's ``WrappedTorchNorm`` builds (``torch.nn.RMSNorm``): same
+    ``weight`` parameter and state-dict key, so checkpoints are interchangeable.  Under
+    sequence parallelism the weight is marked so megatron all-reduces its gradient."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.normalized_shape = (hidden_size,)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}, backend={_state.backend()}"
+
+
+def wrapped_torch_norm_new(original):
+    """Wrap ``WrappedTorchNorm.__new__``: RMSNorm configs get the fused module, the rest stock."""
+
+    def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                zero_centered_gamma=False, normalization="LayerNorm"):
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
+            return original(cls, config, hidden_size, eps, persist_layer_norm,
+                            zero_centered_gamma, normalization)
+        return FusedRMSNorm(config, hidden_size, eps)
+
+    return __new__

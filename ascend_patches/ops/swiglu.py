@@ -1,0 +1,82 @@
+"""SwiGLU: ``y = silu(a) * b`` where ``x = [a | b]`` on the last dim (megatron's fused
+linear_fc1 output is [gate | up] on each tensor-parallel rank, the layout npu_swiglu wants).
+
+- NPU: ``torch_npu.npu_swiglu``.
+- CUDA and CPU: one autograd function that keeps only ``x`` for backward (stock autograd
+  keeps a, b and silu(a)) and computes both halves of the gradient in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _state
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        a, b = x.chunk(2, dim=-1)
+        ctx.save_for_backward(x)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        a, b = x.chunk(2, dim=-1)
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        grad_b = g * silu
+        # d silu(a)/da = sig * (1 + a * (1 - sig)) = sig + silu * (1 - sig)
+        grad_a = g * b * (sig + silu * (1 - sig))
+        return torch.cat((grad_a, grad_b), dim=-1)
+
+
+def swiglu_npu(x):
+    import torch_npu
+
+    return torch_npu.npu_swiglu(x, dim=-1)
+
+
+def swiglu_torch(x):
+    return _SwiGLU.apply(x)
+
+
+def swiglu(x):
+    if _state.backend() == "npu":
+        return swiglu_npu(x)
+    return swiglu_torch(x)
+
+
+def swiglu_reference(x):
+    a, b = torch.chunk(x, 2, dim=-1)
+    return F.silu(a) * b
+
+
+def _fusable(mlp, per_token_scale) -> bool:
+    cfg = mlp.config
+    return (
+        cfg.gated_linear_unit
+        and mlp.activation_func is F.silu
+        and per_token_scale is None
+        and not cfg.use_te_activation_func
+        and not cfg.activation_func_fp8_input_store
+        and cfg.activation_func_clamp_value is None
+        and not cfg.glu_linear_offset
+    )
+
+
+def mlp_forward(original):
+    """Wrap ``MLP.forward``: SwiGLU MLPs run fc1 -> fused swiglu -> fc2 whether or not
+    ``bias_activation_fusion`` is set; other activations are not SwiGLU and run stock."""
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if not _fusable(self, per_token_scale):
+            return original(self, hidden_states, per_token_scale, **kwargs)
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        return self.linear_fc2(swiglu(intermediate))
+
+    return forward

@@ -1,0 +1,68 @@
+"""Every patch ascend_patches makes, declared in one table.
+
+Groups: ``device`` (make megatron run on the accelerator at hand), ``collectives``
+(process-group backend, reduce-scatter on gloo), ``ops`` (fused kernels).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .collectives import backend_name_wrapper, reduce_scatter_base_wrapper, reduce_scatter_tensor_wrapper
+from .device import cpu, rng
+from .ops import adamw, flash_attention, rms_norm, rope, swiglu
+from .registry import Patch, Registry
+
+CPU, NPU = frozenset({"cpu"}), frozenset({"npu"})
+
+REGISTRY = Registry()
+_ = REGISTRY.declare
+
+for p in cpu.patches():
+    _(p)
+
+_(Patch("device.rng_get_cpu", "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+        replacement=rng.get_state_cpu, backends=CPU, group="device",
+        why="megatron's RNG tracker reads torch.cuda.default_generators directly"))
+_(Patch("device.rng_set_cpu", "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+        replacement=rng.set_state_cpu, backends=CPU, group="device",
+        why="megatron's RNG tracker writes torch.cuda.default_generators directly"))
+_(Patch("device.rng_get_npu", "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+        replacement=rng.get_state_npu, backends=NPU, group="device",
+        why="transfer_to_npu does not cover megatron's private RNG helpers"))
+_(Patch("device.rng_set_npu", "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+        replacement=rng.set_state_npu, backends=NPU, group="device",
+        why="transfer_to_npu does not cover megatron's private RNG helpers"))
+_(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper, backends=NPU,
+        group="device", sweep=False,
+        why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))
+
+_(Patch("collectives.reduce_scatter_tensor", "torch.distributed:reduce_scatter_tensor",
+        wrapper=reduce_scatter_tensor_wrapper, backends=CPU, group="collectives",
+        why="gloo has no reduce-scatter (distributed optimizer, sequence parallelism)"))
+_(Patch("collectives.reduce_scatter_base", "torch.distributed:_reduce_scatter_base",
+        wrapper=reduce_scatter_base_wrapper, backends=CPU, group="collectives",
+        why="gloo has no reduce-scatter (older megatron code path)"))
+_(Patch("collectives.init_process_group", "torch.distributed:init_process_group",
+        wrapper=partial(backend_name_wrapper, accelerator_backend="gloo"), backends=CPU,
+        group="collectives", why="Megatron-LM scripts ask for 'nccl'; the CPU needs 'gloo'"))
+_(Patch("collectives.new_group", "torch.distributed:new_group",
+        wrapper=partial(backend_name_wrapper, accelerator_backend="gloo"), backends=CPU,
+        group="collectives", why="Megatron-LM scripts ask for 'nccl'; the CPU needs 'gloo'"))
+
+_(Patch("flash_attention", "megatron.core.transformer.dot_product_attention:DotProductAttention.forward",
+        wrapper=flash_attention.dot_product_attention_forward,
+        why="npu_fusion_attention / SDPA flash kernel instead of baddbmm + softmax + bmm"))
+_(Patch("rms_norm", "megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__",
+        wrapper=rms_norm.wrapped_torch_norm_new,
+        why="npu_rms_norm / fused rms_norm for every norm the local spec builds (layers and final)"))
+_(Patch("swiglu", "megatron.core.transformer.mlp:MLP.forward", wrapper=swiglu.mlp_forward,
+        why="npu_swiglu / one-pass SwiGLU, with or without bias_activation_fusion"))
+_(Patch("rope", "megatron.core.models.common.embeddings.rope_utils:_apply_rotary_pos_emb_bshd",
+        wrapper=rope.apply_rotary_pos_emb_bshd,
+        why="npu_rotary_mul / RoPE with cos-sin computed once per forward"))
+_(Patch("adamw", "megatron.core.optimizer:Adam", replacement=adamw.FusedAdamW, sweep=False,
+        why="NpuFusedAdamW / torch AdamW(fused=True) where megatron builds its optimizer"))
+_(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", replacement=False, sweep=False,
+        condition=lambda s: "disabled with 'adamw'" if "adamw" in s.disabled else None,
+        why="makes megatron take its Apex-style Adam slot, which 'adamw' fills"))

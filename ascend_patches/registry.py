@@ -1,0 +1,234 @@
+"""The patch registry: declared patches, applied idempotently, reversibly, in any import order.
+
+Each patch names its target as ``"module:attr.path"``; the colon says exactly which part is
+the module to import, so a target is resolved without guessing and a post-import hook can
+be registered for a module not yet imported.  A patch either *replaces* the target with an
+object, or *wraps* it: ``wrapper(original) -> new``.  Nothing is inferred from names.
+
+Names that other modules bound with ``from x import f`` keep the original object; when a
+module-level target is patched, every loaded module attribute that *is* the original object
+is rebound too (``sweep``), and put back on revert.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+
+import wrapt
+
+_MISSING = object()
+ALL_BACKENDS = frozenset({"npu", "cuda", "cpu"})
+
+
+class PatchTargetError(RuntimeError):
+    """A declared target does not exist in the installed library (renamed or removed upstream)."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    target: str  # "module:attr.path"
+    why: str
+    replacement: Any = None  # the object to install (kind == "replace")
+    wrapper: Optional[Callable[[Any], Any]] = None  # original -> new (kind == "wrap")
+    backends: FrozenSet[str] = ALL_BACKENDS
+    group: str = "ops"
+    sweep: bool = True  # rebind `from x import f` copies of a module-level target
+    condition: Optional[Callable[[Any], Optional[str]]] = None  # settings -> reason to skip
+
+    def __post_init__(self):
+        if (self.replacement is None) == (self.wrapper is None):
+            raise ValueError(f"patch {self.name}: give exactly one of replacement= or wrapper=")
+        if ":" not in self.target:
+            raise ValueError(f"patch {self.name}: target must be 'module:attr', got {self.target!r}")
+        if not self.backends <= ALL_BACKENDS:
+            raise ValueError(f"patch {self.name}: unknown backends {set(self.backends) - ALL_BACKENDS}")
+
+    @property
+    def kind(self) -> str:
+        return "replace" if self.replacement is not None else "wrap"
+
+    @property
+    def module(self) -> str:
+        return self.target.split(":", 1)[0]
+
+    @property
+    def attr_path(self) -> List[str]:
+        return self.target.split(":", 1)[1].split(".")
+
+
+@dataclass
+class _Applied:
+    owner: Any
+    attr: str
+    saved: Any  # raw entry from owner.__dict__ (or _MISSING), restored on revert
+    original: Any
+    new: Any
+    rebound: List[Tuple[Any, str]] = field(default_factory=list)
+
+
+class Registry:
+    def __init__(self):
+        self.patches: Dict[str, Patch] = {}
+        self.applied: Dict[str, _Applied] = {}
+        self.status: Dict[str, Tuple[str, str]] = {}  # name -> (state, reason)
+        self.active = False
+        self._settings = None
+        self._hooked_modules: set = set()
+        self._lock = threading.RLock()
+
+    # -- declaration -------------------------------------------------------------------
+    def declare(self, patch: Patch) -> Patch:
+        if patch.name in self.patches:
+            raise ValueError(f"patch {patch.name!r} declared twice")
+        self.patches[patch.name] = patch
+        return patch
+
+    def names_and_groups(self) -> set:
+        return set(self.patches) | {p.group for p in self.patches.values()}
+
+    # -- applying ----------------------------------------------------------------------
+    def apply(self, settings) -> None:
+        with self._lock:
+            self._settings = settings
+            self.active = True
+            for patch in self.patches.values():
+                if patch.name in self.applied:
+                    continue  # idempotent
+                skip = self._skip_reason(patch, settings)
+                if skip:
+                    self.status[patch.name] = ("skipped", skip)
+                    continue
+                if patch.module in sys.modules:
+                    try:
+                        self._apply_one(patch)
+                    except PatchTargetError:
+                        self.revert()  # never leave a half-patched state behind
+                        raise
+                else:
+                    self.status[patch.name] = ("pending", f"applies when {patch.module} is imported")
+                    self._hook(patch.module)
+
+    def _skip_reason(self, patch: Patch, settings) -> Optional[str]:
+        if patch.name in settings.disabled or patch.group in settings.disabled:
+            return "disabled by configuration"
+        if settings.backend not in patch.backends:
+            return f"not for backend {settings.backend} (only {'/'.join(sorted(patch.backends))})"
+        if patch.condition is not None:
+            return patch.condition(settings)
+        return None
+
+    def _hook(self, module_name: str) -> None:
+        if module_name in self._hooked_modules:
+            return
+        self._hooked_modules.add(module_name)
+        wrapt.register_post_import_hook(self._on_import, module_name)
+
+    def _on_import(self, module) -> None:
+        with self._lock:
+            if not self.active:
+                return
+            for patch in self.patches.values():
+                if patch.module == module.__name__ and self.status.get(patch.name, ("",))[0] == "pending":
+                    self._apply_one(patch)
+
+    def _apply_one(self, patch: Patch) -> None:
+        owner, attr = _resolve_owner(patch)
+        raw = owner.__dict__.get(attr, _MISSING) if hasattr(owner, "__dict__") else _MISSING
+        try:
+            original = getattr(owner, attr)
+        except AttributeError:
+            raise PatchTargetError(_missing_message(patch)) from None
+        new = patch.replacement if patch.kind == "replace" else patch.wrapper(original)
+        if isinstance(raw, staticmethod) and attr != "__new__":
+            new = staticmethod(new)
+        setattr(owner, attr, new)
+        record = _Applied(owner, attr, raw, original, new)
+        if patch.sweep and isinstance(owner, type(sys)) and _sweepable(original):
+            record.rebound = _rebind_everywhere(original, new, skip=owner)
+        self.applied[patch.name] = record
+        self.status[patch.name] = ("applied", patch.why)
+
+    # -- reverting ---------------------------------------------------------------------
+    def revert(self) -> None:
+        with self._lock:
+            for name in reversed(list(self.applied)):
+                rec = self.applied.pop(name)
+                if rec.saved is _MISSING:
+                    try:
+                        delattr(rec.owner, rec.attr)
+                    except AttributeError:
+                        pass
+                    if not hasattr(rec.owner, rec.attr) or getattr(rec.owner, rec.attr) is not rec.original:
+                        setattr(rec.owner, rec.attr, rec.original)
+                else:
+                    setattr(rec.owner, rec.attr, rec.saved)
+                for mod, key in rec.rebound:
+                    if getattr(mod, key, None) is rec.new:
+                        setattr(mod, key, rec.original)
+            self.status = {n: ("reverted", "ascend_patches.revert() was called") for n in self.patches}
+            self.active = False
+
+    def original(self, name: str):
+        """The object a patch replaced (for fallbacks and tests)."""
+        return self.applied[name].original
+
+
+def _resolve_owner(patch: Patch):
+    module = sys.modules.get(patch.module)
+    if module is None:
+        module = __import__(patch.module, fromlist=["_"])
+    owner = module
+    path = patch.attr_path
+    for part in path[:-1]:
+        try:
+            owner = getattr(owner, part)
+        except AttributeError:
+            raise PatchTargetError(_missing_message(patch)) from None
+    return owner, path[-1]
+
+
+def _missing_message(patch: Patch) -> str:
+    from .versions import installed_versions
+
+    return (
+        f"patch {patch.name!r}: target {patch.target} does not exist in the installed "
+        f"libraries ({installed_versions()}); it was probably renamed upstream. "
+        f"Disable it with ASCEND_PATCHES_DISABLE={patch.name} or use a tested megatron-core."
+    )
+
+
+def _sweepable(obj) -> bool:
+    # Only functions and classes are bound by name elsewhere; a constant such as True or 0
+    # "is" countless unrelated attributes and must never be swept.
+    return isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, type))
+
+
+def _rebind_everywhere(original, new, skip) -> List[Tuple[Any, str]]:
+    rebound = []
+    for mod in list(sys.modules.values()):
+        if mod is None or mod is skip:
+            continue
+        try:
+            items = list(vars(mod).items())
+        except TypeError:
+            continue
+        for key, value in items:
+            if value is original:
+                try:
+                    setattr(mod, key, new)
+                except (AttributeError, TypeError):
+                    continue
+                rebound.append((mod, key))
+    return rebound
+
+
+def warn_once(message: str, _seen=set()) -> None:
+    if message not in _seen:
+        _seen.add(message)
+        warnings.warn(message, stacklevel=3)

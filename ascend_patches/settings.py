@@ -1,0 +1,50 @@
+"""Settings come from ``configure(...)`` and environment variables, never from ``sys.argv``.
+
+Environment variables (read when ``ascend_patches`` is imported):
+
+- ``ASCEND_PATCHES_DISABLE=rope,swiglu``: patch names or groups (``device``, ``ops``,
+  ``collectives``) to leave alone.  An unknown name is an error.
+- ``ASCEND_PATCHES_BACKEND=npu|cuda|cpu``: force a backend instead of detecting one.
+- ``ASCEND_PATCHES_AUTO=0``: do not apply on import; call ``ascend_patches.apply()`` yourself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import FrozenSet, Optional
+
+BACKENDS = ("npu", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str
+    disabled: FrozenSet[str] = field(default_factory=frozenset)
+    backend_reason: str = ""
+
+    def with_(self, **kw) -> "Settings":
+        return replace(self, **kw)
+
+
+def parse_disable(value) -> FrozenSet[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        value = value.split(",")
+    return frozenset(v.strip() for v in value if v and v.strip())
+
+
+def env_backend() -> Optional[str]:
+    value = os.environ.get("ASCEND_PATCHES_BACKEND", "").strip().lower()
+    if value and value not in BACKENDS:
+        raise ValueError(f"ASCEND_PATCHES_BACKEND={value!r}: expected one of {', '.join(BACKENDS)}")
+    return value or None
+
+
+def env_disabled() -> FrozenSet[str]:
+    return parse_disable(os.environ.get("ASCEND_PATCHES_DISABLE"))
+
+
+def auto_apply() -> bool:
+    return os.environ.get("ASCEND_PATCHES_AUTO", "1").strip() not in ("0", "false", "no")

@@ -1,0 +1,42 @@
+"""Versions of the libraries we patch, and the megatron-core range this release is tested on."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import warnings
+
+from packaging.version import Version
+
+TESTED_MEGATRON_CORE = (">=0.16.0", "<0.17.0")
+
+
+def version_of(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def installed_versions() -> str:
+    names = ("torch", "megatron-core", "torch_npu", "deepspeed")
+    return ", ".join(f"{n} {version_of(n)}" for n in names)
+
+
+def megatron_in_tested_range(version: str) -> bool:
+    if version == "not installed":
+        return True
+    v = Version(version)
+    return Version("0.16.0") <= v < Version("0.17.0")
+
+
+def check_megatron_version() -> str:
+    """Warn (once per process) if megatron-core is outside the tested range; return a note."""
+    v = version_of("megatron-core")
+    if megatron_in_tested_range(v):
+        return ""
+    note = (
+        f"megatron-core {v} is outside the range ascend_patches is tested on "
+        f"({','.join(TESTED_MEGATRON_CORE)}); patches whose targets moved will fail loudly"
+    )
+    warnings.warn(note, stacklevel=3)
+    return note

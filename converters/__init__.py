@@ -1,0 +1,1 @@
+"""Checkpoint converters (HuggingFace <-> Megatron, TP/PP resharding): see issue 4."""

@@ -1,0 +1,1 @@
+"""LLaMA-2 recipes on stock megatron.core building blocks."""
