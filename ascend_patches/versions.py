@@ -18,8 +18,14 @@ def version_of(dist: str) -> str:
 
 
 def installed_versions() -> str:
+    import sys
+
     names = ("torch", "megatron-core", "torch_npu", "deepspeed")
-    return ", ".join(f"{n} {version_of(n)}" for n in names)
+    found = {n: version_of(n) for n in names}
+    npu = sys.modules.get("torch_npu")
+    if npu is not None and getattr(npu, "__version__", None):
+        found["torch_npu"] = npu.__version__  # imported: trust the module (also the test emulation)
+    return ", ".join(f"{n} {v}" for n, v in found.items())
 
 
 def megatron_in_tested_range(version: str) -> bool:

@@ -85,10 +85,13 @@ def tensor_to_wrapper(original):
 def tensor_type_wrapper(original):
     def type_(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        if args or kwargs or self.device.type != "cpu":
+        if args or kwargs or result.startswith("torch.cuda."):
             return result
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.startswith("megatron.") and result.startswith("torch.") and not result.startswith("torch.cuda."):
+        if not sys._getframe(1).f_globals.get("__name__", "").startswith("megatron."):
+            return result
+        if result.startswith("torch.npu."):
+            return "torch.cuda." + result[len("torch.npu."):]
+        if self.device.type == "cpu" and result.startswith("torch."):
             return "torch.cuda." + result[len("torch."):]
         return result
 

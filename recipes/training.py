@@ -1,0 +1,88 @@
+"""One training step on stock megatron.core parts: DDP wrapper, Megatron optimizer, the
+pipeline schedule from ``get_forward_backward_func``.  The pretrain and fine-tune recipes
+and the tests all step through here."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Optional
+
+import torch
+
+
+def wrap_ddp(model, use_distributed_optimizer: bool = False, bucket_size: Optional[int] = None):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(models: List, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad: float = 1.0,
+                    bf16: bool = False, fp16: bool = False, use_distributed_optimizer: bool = False,
+                    betas=(0.9, 0.95), eps: float = 1e-8):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cfg = OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0], adam_beta2=betas[1],
+        adam_eps=eps, clip_grad=clip_grad, bf16=bf16, fp16=fp16,
+        use_distributed_optimizer=use_distributed_optimizer,
+        loss_scale=None if fp16 else None, initial_loss_scale=2.0 ** 16 if fp16 else None,
+    )
+    return get_megatron_optimizer(cfg, models)
+
+
+def lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
+    """Mean token loss over the tokens the mask keeps; megatron's (loss, stats) contract."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    total = mask.sum()
+    loss = torch.sum(losses * mask) / total.clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def make_forward_step() -> Callable:
+    def forward_step(data_iterator: Iterator, model):
+        batch = next(data_iterator)
+        tokens, labels = batch["tokens"], batch["labels"]
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, position_ids, batch.get("attention_mask"), labels=labels)
+        loss_mask = batch.get("loss_mask")
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels, dtype=torch.float)
+        return output, lambda out: lm_loss(out, loss_mask)
+
+    return forward_step
+
+
+def train_step(models: List, optimizer, data_iterator, num_microbatches: int, seq_length: int,
+               micro_batch_size: int, forward_only: bool = False):
+    """Run one global batch; returns (mean loss on the last pipeline stage or None, grad norm)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for m in models:
+        m.zero_grad_buffer() if hasattr(m, "zero_grad_buffer") else m.zero_grad()
+    if not forward_only:
+        optimizer.zero_grad()
+    fb = get_forward_backward_func()
+    losses = fb(
+        forward_step_func=make_forward_step(), data_iterator=data_iterator,
+        model=models if len(models) > 1 else models[0], num_microbatches=num_microbatches,
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only,
+    )
+    loss = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        loss = torch.stack([d["lm loss"] for d in losses]).mean().item()
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            raise FloatingPointError(f"loss is {loss} on rank {rank}; stopping before the optimizer step")
+    grad_norm = None
+    if not forward_only:
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise FloatingPointError("optimizer step skipped: gradients overflowed (fp16 loss scale)")
+    return loss, grad_norm
