@@ -5,6 +5,10 @@ gloo has all-reduce and all-gather but no reduce-scatter.  Reduce-scatter is emu
 an all-reduce into a scratch copy followed by taking this rank's slice: the result is
 the same sum, at world-size times the traffic, which is fine for CPU tests and demos.
 Groups on other backends go straight to the original function.
+
+Megatron issues its reduce-scatters inside ``_coalescing_manager``, where torch only
+queues a collective; the emulation talks to the process group directly so its result is
+there when the slice is taken.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ def _reduce_scatter_via_all_reduce(output, input, op, group):
             f"x output dim 0 ({output.shape[0]})"
         )
     scratch = input.detach().clone()
-    average = op == dist.ReduceOp.AVG
-    dist.all_reduce(scratch, op=dist.ReduceOp.SUM if average else op, group=group)
+    average = op == dist.ReduceOp.AVG  # gloo has no AVG: sum, then divide
+    # Straight to the process group: inside megatron's `_coalescing_manager` a
+    # dist.all_reduce would only be queued, and we must read its result right away.
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM if average else op
+    pg.allreduce([scratch], opts).wait()
     if average:
         scratch.div_(world)
     output.copy_(scratch.chunk(world, dim=0)[rank])

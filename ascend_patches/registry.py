@@ -69,7 +69,7 @@ class _Applied:
     saved: Any  # raw entry from owner.__dict__ (or _MISSING), restored on revert
     original: Any
     new: Any
-    rebound: List[Tuple[Any, str]] = field(default_factory=list)
+    rebound: Optional[List[Tuple[Any, str]]] = None  # None: not swept
 
 
 class Registry:
@@ -168,9 +168,10 @@ class Registry:
                         setattr(rec.owner, rec.attr, rec.original)
                 else:
                     setattr(rec.owner, rec.attr, rec.saved)
-                for mod, key in rec.rebound:
-                    if getattr(mod, key, None) is rec.new:
-                        setattr(mod, key, rec.original)
+                if rec.rebound is not None:
+                    # Modules imported after the patch bound the new object themselves:
+                    # find every copy, not only the ones recorded when applying.
+                    _rebind_everywhere(rec.new, rec.original, skip=None)
             self.status = {n: ("reverted", "ascend_patches.revert() was called") for n in self.patches}
             self.active = False
 

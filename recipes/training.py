@@ -19,6 +19,19 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False, bucket_size: Option
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+def attach_grad_sync(models: List, optimizer=None) -> None:
+    """What Megatron-LM's training loop sets on the config so the schedule all-reduces (or
+    reduce-scatters) data-parallel gradients, all-reduces sequence-parallel norm gradients
+    across TP, and syncs pipeline-shared embeddings after the last microbatch."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = models[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in models] if len(models) > 1 else models[0].no_sync
+    if optimizer is not None:
+        config.grad_scale_func = optimizer.scale_loss
+
+
 def build_optimizer(models: List, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad: float = 1.0,
                     bf16: bool = False, fp16: bool = False, use_distributed_optimizer: bool = False,
                     betas=(0.9, 0.95), eps: float = 1e-8):

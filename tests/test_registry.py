@@ -1,0 +1,139 @@
+"""The registry mechanics on throw-away modules: replace vs wrap, idempotence, revert,
+rebinding of `from x import f` copies, post-import hooks, and loud failures."""
+
+import sys
+import textwrap
+import types
+
+import pytest
+
+from ascend_patches.registry import Patch, PatchTargetError, Registry
+from ascend_patches.settings import Settings
+
+
+def _module(name, **attrs):
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+    return mod
+
+
+@pytest.fixture
+def fake_lib():
+    def f(x):
+        return x + 1
+
+    class K:
+        def method(self):
+            return "stock"
+
+        def __new__(cls, *a):
+            return super().__new__(cls)
+
+    lib = _module("fake_lib_ap", f=f, K=K, FLAG=True)
+    user = _module("fake_user_ap", f_alias=f, flag_copy=True)  # `from fake_lib_ap import f as f_alias`
+    yield lib, user, f, K
+    for n in ("fake_lib_ap", "fake_user_ap"):
+        sys.modules.pop(n, None)
+
+
+def _registry(*patches):
+    r = Registry()
+    for p in patches:
+        r.declare(p)
+    return r
+
+
+CPU = Settings(backend="cpu")
+
+
+def test_wrap_replace_sweep_idempotent_and_revert(fake_lib):
+    lib, user, f, K = fake_lib
+    r = _registry(
+        Patch("f", "fake_lib_ap:f", wrapper=lambda orig: (lambda x: orig(x) * 10), why="t"),
+        Patch("m", "fake_lib_ap:K.method", replacement=lambda self: "patched", why="t"),
+        Patch("flag", "fake_lib_ap:FLAG", replacement=False, why="t"),
+    )
+    r.apply(CPU)
+    assert lib.f(1) == 20 and user.f_alias(1) == 20, "the `from x import` copy must be rebound"
+    assert K().method() == "patched"
+    assert lib.FLAG is False and user.flag_copy is True, "constants must never be swept"
+    first = (lib.f, K.method)
+    r.apply(CPU)  # idempotent: nothing re-wrapped
+    assert (lib.f, K.method) == first and lib.f(1) == 20
+    r.revert()
+    assert lib.f is f and user.f_alias is f and lib.FLAG is True
+    assert "method" in K.__dict__ and K().method() == "stock"
+    assert all(state == "reverted" for state, _ in r.status.values())
+
+
+def test_dunder_new_wrap_and_revert(fake_lib):
+    lib, _, _, K = fake_lib
+    raw = K.__dict__["__new__"]
+
+    def wrapper(orig):
+        def __new__(cls, *a):
+            obj = orig(cls, *a)
+            obj.tag = "wrapped"
+            return obj
+        return __new__
+
+    r = _registry(Patch("new", "fake_lib_ap:K.__new__", wrapper=wrapper, why="t"))
+    r.apply(CPU)
+    assert K().tag == "wrapped"
+    r.revert()
+    assert K.__dict__["__new__"] is raw and not hasattr(K(), "tag")
+
+
+def test_post_import_hook_patches_module_imported_later(tmp_path, monkeypatch):
+    (tmp_path / "late_lib_ap.py").write_text("def g():\n    return 'stock'\n")
+    (tmp_path / "late_user_ap.py").write_text("from late_lib_ap import g\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = _registry(Patch("g", "late_lib_ap:g", replacement=lambda: "patched", why="t"))
+    r.apply(CPU)
+    assert r.status["g"][0] == "pending"
+    import late_user_ap  # imports late_lib_ap, whose hook patches before the `from` binds
+
+    assert late_user_ap.g() == "patched" and r.status["g"][0] == "applied"
+    r.revert()
+    import late_lib_ap
+
+    assert late_lib_ap.g() == "stock" and late_user_ap.g() == "stock"
+    for n in ("late_lib_ap", "late_user_ap"):
+        sys.modules.pop(n)
+
+
+def test_backend_and_disable_skip_with_reasons(fake_lib):
+    lib, _, f, _ = fake_lib
+    r = _registry(
+        Patch("npu_only", "fake_lib_ap:f", replacement=lambda x: 0, backends=frozenset({"npu"}), why="t",
+              group="other"),
+        Patch("off", "fake_lib_ap:K.method", replacement=lambda self: 0, why="t", group="ops"),
+    )
+    r.apply(Settings(backend="cpu", disabled=frozenset({"ops"})))
+    assert lib.f is f
+    assert r.status["npu_only"] == ("skipped", "not for backend cpu (only npu)")
+    assert r.status["off"] == ("skipped", "disabled by configuration")
+
+
+def test_missing_target_is_a_loud_error_and_leaves_nothing_half_patched(fake_lib):
+    lib, _, f, _ = fake_lib
+    r = _registry(
+        Patch("good", "fake_lib_ap:f", replacement=lambda x: 0, why="t"),
+        Patch("renamed", "fake_lib_ap:K.renamed_upstream", replacement=lambda self: 0, why="t"),
+    )
+    with pytest.raises(PatchTargetError, match=r"fake_lib_ap:K.renamed_upstream .*megatron-core"):
+        r.apply(CPU)
+    assert lib.f is f, "a failed apply must roll back what it had patched"
+
+
+def test_declaration_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        Patch("x", "m:a", why="t")
+    with pytest.raises(ValueError, match="module:attr"):
+        Patch("x", "m.a", replacement=1, why="t")
+    with pytest.raises(ValueError, match="unknown backends"):
+        Patch("x", "m:a", replacement=1, backends=frozenset({"tpu"}), why="t")
+    r = _registry(Patch("x", "m:a", replacement=1, why="t"))
+    with pytest.raises(ValueError, match="declared twice"):
+        r.declare(Patch("x", "m:b", replacement=1, why="t"))
