@@ -144,6 +144,9 @@ class Registry:
             original = getattr(owner, attr)
         except AttributeError:
             raise PatchTargetError(_missing_message(patch)) from None
+        if isinstance(owner, type) and not _defined_in_package(owner, attr):
+            # e.g. a method renamed upstream: getattr finds torch.nn.Module's instead.
+            raise PatchTargetError(_missing_message(patch))
         new = patch.replacement if patch.kind == "replace" else patch.wrapper(original)
         if isinstance(raw, staticmethod) and attr != "__new__":
             new = staticmethod(new)
@@ -192,6 +195,11 @@ def _resolve_owner(patch: Patch):
         except AttributeError:
             raise PatchTargetError(_missing_message(patch)) from None
     return owner, path[-1]
+
+
+def _defined_in_package(cls: type, attr: str) -> bool:
+    definer = next((k for k in cls.__mro__ if attr in k.__dict__), None)
+    return definer is not None and definer.__module__.split(".")[0] == cls.__module__.split(".")[0]
 
 
 def _missing_message(patch: Patch) -> str:

@@ -1,0 +1,70 @@
+"""Model FLOPs, tokens/s, TFLOP/s and MFU, by the convention in shared/reference/llama2.md:
+training FLOPs per token = 6 * N_dense + 12 * L * d_head * n_heads * seq, where N_dense
+counts every matrix the token passes through (the output layer included, the embedding
+lookup not).  MFU = achieved model FLOP/s / the device's peak.
+
+Peaks (dense bf16 TFLOP/s): Ascend 910B 354, A100 312, H100/H200 989.  A CPU has no
+published peak here, so its "peak" is measured: the GEMM rate of this machine, in the
+dtype trained, at the start of the run ("CPU-MFU").
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+PEAK_TFLOPS = {"910B": 354.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+def dense_params(s, vocab_size: int) -> int:
+    h, f, L = s.hidden_size, s.ffn_hidden_size, s.num_layers
+    kv = s.num_query_groups * s.kv_channels
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f
+    return L * per_layer + h * vocab_size
+
+
+def train_flops_per_token(s, seq_length: int, vocab_size: int) -> float:
+    return 6.0 * dense_params(s, vocab_size) + 12.0 * s.num_layers * s.kv_channels * s.num_attention_heads * seq_length
+
+
+def measured_gemm_tflops(dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops(backend: str, dtype=torch.bfloat16, override: float = None) -> tuple:
+    """(peak TFLOP/s per device, where the number came from)."""
+    if override:
+        return override, "--peak-tflops"
+    if backend == "cpu":
+        return measured_gemm_tflops(dtype), f"measured {str(dtype).replace('torch.', '')} GEMM on this CPU"
+    if backend == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"published dense bf16 peak of {key}"
+        raise ValueError(f"no known peak for {name}; pass --peak-tflops")
+    return PEAK_TFLOPS["910B"], "Ascend 910B dense bf16 peak (as Ascend's MFU code uses)"
+
+
+class Meter:
+    """Per-step tokens/s per device, TFLOP/s per device and MFU."""
+
+    def __init__(self, flops_per_token: float, peak: float, devices: int):
+        self.flops_per_token, self.peak, self.devices = flops_per_token, peak, devices
+        self.t = time.perf_counter()
+
+    def step(self, tokens: int) -> dict:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        tps = tokens / dt / self.devices
+        tflops = tps * self.flops_per_token / 1e12
+        return {"step_time_s": dt, "tokens_per_s_per_device": tps, "tflops_per_device": tflops,
+                "mfu": tflops / self.peak}

@@ -1,0 +1,65 @@
+"""`python -m ascend_patches`, configuration errors and version warnings."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ascend_patches
+from ascend_patches import versions
+from conftest import ROOT
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-W", "ignore", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+
+
+def test_module_report_lists_every_patch():
+    out = _run("-m", "ascend_patches")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "backend: cpu" in text and "megatron-core 0.16" in text
+    for name in ascend_patches.REGISTRY.patches:
+        line = next((l for l in text.splitlines() if f"] {name} " in l), None)
+        assert line is not None, f"patch {name} missing from the report"
+        assert "[ applied]" in line or "[ skipped]" in line, line
+    assert "[ skipped] device.rng_get_npu" in text and "not for backend cpu" in text
+
+
+def test_env_disable_and_unknown_name():
+    out = _run("-m", "ascend_patches", env={"ASCEND_PATCHES_DISABLE": "rope,swiglu"})
+    assert out.returncode == 0, out.stderr
+    assert "[ skipped] rope" in out.stdout and "disabled by configuration" in out.stdout
+    assert "[ applied] flash_attention" in out.stdout
+    bad = _run("-c", "import ascend_patches", env={"ASCEND_PATCHES_DISABLE": "ropee"})
+    assert bad.returncode != 0 and "cannot disable unknown patch(es) ['ropee']" in bad.stderr
+    with pytest.raises(ValueError, match="unknown patch"):
+        ascend_patches.configure(disable=["no_such_patch"])
+
+
+def test_unsupported_backend_is_an_error():
+    out = _run("-c", "import ascend_patches", env={"ASCEND_PATCHES_BACKEND": "tpu"})
+    assert out.returncode != 0 and "ASCEND_PATCHES_BACKEND='tpu'" in out.stderr
+    out = _run("-c", "import ascend_patches", env={"ASCEND_PATCHES_BACKEND": "npu"})
+    assert out.returncode != 0 and "torch_npu does not import" in out.stderr
+
+
+def test_megatron_version_outside_range_warns(monkeypatch):
+    monkeypatch.setattr(versions, "version_of", lambda d: "0.19.2" if d == "megatron-core" else "1.0")
+    with pytest.warns(UserWarning, match=r"megatron-core 0.19.2 is outside the range .*>=0.16.0,<0.17.0"):
+        note = versions.check_megatron_version()
+    assert "0.19.2" in note
+    assert versions.megatron_in_tested_range("0.16.1") and not versions.megatron_in_tested_range("0.15.3")
+
+
+def test_renamed_upstream_target_fails_loudly_naming_target_and_versions():
+    code = (
+        "import megatron.core.transformer.mlp as mlp\n"
+        "del mlp.MLP.forward\n"  # as if renamed in a new release
+        "import ascend_patches\n"
+    )
+    out = _run("-c", code)
+    assert out.returncode != 0
+    assert "megatron.core.transformer.mlp:MLP.forward" in out.stderr and "megatron-core 0.16" in out.stderr
