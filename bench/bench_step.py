@@ -1,0 +1,195 @@
+"""One training step, patched vs stock megatron-core (device layer only) vs HF
+transformers' LlamaForCausalLM of the same shape, measured side by side in one run; and
+each fused op vs its stock counterpart.  Prints times, ratios and achieved GFLOP/s against
+this machine's measured GEMM GFLOP/s.
+
+    OMP_NUM_THREADS=2 python bench/bench_step.py [--shape cpu|tiny] [--steps 3]
+
+The "cpu" shape is the brief's CPU-sized LLaMA-2: 8 layers, hidden 1024, ffn 2816,
+16 heads, vocab 32000, seq 512, batch 2, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+import ascend_patches
+from recipes import llama2, parallel, throughput, training
+
+SHAPES = {
+    "cpu": (llama2.LlamaShape(8, 1024, 2816, 16, 16, vocab_size=32000, seq_length=512), 512, 2),
+    "tiny": (llama2.shape("llama2-tiny"), 128, 4),
+}
+
+
+@contextlib.contextmanager
+def stock_ops():
+    before = ascend_patches.settings().disabled
+    ascend_patches.configure(disable=set(before) | {"ops"})
+    try:
+        yield
+    finally:
+        ascend_patches.configure(disable=before)
+
+
+def timed(fn, steps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def batch(shape, seq, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, shape.vocab_size, (b, seq + 1), generator=g)
+    return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+
+
+def megatron_step_fn(shape, seq, b):
+    torch.manual_seed(0)
+    model = training.wrap_ddp(llama2.build_model(shape, seq_length=seq))
+    opt = training.build_optimizer([model], lr=1e-4)
+    training.attach_grad_sync([model], opt)
+    data = batch(shape, seq, b)
+
+    def step():
+        training.train_step([model], opt, iter([data]), 1, seq, b)
+
+    return step
+
+
+def hf_step_fn(shape, seq, b):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**shape.hf_config(), attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data = batch(shape, seq, b)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=data["tokens"], labels=data["tokens"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return step
+
+
+def bench_ops(shape, seq, b, steps):
+    """Each fused op vs stock megatron's module or math, forward + backward."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from ascend_patches.ops import rms_norm, rope, swiglu
+
+    cfg = llama2.transformer_config(shape)
+    n, d, h = shape.num_attention_heads, shape.kv_channels, shape.hidden_size
+    ng = shape.num_query_groups
+    rows = []
+
+    def fb(fn, *inputs):
+        def run():
+            xs = [x.detach().requires_grad_(True) for x in inputs]
+            fn(*xs).sum().backward()
+        return run
+
+    q = torch.randn(seq, b, n, d)
+    k = torch.randn(seq, b, ng, d)
+    v = torch.randn(seq, b, ng, d)
+    with stock_ops():
+        stock_attn = DotProductAttention(cfg, 1, AttnMaskType.causal, "self")
+        t_stock = timed(fb(lambda q, k, v: stock_attn(q, k, v, None), q, k, v), steps)
+        stock_norm = WrappedTorchNorm(cfg, h, 1e-5)
+    fused_attn = DotProductAttention(cfg, 1, AttnMaskType.causal, "self")
+    t_fused = timed(fb(lambda q, k, v: fused_attn(q, k, v, None), q, k, v), steps)
+    rows.append(("flash attention", t_stock, t_fused))
+
+    x = torch.randn(seq, b, h)
+    fused_norm = WrappedTorchNorm(cfg, h, 1e-5)
+    rows.append(("rms_norm", timed(fb(stock_norm, x), steps), timed(fb(fused_norm, x), steps)))
+
+    y = torch.randn(seq, b, 2 * shape.ffn_hidden_size)
+    rows.append(("swiglu", timed(fb(swiglu.swiglu_reference, y), steps), timed(fb(swiglu.swiglu_torch, y), steps)))
+
+    from megatron.core.models.common.embeddings import rope_utils
+
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    f = torch.outer(torch.arange(seq).float(), inv)
+    freqs = torch.cat((f, f), -1)[:, None, None, :]
+    stock_rope = ascend_patches.REGISTRY.original("rope")
+
+    def stock_two(t):  # stock recomputes cos/sin for q and for k in every layer
+        return stock_rope(t, freqs) + stock_rope(t, freqs)
+
+    def fused_two(t):
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs) + rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+
+    rows.append(("rope (q and k)", timed(fb(stock_two, q), steps), timed(fb(fused_two, q), steps)))
+
+    params = [torch.nn.Parameter(torch.randn(h, h)) for _ in range(16)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    plain = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    fused = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    rows.append(("adamw step (16 x hidden^2)", timed(plain.step, steps), timed(fused.step, steps)))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", choices=list(SHAPES), default="cpu")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-ops", action="store_true")
+    args = p.parse_args()
+    shape, seq, b = SHAPES[args.shape]
+    parallel.init_distributed()
+    gemm = throughput.measured_gemm_tflops(torch.float32, seconds=2.0) * 1e3
+    flops = throughput.train_flops_per_token(shape, seq, shape.vocab_size) * seq * b
+    print(f"backend {ascend_patches.settings().backend}, threads {torch.get_num_threads()}, "
+          f"measured fp32 GEMM {gemm:.1f} GFLOP/s; shape {args.shape}: {shape}, seq {seq}, batch {b}; "
+          f"model FLOPs per step {flops / 1e9:.1f} G")
+
+    with stock_ops():
+        t_stock = timed(megatron_step_fn(shape, seq, b), args.steps)
+    t_patched = timed(megatron_step_fn(shape, seq, b), args.steps)
+    t_hf = None if args.skip_hf else timed(hf_step_fn(shape, seq, b), args.steps)
+
+    def line(name, t):
+        gf = flops / t / 1e9
+        return f"  {name:<28} {t * 1e3:9.1f} ms  {gf:8.1f} GFLOP/s  {100 * gf / gemm:5.1f}% of GEMM"
+
+    print("training step (median of %d after 1 warm-up):" % args.steps)
+    print(line("megatron stock (device only)", t_stock))
+    print(line("megatron + ascend_patches", t_patched))
+    if t_hf:
+        print(line("HF LlamaForCausalLM (sdpa)", t_hf))
+    print(f"  ratio patched / stock = {t_patched / t_stock:.3f} (goal <= 0.75)")
+    if t_hf:
+        print(f"  ratio patched / HF    = {t_patched / t_hf:.3f} (goal <= 0.90)")
+    if not args.skip_ops:
+        print("fused ops, forward + backward (median ms): stock | fused | ratio")
+        for name, ts, tf in bench_ops(shape, seq, b, max(args.steps, 5)):
+            print(f"  {name:<28} {ts * 1e3:9.2f} | {tf * 1e3:9.2f} | {tf / ts:.3f}")
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
