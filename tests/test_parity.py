@@ -114,3 +114,18 @@ def test_training_parity_bf16():
 
 def test_training_parity_npu_emulated(npu_emulated):
     _compare_training(tiny_shape(), tol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", [False, True], ids=["unfused_glu", "bias_activation_fusion"])
+def test_swiglu_patch_covers_both_mlp_paths(npu_emulated, fusion):
+    """With bias_activation_fusion on, stock megatron would call its jit-compiled
+    bias_swiglu_impl; the patched MLP calls the NPU kernel either way, and the result equals
+    stock's unfused path."""
+    shape = tiny_shape()
+    state = _init_state(shape)
+    with ops_disabled():
+        ref = forward_backward(_model(shape, state), batch())
+    npu_emulated.calls["npu_swiglu"] = 0
+    out = forward_backward(_model(shape, state, bias_activation_fusion=fusion), batch())
+    assert npu_emulated.calls["npu_swiglu"] == shape.num_layers  # one fused call per layer
+    assert rel_err(out[0], ref[0]) < 1e-5
