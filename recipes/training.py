@@ -34,14 +34,15 @@ def attach_grad_sync(models: List, optimizer=None) -> None:
 
 def build_optimizer(models: List, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad: float = 1.0,
                     bf16: bool = False, fp16: bool = False, use_distributed_optimizer: bool = False,
-                    betas=(0.9, 0.95), eps: float = 1e-8):
+                    betas=(0.9, 0.95), eps: float = 1e-8, initial_loss_scale: float = 2.0 ** 16,
+                    min_lr: float = 0.0):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     cfg = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0], adam_beta2=betas[1],
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=betas[0], adam_beta2=betas[1],
         adam_eps=eps, clip_grad=clip_grad, bf16=bf16, fp16=fp16,
         use_distributed_optimizer=use_distributed_optimizer,
-        loss_scale=None if fp16 else None, initial_loss_scale=2.0 ** 16 if fp16 else None,
+        initial_loss_scale=initial_loss_scale if fp16 else None,
     )
     return get_megatron_optimizer(cfg, models)
 

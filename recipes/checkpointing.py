@@ -1,0 +1,146 @@
+"""Checkpoints through megatron.core's ``dist_checkpointing``, written atomically.
+
+Layout (Megatron-LM's): ``<dir>/iter_0000100/`` (torch_dist shards) and
+``<dir>/latest_checkpointed_iteration.txt``.  A save goes to ``iter_XXXXXXX.tmp`` first; only
+when every rank has finished is it renamed and the tracker file replaced (``os.replace``,
+atomic), so a crash during a save leaves "latest" pointing at the previous, complete one.
+
+Saved: model and optimizer (sharded, so weights reshard across TP/PP on load), the LR
+scheduler, the iteration and consumed samples (the data position), each rank's RNG state,
+and the model arguments (``args.json``) so later commands need only ``--load``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iter_dir(root, iteration) -> Path:
+    return Path(root) / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+
+
+def latest_iteration(root) -> Optional[int]:
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{tracker}: expected an iteration number or 'release', got {text!r}") from None
+
+
+def _rng_state():
+    return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+            "tracker": _tracker_states()}
+
+
+def _tracker_states():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker().get_states()
+
+
+def _set_rng_state(state):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded(model, optimizer, scheduler, is_loading: bool):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
+                "singleton_local_shards": False}
+    model_sd = model.sharded_state_dict(prefix="", metadata=metadata)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    state["rng_state"] = ShardedObject(
+        "rng_state", _rng_state(), (pp, tp), (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    return state
+
+
+def save(root, iteration: int, model, optimizer, scheduler, progress: dict, args: dict) -> Path:
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iter_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crashed save
+        tmp.mkdir()
+    dist.barrier()
+    state = _sharded(model, optimizer, scheduler, is_loading=False)
+    state["progress"] = progress
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if rank == 0:
+        (tmp / "args.json").write_text(json.dumps(args, indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = root / (TRACKER + ".tmp")
+        tracker_tmp.write_text(str(iteration))
+        os.replace(tracker_tmp, root / TRACKER)
+    dist.barrier()
+    return final
+
+
+def load_args(root) -> dict:
+    it = latest_iteration(root)
+    if it is None:
+        raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint folder)")
+    path = iter_dir(root, it) / "args.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: cannot tell the model's shape")
+    return json.loads(path.read_text())
+
+
+def load(root, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+    """Load the latest checkpoint into model (and optimizer/scheduler); return progress."""
+    from megatron.core import dist_checkpointing
+
+    it = latest_iteration(root)
+    if it is None:
+        raise FileNotFoundError(f"--load {root}: no {TRACKER}")
+    path = iter_dir(root, it)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{root}/{TRACKER} points at {path}, which does not exist")
+    state = _sharded(model, optimizer, scheduler, is_loading=True)
+    if not restore_rng:
+        state.pop("rng_state")
+    state["progress"] = None
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if restore_rng:
+        _set_rng_state(loaded["rng_state"])
+    return loaded.get("progress") or {"iteration": 0 if it == "release" else it, "consumed_samples": 0}

@@ -1,0 +1,1 @@
+"""Reading raw data, turning rows into token sequences, and Megatron datasets."""

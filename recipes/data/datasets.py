@@ -1,0 +1,146 @@
+"""Training data on stock megatron.core datasets, and the order batches are drawn in.
+
+Pretraining reads ``{prefix}_text_document`` through ``BlendedMegatronDatasetBuilder`` +
+``GPTDataset`` (with ``--data-path`` weights and ``--split``).  Instruction data reads the
+``packed_input_ids`` / ``packed_labels`` pair written by ``recipes.preprocess_data``: one
+sample per document, right-padded, prompt positions out of the loss.
+
+The sample order is a pure function of (seed, consumed samples), so a resumed run draws
+exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class MegatronTokenizerView:
+    """The little of a tokenizer GPTDataset needs."""
+
+    def __init__(self, tok):
+        self.eod = tok.eos_id
+        self.vocab_size = tok.vocab_size
+        self.pad = -1  # LLaMA-2 has no pad token; sequences are packed, never padded
+        # part of GPTDataset's cache key
+        self.unique_identifiers = {"class": type(tok).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+def _check_prefix(prefix: str):
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise FileNotFoundError(f"--data-path {prefix}: {prefix + ext} not found "
+                                    "(write it with python -m recipes.preprocess_data)")
+
+
+def parse_blend(data_path: Sequence[str]):
+    """Megatron's ``--data-path [w1] p1 [w2] p2 ...``."""
+    items = list(data_path)
+    if len(items) == 1:
+        return [items[0]], None
+    if len(items) % 2:
+        raise ValueError("--data-path with weights must alternate weight and prefix")
+    weights = [float(w) for w in items[0::2]]
+    return items[1::2], weights
+
+
+def build_pretrain_datasets(data_path, split: str, seq_length: int, seed: int, sizes: List[int],
+                            tokenizer, cache_dir: Optional[str] = None):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes, weights = parse_blend(data_path)
+    for p in prefixes:
+        _check_prefix(p)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        path_to_cache=cache_dir, tokenizer=MegatronTokenizerView(tokenizer),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Samples from the packed_input_ids / packed_labels pair; tokens padded to seq_length."""
+
+    def __init__(self, prefix: str, seq_length: int, pad_id: int, indices: Optional[np.ndarray] = None):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        ids_prefix, labels_prefix = f"{prefix}_packed_input_ids_document", f"{prefix}_packed_labels_document"
+        _check_prefix(ids_prefix)
+        _check_prefix(labels_prefix)
+        self.ids = IndexedDataset(ids_prefix)
+        self.labels = IndexedDataset(labels_prefix)
+        if len(self.ids) != len(self.labels):
+            raise ValueError(f"{prefix}: {len(self.ids)} input_ids documents but {len(self.labels)} labels documents")
+        self.seq_length, self.pad_id = seq_length, pad_id
+        self.indices = np.arange(len(self.ids)) if indices is None else indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        doc = int(self.indices[i])
+        ids = np.asarray(self.ids[doc], dtype=np.int64)[: self.seq_length + 1]
+        labels = np.asarray(self.labels[doc], dtype=np.int64)[: self.seq_length + 1]
+        if len(ids) != len(labels):
+            raise ValueError(f"document {doc}: {len(ids)} tokens but {len(labels)} labels")
+        n = self.seq_length + 1
+        tokens = np.full(n, self.pad_id, dtype=np.int64)
+        targets = np.full(n, IGNORE_INDEX, dtype=np.int64)
+        tokens[: len(ids)] = ids
+        targets[: len(labels)] = labels
+        loss_mask = (targets[1:] != IGNORE_INDEX).astype(np.float32)
+        return {"tokens": torch.from_numpy(tokens[:-1]),
+                "labels": torch.from_numpy(np.where(targets[1:] == IGNORE_INDEX, 0, targets[1:])),
+                "loss_mask": torch.from_numpy(loss_mask)}
+
+
+def split_instruction_dataset(prefix: str, seq_length: int, pad_id: int, split: str, seed: int):
+    """Documents shuffled once with the seed, then cut by --split weights (train, valid, test)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    n = len(IndexedDataset(f"{prefix}_packed_input_ids_document")) if Path(
+        f"{prefix}_packed_input_ids_document.idx").is_file() else 0
+    if n == 0:
+        _check_prefix(f"{prefix}_packed_input_ids_document")
+    weights = [float(x) for x in split.replace("/", ",").split(",")]
+    weights += [0.0] * (3 - len(weights))
+    order = np.random.RandomState(seed).permutation(n)
+    bounds = np.cumsum([0] + [round(w / sum(weights) * n) for w in weights])
+    bounds[-1] = n
+    return [InstructionDataset(prefix, seq_length, pad_id, order[bounds[i]:bounds[i + 1]]) if bounds[i + 1] > bounds[i]
+            else None for i in range(3)]
+
+
+def microbatches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int = 0) -> Iterator[dict]:
+    """Endless stream of this DP rank's micro-batches, starting after consumed_samples.
+    Sample k of the run is dataset[perm_epoch(k % len)]: epochs reshuffle with the seed."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty")
+    per_rank = global_batch_size // dp_size
+    k = consumed_samples
+    perms = {}
+
+    def sample(j):
+        epoch, pos = divmod(j, n)
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = np.random.RandomState(seed + epoch).permutation(n)
+        return dataset[int(perms[epoch][pos])]
+
+    while True:
+        start = k + dp_rank * per_rank
+        for m in range(0, per_rank, micro_batch_size):
+            items = [sample(start + m + i) for i in range(micro_batch_size)]
+            yield {key: torch.stack([it[key] for it in items]) for key in BATCH_KEYS if key in items[0]}
+        k += global_batch_size

@@ -1,0 +1,68 @@
+"""Tokenizers the recipes accept: a HuggingFace folder (``PretrainedFromHF``, via
+transformers) or a raw sentencepiece ``tokenizer.model`` (``SentencePiece``).
+
+Both are seen through one small interface: ``encode`` (no BOS/EOS added), ``decode``,
+``bos_id``, ``eos_id``, ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TOKENIZER_TYPES = ("PretrainedFromHF", "SentencePiece")
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
+class HFTokenizer:
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids))
+
+
+def load_tokenizer(path: str, tokenizer_type: str = None):
+    """Load a tokenizer; a missing path is a clear error before any work."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    if tokenizer_type is not None and tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+    if p.is_file():
+        if tokenizer_type == "PretrainedFromHF":
+            raise ValueError(f"--tokenizer-type PretrainedFromHF needs a folder, got the file {path}")
+        return SentencePieceTokenizer(p)
+    if tokenizer_type == "SentencePiece":
+        model = p / "tokenizer.model"
+        if not model.is_file():
+            raise FileNotFoundError(f"no tokenizer.model in {path}")
+        return SentencePieceTokenizer(model)
+    has_hf = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if not has_hf:
+        if (p / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(p / "tokenizer.model")
+        raise FileNotFoundError(f"{path} holds no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return HFTokenizer(str(p))
