@@ -63,10 +63,19 @@ def _set_rng_state(state):
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers: checkpoint keys never depend on
+    how the model was wrapped for training."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _sharded(model, optimizer, scheduler, is_loading: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    model = unwrap(model)
     metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
                 "singleton_local_shards": False}
     model_sd = model.sharded_state_dict(prefix="", metadata=metadata)
@@ -136,7 +145,7 @@ def load(root, model, optimizer=None, scheduler=None, restore_rng: bool = True) 
         state.pop("rng_state")
     state["progress"] = None
     loaded = dist_checkpointing.load(state, str(path))
-    model.load_state_dict(loaded["model"])
+    unwrap(model).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

@@ -36,7 +36,12 @@ def _jsonl(path: Path) -> Iterator[Row]:
                 yield i, BadRow("blank line")
                 continue
             try:
-                obj = json.loads(_decode(raw))
+                line = _decode(raw)
+            except ValueError as e:
+                yield i, BadRow(str(e))
+                continue
+            try:
+                obj = json.loads(line)
             except ValueError as e:
                 yield i, BadRow(f"malformed JSON: {e}")
                 continue
