@@ -89,7 +89,10 @@ def main(argv=None):
     print(f"absolute error: mean {r['mean_abs']:.6f}  max {r['max_abs']:.6f} at iteration {r['max_abs_at']}  "
           f"(threshold {args.abs_threshold:g})")
     if args.plot:
-        plot(a, b, r, args.plot, (Path(args.run_a).stem, Path(args.run_b).stem))
+        names = [Path(args.run_a).stem, Path(args.run_b).stem]
+        if names[0] == names[1]:  # e.g. two runs' metrics.jsonl: name them by folder
+            names = [f"{Path(x).parent.name}/{Path(x).stem}" for x in (args.run_a, args.run_b)]
+        plot(a, b, r, args.plot, names)
         print(f"plot: {args.plot}")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

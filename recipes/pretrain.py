@@ -211,9 +211,10 @@ def build_data(args, tokenizer, dp_rank, dp_size, consumed_samples):
                                                            [n_train, n_eval, 0], tokenizer, args.data_cache_path)
     if train is None or len(train) == 0:
         raise ValueError(f"--split {args.split} leaves no training data in {args.data_path}")
-    it = datasets.microbatches(train, consumed_samples, args.global_batch_size, args.micro_batch_size,
-                               dp_rank, dp_size, args.seed)
-    return it, valid
+    # one iterator per model chunk: each virtual pipeline stage draws the same batches
+    its = [datasets.microbatches(train, consumed_samples, args.global_batch_size, args.micro_batch_size,
+                                 dp_rank, dp_size, args.seed) for _ in range(args.num_model_chunks)]
+    return (its if len(its) > 1 else its[0]), valid
 
 
 def evaluate(args, models, valid, dp_rank, dp_size):
@@ -221,7 +222,9 @@ def evaluate(args, models, valid, dp_rank, dp_size):
 
     if valid is None or len(valid) == 0:
         return None
-    it = datasets.microbatches(valid, 0, args.global_batch_size, args.micro_batch_size, dp_rank, dp_size, args.seed + 1)
+    its = [datasets.microbatches(valid, 0, args.global_batch_size, args.micro_batch_size, dp_rank, dp_size,
+                                 args.seed + 1) for _ in models]
+    it = its if len(its) > 1 else its[0]
     for m in models:
         m.eval()
     losses = []
@@ -273,6 +276,7 @@ def main(argv=None):
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
     )
     models = build_models(args, config)
+    args.num_model_chunks = len(models)
     models = [training.wrap_ddp(m, use_distributed_optimizer=args.use_distributed_optimizer) for m in models]
     optimizer = training.build_optimizer(models, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                                          bf16=args.bf16, fp16=args.fp16, betas=(args.adam_beta1, args.adam_beta2),
@@ -360,6 +364,7 @@ def main(argv=None):
             checkpointing.save(args.save, it, models[0], optimizer, scheduler, progress, save_args)
             if rank == 0:
                 print(f"saved {checkpointing.iter_dir(args.save, it)}", flush=True)
+        meter.reset()  # evaluation and saving are not training throughput
     if metrics:
         metrics.close()
     parallel.destroy()

@@ -61,6 +61,10 @@ class Meter:
         self.flops_per_token, self.peak, self.devices = flops_per_token, peak, devices
         self.t = time.perf_counter()
 
+    def reset(self):
+        """Start the next step's clock now (after a save or an evaluation)."""
+        self.t = time.perf_counter()
+
     def step(self, tokens: int) -> dict:
         now = time.perf_counter()
         dt, self.t = now - self.t, now

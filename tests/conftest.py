@@ -66,12 +66,16 @@ def npu_emulated(single_process_group):
         ascend_patches.configure(backend="cpu", disable=before.disabled)
 
 
-def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, env=None) -> str:
-    """Run tests/dist/<script> under torchrun with gloo; return its stdout, fail with its log."""
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, env=None, check=True):
+    """Run tests/dist/<script>.py, or a module such as recipes.pretrain, under torchrun with
+    gloo; return its stdout (the CompletedProcess with check=False), fail with its log."""
+    target = [str(ROOT / "tests" / "dist" / script)] if script.endswith(".py") else ["-m", script]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", str(ROOT / "tests" / "dist" / script), *args]
+           f"--master-port={free_port()}", *target, *map(str, args)]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+    if not check:
+        return proc
     if proc.returncode != 0:
         pytest.fail(f"{script} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout
