@@ -5,3 +5,6 @@ import warnings
 # Expected on any machine without Transformer Engine / Apex (every CPU and NPU one): the
 # fused replacements come from ascend_patches instead.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+# CUDA-only advice that megatron prints on every machine.
+warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")

@@ -1,94 +1,65 @@
-"""The README's main job, on the CPU default: a tiny LLaMA-2 on stock megatron-core with
-ascend_patches, trained for a few steps with tensor parallelism over 2 processes.
+"""The README's main job on the CPU default: preprocess the shipped Alpaca sample into a
+Megatron indexed dataset, then pretrain a tiny LLaMA-2 on stock megatron-core with
+ascend_patches, tensor-parallel over 2 processes, checkpointing as it goes.
 
-    torchrun --nproc-per-node 2 -m recipes.demo [--steps 40] [--tensor-model-parallel-size 2]
-
-The data is a deterministic token stream with structure a model can learn (short
-arithmetic progressions), so the loss visibly falls within a few dozen steps.
+    torchrun --nproc-per-node 2 -m recipes.demo [--train-iters 60] [--out demo_out]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import json
 import os
+from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 import ascend_patches
-from recipes import llama2, parallel, throughput, training
+from recipes import pretrain, preprocess_data
 
-
-def progression_batches(micro_batch_size: int, seq: int, vocab: int, seed: int = 0):
-    """Each row counts up from a random start with a random stride, modulo the vocabulary."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        start = torch.randint(0, vocab, (micro_batch_size, 1), generator=g)
-        stride = torch.randint(1, 8, (micro_batch_size, 1), generator=g)
-        rows = (start + stride * torch.arange(seq + 1)) % vocab
-        yield {"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}
+HERE = Path(__file__).resolve().parent / "demo_data"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-tiny", choices=list(llama2.SIZES))
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--train-iters", type=int, default=60)
     p.add_argument("--tensor-model-parallel-size", type=int, default=2)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--global-batch-size", type=int, default=8)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--log-interval", type=int, default=5)
     args = p.parse_args(argv)
-
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    parallel.init_distributed(tp=tp, pp=pp)
-    from megatron.core import parallel_state as ps
-
+    out = Path(args.out)
+    dist.init_process_group(backend=ascend_patches.dist_backend())
     rank = dist.get_rank()
-    dp = ps.get_data_parallel_world_size()
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not a multiple of "
-                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
-    nmb = args.global_batch_size // (args.micro_batch_size * dp)
-    shape = llama2.shape(args.model)
-    config = llama2.transformer_config(shape, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                       pipeline_dtype=torch.float32)
-    model = llama2.build_model(shape, config=config, pre_process=ps.is_pipeline_first_stage(),
-                               post_process=ps.is_pipeline_last_stage())
-    model = training.wrap_ddp(model)
-    optimizer = training.build_optimizer([model], lr=args.lr)
-    training.attach_grad_sync([model], optimizer)
-
+    prefix = out / "data" / "alpaca"
+    tokenizer = HERE / "tokenizer_stories260K.model"
     if rank == 0:
-        print(ascend_patches.report(), flush=True)
-        print(f"\nmodel {args.model}: {llama2.count_parameters_across_tp(model):,} parameters, "
-              f"TP={tp} PP={pp} DP={dp}, {nmb} micro-batches of {args.micro_batch_size} x {args.seq_length} tokens",
-              flush=True)
-    peak, peak_src = throughput.peak_tflops(ascend_patches.settings().backend, torch.float32)
-    meter = throughput.Meter(throughput.train_flops_per_token(shape, args.seq_length, shape.vocab_size),
-                             peak, dist.get_world_size())
-    data = progression_batches(args.micro_batch_size, args.seq_length, shape.vocab_size,
-                               seed=ps.get_data_parallel_rank())
-    first = last = None
-    for step in range(1, args.steps + 1):
-        loss, grad_norm = training.train_step([model], optimizer, data, nmb, args.seq_length, args.micro_batch_size)
-        m = meter.step(args.global_batch_size * args.seq_length)
-        if loss is not None:
-            first = first if first is not None else loss
-            last = loss
-        if rank == dist.get_world_size() - 1 and (step % args.log_interval == 0 or step == 1):
-            print(f"step {step:4d} | loss {loss:.4f} | grad norm {grad_norm:.3f} | "
-                  f"{m['tokens_per_s_per_device']:,.0f} tokens/s/device | {m['tflops_per_device'] * 1e3:.2f} GFLOP/s/device | "
-                  f"MFU {m['mfu'] * 100:.2f}% (peak: {peak_src})", flush=True)
-    if rank == dist.get_world_size() - 1:
+        print(ascend_patches.report(import_targets=True), flush=True)
+        print("\n== 1. preprocess the shipped Alpaca sample (responses as pretraining text)", flush=True)
+        preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
+                              str(tokenizer), "--output-prefix", str(prefix), "--json-keys", "output",
+                              "--append-eod", "--workers", "2", "--log-interval", "100000"])
+        print(f"\n== 2. pretrain llama2-tiny, TP={args.tensor_model_parallel_size}, "
+              f"{args.train_iters} iterations", flush=True)
+    dist.barrier()
+    ckpt = out / "ckpt"
+    if rank == 0 and (ckpt / "metrics.jsonl").exists():
+        (ckpt / "metrics.jsonl").unlink()  # a fresh run's curve, not appended to an old one
+    dist.barrier()
+    pretrain.main(["--model", "llama2-tiny", "--data-path", f"{prefix}_output_document",
+                   "--tokenizer-name-or-path", str(tokenizer), "--train-iters", str(args.train_iters),
+                   "--tensor-model-parallel-size", str(args.tensor_model_parallel_size),
+                   "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
+                   "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "5",
+                   "--save", str(ckpt), "--save-interval", str(max(1, args.train_iters // 2)),
+                   "--eval-interval", str(max(1, args.train_iters // 3)), "--eval-iters", "2",
+                   "--log-interval", "10"])
+    if rank == 0:
+        recs = [json.loads(l) for l in open(ckpt / "metrics.jsonl")]
+        first, last = recs[0]["loss"], recs[-1]["loss"]
         verdict = "fell" if last < first else "DID NOT FALL"
-        print(f"\nloss {first:.4f} -> {last:.4f}: {verdict}", flush=True)
-    parallel.destroy()
-    if last is not None and not last < first:
-        raise SystemExit(1)
+        print(f"\nloss {first:.4f} -> {last:.4f}: {verdict}; checkpoint {ckpt}, metrics {ckpt / 'metrics.jsonl'}",
+              flush=True)
+        if not last < first:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":
