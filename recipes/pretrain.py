@@ -45,6 +45,8 @@ RECIPE_DEFAULTS = {
     "llama2-tiny": dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, micro_batch_size=4,
                         global_batch_size=8, lr=3e-3, min_lr=3e-4, seq_length=128, bf16=False),
 }
+CUSTOM_DEFAULTS = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, micro_batch_size=1,
+                       global_batch_size=8, lr=1e-4, min_lr=1e-5, seq_length=None, bf16=False)
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
 
@@ -117,10 +119,15 @@ def resolve_args(argv=None):
     saved = None
     if args.load and checkpointing.latest_iteration(args.load) is not None:
         saved = checkpointing.load_args(args.load)
-    defaults = dict(RECIPE_DEFAULTS.get(args.model or (saved or {}).get("model") or "llama2-tiny"))
+    size = args.model or (saved or {}).get("model")
+    defaults = dict(RECIPE_DEFAULTS[size]) if size else dict(CUSTOM_DEFAULTS)
+    if args.lr is not None and args.min_lr is None:
+        defaults["min_lr"] = args.lr / 10
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.fp32 or args.fp16:
         args.bf16 = False
     # shape: flags > --hf-config > the checkpoint's args > --model
@@ -135,7 +142,12 @@ def resolve_args(argv=None):
                                   cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
                                   cfg.get("rope_theta", 10000.0), cfg.get("rms_norm_eps", 1e-5))
     if shape is None:
-        shape = llama2.shape(args.model or "llama2-tiny")
+        if not args.model and not all(getattr(args, f) for f in SHAPE_FLAGS[:4]):
+            raise ValueError("give --model, --hf-config, a --load checkpoint, or the shape flags "
+                             "--num-layers --hidden-size --ffn-hidden-size --num-attention-heads")
+        shape = llama2.shape(args.model) if args.model else llama2.LlamaShape(
+            args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
+            args.num_query_groups or args.num_attention_heads)
     over = {f: getattr(args, f) for f in SHAPE_FLAGS if getattr(args, f) is not None}
     if args.num_attention_heads and not args.num_query_groups:
         over["num_query_groups"] = args.num_attention_heads
@@ -146,6 +158,8 @@ def resolve_args(argv=None):
     from dataclasses import asdict, replace
 
     args.shape = replace(shape, **over)
+    if args.seq_length is None:
+        args.seq_length = args.shape.seq_length
     if args.seq_length > args.shape.seq_length:
         args.shape = replace(args.shape, seq_length=args.seq_length)
     return args
