@@ -59,7 +59,7 @@ def bench_train(data: str, tok: str, dtype: str, iters: int, work: Path):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "fixtures" / "tokenizer" / "tokenizer.model"))
-    p.add_argument("--copies", type=int, default=12, help="copies of the Alpaca sample in the corpus")
+    p.add_argument("--copies", type=int, default=24, help="copies of the Alpaca sample in the corpus")
     p.add_argument("--iters", type=int, default=4)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:

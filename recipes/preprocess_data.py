@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from recipes.data.handlers import HANDLERS, TEMPLATES, SkipRow, make_handler
-from recipes.data.readers import BadRow, input_files, read_rows
+from recipes.data.readers import BadRow, input_files, materialize, read_rows
 from recipes.tokenizer import TOKENIZER_TYPES, load_tokenizer
 
 _worker = {}
@@ -41,11 +41,14 @@ def _process_chunk(chunk):
     handler = _worker["handler"]
     out = []
     for file, row, record in chunk:
+        record = materialize(record)
         if isinstance(record, BadRow):
             out.append((file, row, None, record.reason))
             continue
         try:
-            out.append((file, row, handler.process(record), None))
+            sample = handler.process(record)
+            # compact arrays pickle back to the main process far faster than lists
+            out.append((file, row, {k: np.asarray(ids, dtype=np.int32) for k, (ids, _) in sample.items()}, None))
         except SkipRow as e:
             out.append((file, row, None, str(e)))
     return out
@@ -76,7 +79,7 @@ def build_parser():
     p.add_argument("--seq-length", type=int, default=None, help="truncate instruction samples to this many tokens")
     p.add_argument("--prompt-template", choices=TEMPLATES, default="alpaca")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=256, help="rows sent to a worker at a time")
     p.add_argument("--log-interval", type=int, default=1000)
     return p
 
@@ -120,9 +123,9 @@ def preprocess(args) -> dict:
                     skipped[reason.split(":")[0]] += 1
                     skipped_file.write(json.dumps({"file": file, "row": row, "reason": reason}) + "\n")
                     continue
-                for name, (ids, _) in sample.items():
-                    builders[name].add_document(np.asarray(ids), [len(ids)])
-                tokens_written += len(next(iter(sample.values()))[0])
+                for name, ids in sample.items():
+                    builders[name].add_document(ids, [len(ids)])
+                tokens_written += len(next(iter(sample.values())))
                 counts["written"] += 1
             if counts["read"] >= next_log:
                 dt = time.perf_counter() - t0

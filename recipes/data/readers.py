@@ -1,6 +1,6 @@
 """Rows from parquet, json (an array), jsonl, csv and txt files, each with its 1-based row
-number; a row that cannot be decoded comes back as a ``BadRow`` carrying the reason, so the
-caller counts and reports it instead of losing it."""
+number; a row that cannot be decoded comes back as a ``BadRow`` carrying the reason (after
+``materialize``), so the caller counts and reports it instead of losing it."""
 
 from __future__ import annotations
 
@@ -29,23 +29,35 @@ def _decode(raw: bytes) -> str:
         raise ValueError(f"non-UTF-8 bytes at byte {e.start}") from None
 
 
+@dataclass
+class RawLine:
+    """A jsonl line still in bytes: decoded and parsed by ``materialize`` in a worker, so
+    ``--workers`` parallelises the parsing as well as the tokenising."""
+
+    data: bytes
+
+
+def materialize(record):
+    if not isinstance(record, RawLine):
+        return record
+    raw = record.data
+    if not raw.strip():
+        return BadRow("blank line")
+    try:
+        line = _decode(raw)
+    except ValueError as e:
+        return BadRow(str(e))
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        return BadRow(f"malformed JSON: {e}")
+    return obj if isinstance(obj, dict) else BadRow(f"expected a JSON object, got {type(obj).__name__}")
+
+
 def _jsonl(path: Path) -> Iterator[Row]:
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                yield i, BadRow("blank line")
-                continue
-            try:
-                line = _decode(raw)
-            except ValueError as e:
-                yield i, BadRow(str(e))
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                yield i, BadRow(f"malformed JSON: {e}")
-                continue
-            yield i, obj if isinstance(obj, dict) else BadRow(f"expected a JSON object, got {type(obj).__name__}")
+            yield i, RawLine(raw)
 
 
 def _json(path: Path) -> Iterator[Row]:
