@@ -10,7 +10,7 @@ from functools import partial
 
 from .collectives import backend_name_wrapper, reduce_scatter_base_wrapper, reduce_scatter_tensor_wrapper
 from .device import cpu, rng
-from .ops import adamw, flash_attention, rms_norm, rope, swiglu
+from .ops import adamw, flash_attention, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
 CPU, NPU = frozenset({"cpu"}), frozenset({"npu"})
@@ -66,3 +66,9 @@ _(Patch("adamw", "megatron.core.optimizer:Adam", replacement=adamw.FusedAdamW, s
 _(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", replacement=False, sweep=False,
         condition=lambda s: "disabled with 'adamw'" if "adamw" in s.disabled else None,
         why="makes megatron take its Apex-style Adam slot, which 'adamw' fills"))
+_(Patch("multi_tensor_l2norm", "megatron.core.utils:local_multi_tensor_l2_norm",
+        replacement=multi_tensor.multi_tensor_l2_norm,
+        why="torch._foreach_norm instead of one torch.norm per tensor (grad clipping without Apex)"))
+_(Patch("multi_tensor_scale", "megatron.core.utils:local_multi_tensor_scale",
+        wrapper=multi_tensor.multi_tensor_scale_wrapper,
+        why="torch._foreach_mul_ in place instead of dst.copy_(src * scale) per tensor"))

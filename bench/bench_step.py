@@ -168,15 +168,30 @@ def main():
           f"model FLOPs per step {flops / 1e9:.1f} G")
 
     with stock_ops():
-        t_stock = timed(megatron_step_fn(shape, seq, b), args.steps)
-    t_patched = timed(megatron_step_fn(shape, seq, b), args.steps)
-    t_hf = None if args.skip_hf else timed(hf_step_fn(shape, seq, b), args.steps)
+        stock_step = megatron_step_fn(shape, seq, b)
+    patched_step = megatron_step_fn(shape, seq, b)
+    hf_step = None if args.skip_hf else hf_step_fn(shape, seq, b)
+    # Interleaved rounds (stock, patched, HF, stock, ...) so drift in this noisy machine's
+    # speed hits all three alike; medians per configuration.
+    times = {"stock": [], "patched": [], "hf": []}
+    for r in range(args.steps + 1):
+        for name, fn in (("stock", stock_step), ("patched", patched_step), ("hf", hf_step)):
+            if fn is None:
+                continue
+            ctx = stock_ops() if name == "stock" else contextlib.nullcontext()
+            with ctx:
+                t = time.perf_counter()
+                fn()
+                if r:  # round 0 warms up
+                    times[name].append(time.perf_counter() - t)
+    t_stock, t_patched = statistics.median(times["stock"]), statistics.median(times["patched"])
+    t_hf = statistics.median(times["hf"]) if times["hf"] else None
 
     def line(name, t):
         gf = flops / t / 1e9
         return f"  {name:<28} {t * 1e3:9.1f} ms  {gf:8.1f} GFLOP/s  {100 * gf / gemm:5.1f}% of GEMM"
 
-    print("training step (median of %d after 1 warm-up):" % args.steps)
+    print("training step (median of %d interleaved rounds after 1 warm-up round):" % args.steps)
     print(line("megatron stock (device only)", t_stock))
     print(line("megatron + ascend_patches", t_patched))
     if t_hf:

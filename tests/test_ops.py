@@ -139,3 +139,25 @@ def test_emulation_is_strict(npu_emulated):
     assert len(out) == 7 and out[0].shape == q.shape and out[1].shape == (2, 4, 8, 8)
     y, rstd = t.npu_rms_norm(torch.randn(3, 5, 8), torch.ones(8))
     assert rstd.shape == (3, 5, 1) and rstd.dtype == torch.float32
+
+
+def test_multi_tensor_norm_and_scale_match_megatrons_loops():
+    import ascend_patches
+    from ascend_patches.ops import multi_tensor as mt
+    from megatron.core import utils as mutils
+
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.randn(n, generator=g) for n in (7, 300, 4096)]
+    stock_norm = ascend_patches.REGISTRY.original("multi_tensor_l2norm")
+    ours, _ = mt.multi_tensor_l2_norm(0, None, [ts], False)
+    ref, _ = stock_norm(0, None, [ts], False)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-6, atol=0)
+    stock_scale = ascend_patches.REGISTRY.original("multi_tensor_scale")
+    a, b = [t.clone() for t in ts], [t.clone() for t in ts]
+    mutils.local_multi_tensor_scale(0, None, [a, a], 0.37)  # the patched name, in place
+    stock_scale(0, None, [b, b], 0.37)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # bitwise: same rounding
+    dst16, ref16 = [torch.empty(t.shape, dtype=torch.bfloat16) for t in ts], [torch.empty(t.shape, dtype=torch.bfloat16) for t in ts]
+    mutils.local_multi_tensor_scale(0, None, [ts, dst16], 0.37)  # fp32 -> bf16 keeps stock's rounding
+    stock_scale(0, None, [ts, ref16], 0.37)
+    assert all(torch.equal(x, y) for x, y in zip(dst16, ref16))
