@@ -7,6 +7,7 @@ why anything was skipped; ``revert()`` puts every original back.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 from typing import Iterable, Optional
@@ -21,7 +22,7 @@ from .settings import Settings, auto_apply, env_backend, env_disabled, parse_dis
 from .versions import check_megatron_version, installed_versions
 
 __version__ = "0.1.0"
-__all__ = ["apply", "revert", "configure", "report", "settings", "dist_backend", "device",
+__all__ = ["apply", "revert", "configure", "disabled", "report", "settings", "dist_backend", "device",
            "Patch", "PatchTargetError", "REGISTRY"]
 
 _notes = []
@@ -78,6 +79,18 @@ def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = 
     if was_active or auto_apply():
         apply()
     return _state.current()
+
+
+@contextlib.contextmanager
+def disabled(*names: str):
+    """``with ascend_patches.disabled("ops"):`` runs stock megatron modules (device layer
+    still on) inside the block, e.g. to compare against the fused path."""
+    before = _state.current().disabled
+    configure(disable=set(before) | set(names))
+    try:
+        yield
+    finally:
+        configure(disable=before)
 
 
 def dist_backend() -> str:

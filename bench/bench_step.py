@@ -32,14 +32,8 @@ SHAPES = {
 }
 
 
-@contextlib.contextmanager
 def stock_ops():
-    before = ascend_patches.settings().disabled
-    ascend_patches.configure(disable=set(before) | {"ops"})
-    try:
-        yield
-    finally:
-        ascend_patches.configure(disable=before)
+    return ascend_patches.disabled("ops")
 
 
 def timed(fn, steps, warmup=1):
@@ -174,7 +168,10 @@ def main():
     # Interleaved rounds (stock, patched, HF, stock, ...) so drift in this noisy machine's
     # speed hits all three alike; medians per configuration.
     times = {"stock": [], "patched": [], "hf": []}
+    gemms = [gemm]
     for r in range(args.steps + 1):
+        if r:
+            gemms.append(throughput.measured_gemm_tflops(torch.float32, seconds=1.0) * 1e3)
         for name, fn in (("stock", stock_step), ("patched", patched_step), ("hf", hf_step)):
             if fn is None:
                 continue
@@ -186,6 +183,8 @@ def main():
                     times[name].append(time.perf_counter() - t)
     t_stock, t_patched = statistics.median(times["stock"]), statistics.median(times["patched"])
     t_hf = statistics.median(times["hf"]) if times["hf"] else None
+    gemm = statistics.median(gemms)  # GEMM rate measured in every round too
+    print(f"fp32 GEMM over the rounds: median {gemm:.1f} GFLOP/s (min {min(gemms):.1f}, max {max(gemms):.1f})")
 
     def line(name, t):
         gf = flops / t / 1e9

@@ -3,25 +3,16 @@ patched-vs-unpatched switch."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 import ascend_patches
 from recipes import llama2
 
-OPS = ["flash_attention", "rms_norm", "swiglu", "rope", "adamw", "adamw.select"]
 
 
-@contextlib.contextmanager
 def ops_disabled():
     """Only the device layer (and collectives): stock megatron modules run."""
-    before = ascend_patches.settings().disabled
-    ascend_patches.configure(disable=set(before) | {"ops"})
-    try:
-        yield
-    finally:
-        ascend_patches.configure(disable=before)
+    return ascend_patches.disabled("ops")
 
 
 def tiny_shape(**kw):
