@@ -105,3 +105,16 @@ def test_nan_loss_stops_with_iteration_and_rank(data, tmp_path):
     text = proc.stdout + proc.stderr
     assert "iteration 3: loss is nan on rank" in text
     assert checkpointing.latest_iteration(tmp_path) == 2
+
+
+@pytest.mark.parametrize("dtype", ["--bf16", "--fp16"])
+def test_half_precision_tracks_fp32_within_the_seeds_threshold(data, tp2_run, tmp_path, dtype):
+    """bf16 (fp32 main weights) and fp16 (dynamic loss scaling) against the fp32 run, judged
+    as the seed judged NPU against GPU: mean relative loss error <= 2 %."""
+    save, _ = tp2_run
+    run_torchrun("recipes.pretrain", *common(data), "--tensor-model-parallel-size", 2, dtype,
+                 "--metrics-file", tmp_path / "m.jsonl")
+    from recipes import compare_loss
+
+    r = compare_loss.compare(compare_loss.read_losses(tmp_path / "m.jsonl"), compare_loss.read_losses(save / "metrics.jsonl"))
+    assert r["iterations"] == 20 and r["mean_rel"] <= 0.02, r
