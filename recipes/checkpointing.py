@@ -71,17 +71,23 @@ def unwrap(model):
     return model
 
 
-def _sharded(model, optimizer, scheduler, is_loading: bool):
+def _model_keys(models):
+    """'model' for one chunk; 'model0', 'model1', ... for virtual pipeline chunks (Megatron-LM's keys)."""
+    return ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+
+
+def _sharded(models, optimizer, scheduler, is_loading: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model = unwrap(model)
     metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
                 "singleton_local_shards": False}
-    model_sd = model.sharded_state_dict(prefix="", metadata=metadata)
-    state = {"model": model_sd}
+    state = {key: unwrap(m).sharded_state_dict(prefix="", metadata=metadata)
+             for key, m in zip(_model_keys(models), models)}
+    model_sd = dict(state)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd if len(models) > 1 else model_sd["model"], is_loading=is_loading, metadata=metadata)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
@@ -91,7 +97,8 @@ def _sharded(model, optimizer, scheduler, is_loading: bool):
     return state
 
 
-def save(root, iteration: int, model, optimizer, scheduler, progress: dict, args: dict) -> Path:
+def save(root, iteration: int, models, optimizer, scheduler, progress: dict, args: dict) -> Path:
+    """models: the list of model chunks (one unless virtual pipeline stages)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -104,7 +111,7 @@ def save(root, iteration: int, model, optimizer, scheduler, progress: dict, args
             shutil.rmtree(tmp)  # left by a crashed save
         tmp.mkdir()
     dist.barrier()
-    state = _sharded(model, optimizer, scheduler, is_loading=False)
+    state = _sharded(models, optimizer, scheduler, is_loading=False)
     state["progress"] = progress
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
@@ -130,8 +137,8 @@ def load_args(root) -> dict:
     return json.loads(path.read_text())
 
 
-def load(root, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Load the latest checkpoint into model (and optimizer/scheduler); return progress."""
+def load(root, models, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+    """Load the latest checkpoint into the model chunks (and optimizer/scheduler); return progress."""
     from megatron.core import dist_checkpointing
 
     it = latest_iteration(root)
@@ -140,12 +147,13 @@ def load(root, model, optimizer=None, scheduler=None, restore_rng: bool = True) 
     path = iter_dir(root, it)
     if not path.is_dir():
         raise FileNotFoundError(f"{root}/{TRACKER} points at {path}, which does not exist")
-    state = _sharded(model, optimizer, scheduler, is_loading=True)
+    state = _sharded(models, optimizer, scheduler, is_loading=True)
     if not restore_rng:
         state.pop("rng_state")
     state["progress"] = None
     loaded = dist_checkpointing.load(state, str(path))
-    unwrap(model).load_state_dict(loaded["model"])
+    for key, m in zip(_model_keys(models), models):
+        unwrap(m).load_state_dict(loaded[key])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

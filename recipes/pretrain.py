@@ -307,10 +307,7 @@ def main(argv=None):
 
     progress = {"iteration": 0, "consumed_samples": 0}
     if args.load and checkpointing.latest_iteration(args.load) is not None:
-        model_for_ckpt = models[0] if len(models) == 1 else None
-        if model_for_ckpt is None:
-            raise NotImplementedError("checkpoints of interleaved (virtual) pipeline stages are not built yet")
-        loaded = checkpointing.load(args.load, model_for_ckpt, None if args.finetune else optimizer,
+        loaded = checkpointing.load(args.load, models, None if args.finetune else optimizer,
                                     None if args.finetune else scheduler, restore_rng=not args.finetune)
         if not args.finetune:
             progress = loaded
@@ -375,7 +372,7 @@ def main(argv=None):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
         if args.save and ((args.save_interval and it % args.save_interval == 0) or it == stop_at):
-            checkpointing.save(args.save, it, models[0], optimizer, scheduler, progress, save_args)
+            checkpointing.save(args.save, it, models, optimizer, scheduler, progress, save_args)
             if rank == 0:
                 print(f"saved {checkpointing.iter_dir(args.save, it)}", flush=True)
         meter.reset()  # evaluation and saving are not training throughput

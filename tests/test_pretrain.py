@@ -118,3 +118,15 @@ def test_half_precision_tracks_fp32_within_the_seeds_threshold(data, tp2_run, tm
 
     r = compare_loss.compare(compare_loss.read_losses(tmp_path / "m.jsonl"), compare_loss.read_losses(save / "metrics.jsonl"))
     assert r["iterations"] == 20 and r["mean_rel"] <= 0.02, r
+
+
+def test_interleaved_pipeline_resume_equals_uninterrupted(data, tmp_path):
+    """Virtual pipeline chunks are saved as model0/model1 (Megatron-LM's keys) and restored."""
+    vpp = ["--pipeline-model-parallel-size", 2, "--num-layers", 4, "--num-layers-per-virtual-pipeline-stage", 1,
+           "--save-interval", 5]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_torchrun("recipes.pretrain", *common(data, iters=10), *vpp, "--save", full)
+    run_torchrun("recipes.pretrain", *common(data, iters=10), *vpp, "--save", part, "--exit-after-iters", 5)
+    out = run_torchrun("recipes.pretrain", *common(data, iters=10), *vpp, "--save", part, "--load", part)
+    assert "(iteration 5)" in out
+    assert losses(full / "metrics.jsonl") == losses(part / "metrics.jsonl")
