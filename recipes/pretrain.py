@@ -318,14 +318,13 @@ def main(argv=None):
         raise FileNotFoundError(f"--load {args.load}: no checkpoint there")
 
     data, valid = build_data(args, tokenizer, dp_rank, dp_size, progress["consumed_samples"])
-    save_args = {"model": args.model, "shape": vars(args.shape) if hasattr(args.shape, "__dict__") else None,
+    from dataclasses import asdict
+
+    save_args = {"model": args.model, "shape": asdict(args.shape),
                  "tokenizer_name_or_path": args.tokenizer_name_or_path, "padded_vocab_size": args.padded_vocab,
                  "vocab_size": vocab, "tensor_model_parallel_size": args.tensor_model_parallel_size,
                  "pipeline_model_parallel_size": args.pipeline_model_parallel_size, "bf16": args.bf16,
                  "fp16": args.fp16}
-    from dataclasses import asdict
-
-    save_args["shape"] = asdict(args.shape)
     metrics_path = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
     last_rank = dist.get_world_size() - 1
     metrics = None

@@ -70,5 +70,19 @@ class Meter:
         dt, self.t = now - self.t, now
         tps = tokens / dt / self.devices
         tflops = tps * self.flops_per_token / 1e12
-        return {"step_time_s": dt, "tokens_per_s_per_device": tps, "tflops_per_device": tflops,
-                "mfu": tflops / self.peak}
+        out = {"step_time_s": dt, "tokens_per_s_per_device": tps, "tflops_per_device": tflops,
+               "mfu": tflops / self.peak}
+        out.update(device_memory())
+        return out
+
+
+def device_memory() -> dict:
+    """Peak device memory where the device reports it (CUDA, NPU); a CPU has no device pool."""
+    import ascend_patches
+
+    backend = ascend_patches.settings().backend
+    if backend == "cpu":
+        return {}
+    mod = torch.npu if backend == "npu" else torch.cuda
+    return {"max_memory_allocated_gib": mod.max_memory_allocated() / 2 ** 30,
+            "memory_reserved_gib": mod.memory_reserved() / 2 ** 30}

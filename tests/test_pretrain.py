@@ -130,3 +130,15 @@ def test_interleaved_pipeline_resume_equals_uninterrupted(data, tmp_path):
     out = run_torchrun("recipes.pretrain", *common(data, iters=10), *vpp, "--save", part, "--load", part)
     assert "(iteration 5)" in out
     assert losses(full / "metrics.jsonl") == losses(part / "metrics.jsonl")
+
+
+def test_instruction_dataset_trains(fixtures_dir, tmp_path):
+    tok = str(fixtures_dir / "stories260K" / "tokenizer.model")
+    preprocess_data.preprocess(preprocess_data.build_parser().parse_args([
+        "--input", str(fixtures_dir / "alpaca" / "alpaca_data_sample.json"), "--tokenizer-name-or-path", tok,
+        "--output-prefix", str(tmp_path / "sft"), "--handler-name", "GeneralInstructionHandler", "--seq-length", "128"]))
+    run_torchrun("recipes.pretrain", "--model", "llama2-tiny", "--data-path", tmp_path / "sft", "--is-instruction-dataset",
+                 "--tokenizer-name-or-path", tok, "--train-iters", 20, "--seq-length", 128,
+                 "--metrics-file", tmp_path / "m.jsonl", "--eval-interval", 10, "--eval-iters", 1)
+    recs = [json.loads(l) for l in open(tmp_path / "m.jsonl")]
+    assert recs[-1]["loss"] < recs[0]["loss"] - 1.0 and "val_loss" in recs[-1]

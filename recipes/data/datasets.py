@@ -105,12 +105,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 def split_instruction_dataset(prefix: str, seq_length: int, pad_id: int, split: str, seed: int):
     """Documents shuffled once with the seed, then cut by --split weights (train, valid, test)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    n = len(IndexedDataset(f"{prefix}_packed_input_ids_document")) if Path(
-        f"{prefix}_packed_input_ids_document.idx").is_file() else 0
-    if n == 0:
-        _check_prefix(f"{prefix}_packed_input_ids_document")
+    n = len(InstructionDataset(prefix, seq_length, pad_id))  # also checks both files exist
     weights = [float(x) for x in split.replace("/", ",").split(",")]
     weights += [0.0] * (3 - len(weights))
     order = np.random.RandomState(seed).permutation(n)
