@@ -148,17 +148,23 @@ def bench_ops(shape, seq, b, steps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--shape", choices=list(SHAPES), default="cpu")
+    p.add_argument("--shape", choices=list(SHAPES) + ["all"], default="all")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-ops", action="store_true")
     args = p.parse_args()
-    shape, seq, b = SHAPES[args.shape]
     parallel.init_distributed()
+    for name in (SHAPES if args.shape == "all" else [args.shape]):
+        run_shape(name, args)
+    parallel.destroy()
+
+
+def run_shape(name, args):
+    shape, seq, b = SHAPES[name]
     gemm = throughput.measured_gemm_tflops(torch.float32, seconds=2.0) * 1e3
     flops = throughput.train_flops_per_token(shape, seq, shape.vocab_size) * seq * b
     print(f"backend {ascend_patches.settings().backend}, threads {torch.get_num_threads()}, "
-          f"measured fp32 GEMM {gemm:.1f} GFLOP/s; shape {args.shape}: {shape}, seq {seq}, batch {b}; "
+          f"measured fp32 GEMM {gemm:.1f} GFLOP/s; shape {name}: {shape}, seq {seq}, batch {b}; "
           f"model FLOPs per step {flops / 1e9:.1f} G")
 
     with stock_ops():
@@ -172,23 +178,23 @@ def main():
     for r in range(args.steps + 1):
         if r:
             gemms.append(throughput.measured_gemm_tflops(torch.float32, seconds=1.0) * 1e3)
-        for name, fn in (("stock", stock_step), ("patched", patched_step), ("hf", hf_step)):
+        for config, fn in (("stock", stock_step), ("patched", patched_step), ("hf", hf_step)):
             if fn is None:
                 continue
-            ctx = stock_ops() if name == "stock" else contextlib.nullcontext()
+            ctx = stock_ops() if config == "stock" else contextlib.nullcontext()
             with ctx:
                 t = time.perf_counter()
                 fn()
                 if r:  # round 0 warms up
-                    times[name].append(time.perf_counter() - t)
+                    times[config].append(time.perf_counter() - t)
     t_stock, t_patched = statistics.median(times["stock"]), statistics.median(times["patched"])
     t_hf = statistics.median(times["hf"]) if times["hf"] else None
     gemm = statistics.median(gemms)  # GEMM rate measured in every round too
     print(f"fp32 GEMM over the rounds: median {gemm:.1f} GFLOP/s (min {min(gemms):.1f}, max {max(gemms):.1f})")
 
-    def line(name, t):
+    def line(label, t):
         gf = flops / t / 1e9
-        return f"  {name:<28} {t * 1e3:9.1f} ms  {gf:8.1f} GFLOP/s  {100 * gf / gemm:5.1f}% of GEMM"
+        return f"  {label:<28} {t * 1e3:9.1f} ms  {gf:8.1f} GFLOP/s  {100 * gf / gemm:5.1f}% of GEMM"
 
     print("training step (median of %d interleaved rounds after 1 warm-up round):" % args.steps)
     print(line("megatron stock (device only)", t_stock))
@@ -200,9 +206,8 @@ def main():
         print(f"  ratio patched / HF    = {t_patched / t_hf:.3f} (goal <= 0.90)")
     if not args.skip_ops:
         print("fused ops, forward + backward (median ms): stock | fused | ratio")
-        for name, ts, tf in bench_ops(shape, seq, b, max(args.steps, 5)):
-            print(f"  {name:<28} {ts * 1e3:9.2f} | {tf * 1e3:9.2f} | {tf / ts:.3f}")
-    parallel.destroy()
+        for op, ts, tf in bench_ops(shape, seq, b, max(args.steps, 5)):
+            print(f"  {op:<28} {ts * 1e3:9.2f} | {tf * 1e3:9.2f} | {tf / ts:.3f}")
 
 
 if __name__ == "__main__":

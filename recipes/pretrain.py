@@ -141,6 +141,8 @@ def resolve_args(argv=None):
                                   cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                                   cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
                                   cfg.get("rope_theta", 10000.0), cfg.get("rms_norm_eps", 1e-5))
+    if saved and args.tokenizer_name_or_path is None:
+        args.tokenizer_name_or_path = saved.get("tokenizer_name_or_path")  # --load alone is enough
     if shape is None:
         if not args.model and not all(getattr(args, f) for f in SHAPE_FLAGS[:4]):
             raise ValueError("give --model, --hf-config, a --load checkpoint, or the shape flags "
