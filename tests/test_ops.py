@@ -161,3 +161,6 @@ def test_multi_tensor_norm_and_scale_match_megatrons_loops():
     mutils.local_multi_tensor_scale(0, None, [ts, dst16], 0.37)  # fp32 -> bf16 keeps stock's rounding
     stock_scale(0, None, [ts, ref16], 0.37)
     assert all(torch.equal(x, y) for x, y in zip(dst16, ref16))
+    mutils.local_multi_tensor_scale(0, None, [ts, dst16], 1.0)  # master -> model weight copy
+    stock_scale(0, None, [ts, ref16], 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(dst16, ref16))

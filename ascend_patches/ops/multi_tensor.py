@@ -25,6 +25,12 @@ def multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args)
 def multi_tensor_scale_wrapper(original):
     def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
         srcs, dsts = tensor_lists[0], tensor_lists[1]
+        if scale == 1.0:
+            # megatron's fp32 master -> bf16/fp16 weight copy goes through here with scale 1;
+            # src * 1.0 is exact, so a converting copy rounds exactly as the stock loop does,
+            # without its temporary full-size product.
+            torch._foreach_copy_(list(dsts), list(srcs))
+            return
         if any(s.dtype != d.dtype for s, d in zip(srcs, dsts)):
             return original(chunk_size, noop_flag, tensor_lists, scale)  # rounding must follow src's dtype
         copies = [(s, d) for s, d in zip(srcs, dsts) if s is not d]
