@@ -7,7 +7,7 @@ biases, untied embeddings, vocab 32000.  ``tiny`` is a CPU-sized GQA shape for t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -90,17 +90,18 @@ def padded_vocab_size(vocab: int, divisible_by: int = 128, tp: int = 1) -> int:
 
 
 def build_model(s: LlamaShape, config=None, pre_process=True, post_process=True,
-                vocab_size=None, seq_length=None, **config_overrides):
-    """Stock megatron ``GPTModel`` for a LLaMA-2 shape."""
+                vocab_size=None, seq_length=None, vp_stage=None, **config_overrides):
+    """Stock megatron ``GPTModel`` for a LLaMA-2 shape (``vp_stage``: a virtual pipeline chunk)."""
     from megatron.core.models.gpt import GPTModel
 
     config = config or transformer_config(s, **config_overrides)
+    extra = {} if vp_stage is None else {"vp_stage": vp_stage}
     return GPTModel(
         config=config, transformer_layer_spec=layer_spec(),
         vocab_size=vocab_size or s.vocab_size, max_sequence_length=seq_length or s.seq_length,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=False, position_embedding_type="rope",
-        rotary_base=int(s.rope_theta) if float(s.rope_theta).is_integer() else s.rope_theta,
+        rotary_base=int(s.rope_theta) if float(s.rope_theta).is_integer() else s.rope_theta, **extra,
     )
 
 

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -157,7 +154,7 @@ def resolve_args(argv=None):
                         ("rotary_base", "rope_theta"), ("norm_epsilon", "norm_epsilon")):
         if getattr(args, flag) is not None:
             over[field] = getattr(args, flag)
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     args.shape = replace(shape, **over)
     if args.seq_length is None:
@@ -195,14 +192,10 @@ def build_models(args, config):
     chunks = []
     for v in range(vpp or 1):
         kw = {"vp_stage": v} if vpp else {}
-        pre = ps.is_pipeline_first_stage(ignore_virtual=False, **kw)
-        post = ps.is_pipeline_last_stage(ignore_virtual=False, **kw)
-        from megatron.core.models.gpt import GPTModel
-
-        model = GPTModel(config=config, transformer_layer_spec=llama2.layer_spec(), vocab_size=args.padded_vocab,
-                         max_sequence_length=args.shape.seq_length, pre_process=pre, post_process=post,
-                         share_embeddings_and_output_weights=False, position_embedding_type="rope",
-                         rotary_base=int(args.shape.rope_theta), **kw)
+        model = llama2.build_model(args.shape, config=config, vocab_size=args.padded_vocab,
+                                   pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
+                                   post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw),
+                                   vp_stage=v if vpp else None)
         if args.bf16 or args.fp16:
             from megatron.core.transformer.module import Float16Module
 
