@@ -13,7 +13,6 @@ there when the slice is taken.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 

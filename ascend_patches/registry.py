@@ -16,7 +16,7 @@ import sys
 import threading
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import wrapt
@@ -69,7 +69,7 @@ class _Applied:
     saved: Any  # raw entry from owner.__dict__ (or _MISSING), restored on revert
     original: Any
     new: Any
-    rebound: Optional[List[Tuple[Any, str]]] = None  # None: not swept
+    swept: bool = False  # copies elsewhere were rebound; revert sweeps them back
 
 
 class Registry:
@@ -153,7 +153,8 @@ class Registry:
         setattr(owner, attr, new)
         record = _Applied(owner, attr, raw, original, new)
         if patch.sweep and isinstance(owner, type(sys)) and _sweepable(original):
-            record.rebound = _rebind_everywhere(original, new, skip=owner)
+            _rebind_everywhere(original, new, skip=owner)
+            record.swept = True
         self.applied[patch.name] = record
         self.status[patch.name] = ("applied", patch.why)
 
@@ -171,7 +172,7 @@ class Registry:
                         setattr(rec.owner, rec.attr, rec.original)
                 else:
                     setattr(rec.owner, rec.attr, rec.saved)
-                if rec.rebound is not None:
+                if rec.swept:
                     # Modules imported after the patch bound the new object themselves:
                     # find every copy, not only the ones recorded when applying.
                     _rebind_everywhere(rec.new, rec.original, skip=None)
@@ -218,8 +219,7 @@ def _sweepable(obj) -> bool:
     return isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, type))
 
 
-def _rebind_everywhere(original, new, skip) -> List[Tuple[Any, str]]:
-    rebound = []
+def _rebind_everywhere(original, new, skip) -> None:
     for mod in list(sys.modules.values()):
         if mod is None or mod is skip:
             continue
@@ -233,8 +233,6 @@ def _rebind_everywhere(original, new, skip) -> List[Tuple[Any, str]]:
                     setattr(mod, key, new)
                 except (AttributeError, TypeError):
                     continue
-                rebound.append((mod, key))
-    return rebound
 
 
 def warn_once(message: str, _seen=set()) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import sys
 import warnings
 
 from packaging.version import Version
@@ -18,8 +19,6 @@ def version_of(dist: str) -> str:
 
 
 def installed_versions() -> str:
-    import sys
-
     names = ("torch", "megatron-core", "torch_npu", "deepspeed")
     found = {n: version_of(n) for n in names}
     npu = sys.modules.get("torch_npu")

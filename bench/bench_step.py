@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,7 +90,7 @@ def bench_ops(shape, seq, b, steps):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    from ascend_patches.ops import rms_norm, rope, swiglu
+    from ascend_patches.ops import swiglu
 
     cfg = llama2.transformer_config(shape)
     n, d, h = shape.num_attention_heads, shape.kv_channels, shape.hidden_size

@@ -16,7 +16,6 @@ import itertools
 import pytest
 import torch
 
-import ascend_patches
 from recipes import llama2, training
 from tests.helpers.parity import batch, forward_backward, ops_disabled, rel_err, tiny_shape
 

@@ -2,7 +2,6 @@
 rebinding of `from x import f` copies, post-import hooks, and loud failures."""
 
 import sys
-import textwrap
 import types
 
 import pytest

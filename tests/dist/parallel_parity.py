@@ -6,7 +6,6 @@ line with every run's losses and the TP=2 logits error."""
 import itertools
 import json
 import re
-import sys
 
 import torch
 import torch.distributed as dist
