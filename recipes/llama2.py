@@ -84,6 +84,17 @@ def layer_spec():
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+def pipeline_split(num_layers: int, pp: int) -> dict:
+    """TransformerConfig fields for PP stages: even when PP divides the layers, else the
+    first stage takes the remainder (megatron's ``num_layers_in_first_pipeline_stage``)."""
+    if pp > num_layers:
+        raise ValueError(f"--pipeline-model-parallel-size {pp} is more than the {num_layers} layers")
+    if pp == 1 or num_layers % pp == 0:
+        return {}
+    per = num_layers // pp
+    return {"num_layers_in_first_pipeline_stage": per + num_layers % pp}
+
+
 def padded_vocab_size(vocab: int, divisible_by: int = 128, tp: int = 1) -> int:
     multiple = divisible_by * tp
     return ((vocab + multiple - 1) // multiple) * multiple

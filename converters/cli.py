@@ -1,0 +1,58 @@
+"""Flags the converters share, named as in the seed (both ``--num_heads`` and ``--num-heads``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch
+
+from converters.layout import ModelShape
+
+TYPES = {"7B": "llama2-7b", "13B": "llama2-13b", "34B": "llama2-34b", "70B": "llama2-70b", "tiny": "llama2-tiny"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPE_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+               "num_kv_heads": "num_query_groups", "ffn_hidden_size": "ffn_hidden_size", "vocab_size": "vocab_size"}
+
+
+def add_shape_flags(p: argparse.ArgumentParser):
+    p.add_argument("--type", default=None, help=f"one of {', '.join(TYPES)} (or llama2-7b ...); "
+                   "default: the shape in the HF config / checkpoint")
+    for flag in SHAPE_FLAGS:
+        p.add_argument("--" + flag, "--" + flag.replace("_", "-"), dest=flag, type=int, default=None)
+
+
+def add_dtype_flag(p: argparse.ArgumentParser):
+    p.add_argument("--params-dtype", choices=list(DTYPES), default=None, help="default: the input's dtype")
+
+
+def dtype_of(args) -> Optional[torch.dtype]:
+    return DTYPES[args.params_dtype] if args.params_dtype else None
+
+
+def type_shape(args) -> Optional[ModelShape]:
+    if not args.type:
+        return None
+    from recipes import llama2
+
+    name = TYPES.get(args.type, args.type)
+    s = llama2.shape(name)
+    return ModelShape(s.num_layers, s.hidden_size, s.ffn_hidden_size, s.num_attention_heads, s.num_query_groups,
+                      s.vocab_size, s.seq_length, s.rope_theta, s.norm_epsilon)
+
+
+def overrides(args) -> dict:
+    return {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items() if getattr(args, flag) is not None}
+
+
+def check_type(args, shape: ModelShape, where: str):
+    """--type against the shape the input declares: a mismatch is the user's mistake, said plainly."""
+    expected = type_shape(args)
+    if expected is None:
+        return
+    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
+        if field in overrides(args):
+            continue
+        if getattr(expected, field) != getattr(shape, field):
+            raise ValueError(f"--type {args.type}: {field} {getattr(expected, field)} but {where} has "
+                             f"{getattr(shape, field)}")

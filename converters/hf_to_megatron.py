@@ -1,0 +1,56 @@
+"""HuggingFace LLaMA folder -> Megatron-Core checkpoint that the recipes ``--load``.
+
+    python -m converters.hf_to_megatron --input-model-dir ./llama-2-7b-hf \\
+        --output-model-dir ./llama2-7b-tp8pp1 --tensor-model-parallel-size 8 \\
+        --pipeline-model-parallel-size 1 --type 7B [--merge-mlp] \\
+        [--make-vocab-size-divisible-by 128] [--num_heads 64 --num_kv_heads 8 --hidden_size 8192 --num_layers 80]
+
+The output is ``<dir>/release`` in dist_checkpointing's torch_dist format plus the tracker
+file; it loads at the TP/PP given here and at any other that divides heads, kv groups and
+layers (megatron reshards on load).  ``--merge-mlp`` is accepted for the seed's scripts:
+Megatron-Core always keeps gate and up merged in ``linear_fc1`` ([gate_r ; up_r] per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from converters import cli
+from converters.sources import HFSource
+from converters.writers import write_dist
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True)
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--merge-mlp", action="store_true", help="accepted; Megatron-Core's linear_fc1 is always merged")
+    p.add_argument("--tokenizer-name-or-path", default=None, help="recorded for later commands; "
+                   "default: the input folder when it holds a tokenizer")
+    cli.add_shape_flags(p)
+    cli.add_dtype_flag(p)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    src = HFSource(args.input_model_dir, cli.overrides(args))
+    cli.check_type(args, src.shape, f"{args.input_model_dir}/config.json")
+    if args.tokenizer_name_or_path:
+        src.meta["tokenizer_name_or_path"] = args.tokenizer_name_or_path
+    model = cli.TYPES.get(args.type, args.type) if args.type else None
+    out = write_dist(src, args.output_model_dir, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     args.make_vocab_size_divisible_by, cli.dtype_of(args), model,
+                     {"converted_from": str(args.input_model_dir)})
+    print(f"wrote {out} ({src.shape.num_layers} layers, TP={args.tensor_model_parallel_size} "
+          f"PP={args.pipeline_model_parallel_size}) in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""One place for the tensor layout facts every converter shares.
+
+Converters pass tensors through a *canonical* form: Megatron-Core's global (TP-independent)
+tensor for each parameter, one layer at a time.  That is what ``dist_checkpointing`` stores,
+so every reader (HF, torch_dist, the seed's legacy per-rank files) turns into it and every
+writer starts from it.  The facts (``shared/reference/llama2.md``):
+
+- ``qkv``: per kv group, the group's query heads, then its key head, then its value head.
+  Tensor parallelism splits whole groups, so rank r's rows are the r-th equal slice.
+- ``fc1``: the full gate rows, then the full up rows (dist_checkpointing's swiglu layout);
+  a rank's local fc1 is [gate_r ; up_r].
+- no q/k permutation between HF and Megatron (both rotate-half).
+- vocabulary rows padded to a multiple of divisible-by x TP with copies of the last row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from typing import Dict, Tuple
+
+import torch
+
+LAYER_PARAMS = ("input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
+GLOBAL_PARAMS = ("embedding", "final_norm", "output")
+
+# canonical name -> dist_checkpointing key of megatron's GPTModel (local and TE specs alike)
+DIST_KEYS: Dict[str, str] = {
+    "embedding": "embedding.word_embeddings.weight",
+    "final_norm": "decoder.final_layernorm.weight",
+    "output": "output_layer.weight",
+    "input_norm": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+    "qkv": "decoder.layers.self_attention.linear_qkv.weight",
+    "proj": "decoder.layers.self_attention.linear_proj.weight",
+    "mlp_norm": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+    "fc1": "decoder.layers.mlp.linear_fc1.weight",
+    "fc2": "decoder.layers.mlp.linear_fc2.weight",
+}
+
+HF_GLOBAL = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+             "output": "lm_head.weight"}
+HF_LAYER = {"input_norm": ("input_layernorm.weight",), "mlp_norm": ("post_attention_layernorm.weight",),
+            "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+            "proj": ("self_attn.o_proj.weight",), "fc1": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+            "fc2": ("mlp.down_proj.weight",)}
+
+# which dim tensor parallelism splits (None: replicated); fc1 is special (gate/up halves)
+TP_DIM = {"embedding": 0, "output": 0, "final_norm": None, "input_norm": None, "mlp_norm": None,
+          "qkv": 0, "proj": 1, "fc1": 0, "fc2": 1}
+
+
+@dataclass
+class ModelShape:
+    """What a converter needs to know besides the tensors."""
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    seq_length: int = 4096
+    rope_theta: float = 10000.0
+    norm_epsilon: float = 1e-5
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def expected(self, name: str, padded_vocab: int) -> Tuple[int, ...]:
+        h, d, nh, ng, f = (self.hidden_size, self.kv_channels, self.num_attention_heads,
+                           self.num_query_groups, self.ffn_hidden_size)
+        return {"embedding": (padded_vocab, h), "output": (padded_vocab, h), "final_norm": (h,),
+                "input_norm": (h,), "mlp_norm": (h,), "qkv": ((nh + 2 * ng) * d, h), "proj": (h, nh * d),
+                "fc1": (2 * f, h), "fc2": (h, f)}[name]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelShape":
+        return cls(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+                   cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                   cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
+                   float(cfg.get("rope_theta", 10000.0)), cfg.get("rms_norm_eps", 1e-5))
+
+    def hf_config(self, dtype: torch.dtype, bos_id=1, eos_id=2) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": self.hidden_size, "intermediate_size": self.ffn_hidden_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_query_groups, "head_dim": self.kv_channels,
+                "vocab_size": self.vocab_size, "max_position_embeddings": self.seq_length,
+                "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_epsilon, "hidden_act": "silu",
+                "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+                "bos_token_id": bos_id, "eos_token_id": eos_id, "initializer_range": 0.02,
+                "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True}
+
+
+def check_parallel(shape: ModelShape, tp: int, pp: int, flag_prefix: str = "") -> None:
+    problems = []
+    if shape.num_attention_heads % tp:
+        problems.append(f"--{flag_prefix}tensor-model-parallel-size {tp} does not divide "
+                        f"{shape.num_attention_heads} attention heads")
+    if shape.num_query_groups % tp:
+        problems.append(f"--{flag_prefix}tensor-model-parallel-size {tp} does not divide "
+                        f"{shape.num_query_groups} kv groups")
+    if pp > shape.num_layers:
+        problems.append(f"--{flag_prefix}pipeline-model-parallel-size {pp} is more than the {shape.num_layers} "
+                        "layers")
+    if shape.ffn_hidden_size % tp:
+        problems.append(f"--{flag_prefix}tensor-model-parallel-size {tp} does not divide ffn size "
+                        f"{shape.ffn_hidden_size}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def hf_to_qkv(q, k, v, shape: ModelShape):
+    ng, d, h = shape.num_query_groups, shape.kv_channels, q.shape[1]
+    per = shape.num_attention_heads // ng
+    return torch.cat([q.reshape(ng, per * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)], dim=1).reshape(-1, h)
+
+
+def qkv_to_hf(qkv, shape: ModelShape):
+    ng, d = shape.num_query_groups, shape.kv_channels
+    per = shape.num_attention_heads // ng
+    h = qkv.shape[1]
+    q, k, v = qkv.reshape(ng, (per + 2) * d, h).split([per * d, d, d], dim=1)
+    return q.reshape(-1, h).contiguous(), k.reshape(-1, h).contiguous(), v.reshape(-1, h).contiguous()
+
+
+def pad_vocab(t: torch.Tensor, rows: int, tensor_name: str) -> torch.Tensor:
+    """Megatron's padding: extra rows are copies of the last real row; fewer rows trims."""
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] > rows:
+        return t[:rows].contiguous()
+    return torch.cat([t, t[-1:].expand(rows - t.shape[0], -1)], dim=0)
+
+
+def tp_split(name: str, t: torch.Tensor, tp: int):
+    """The TP ranks' local pieces of a canonical tensor."""
+    dim = TP_DIM[name]
+    if dim is None:
+        return [t] * tp
+    if name == "fc1":
+        gate, up = t.chunk(2, dim=0)
+        return [torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp, 0), up.chunk(tp, 0))]
+    return [c.contiguous() for c in t.chunk(tp, dim=dim)]
+
+
+def tp_merge(name: str, pieces, where: str = "") -> torch.Tensor:
+    """Inverse of ``tp_split``; replicated tensors must agree across ranks."""
+    dim = TP_DIM[name]
+    if dim is None:
+        for i, p in enumerate(pieces[1:], 1):
+            if not torch.equal(p, pieces[0]):
+                raise ValueError(f"{where}{name}: replicated tensor differs between TP rank 0 and {i}")
+        return pieces[0]
+    if name == "fc1":
+        halves = [p.chunk(2, dim=0) for p in pieces]
+        return torch.cat([torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])], dim=0)
+    return torch.cat(pieces, dim=dim)

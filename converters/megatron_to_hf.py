@@ -1,0 +1,61 @@
+"""Megatron checkpoint (torch_dist from the recipes, or the seed's legacy per-rank layout)
+-> HuggingFace folder (sharded safetensors + index + config.json) that transformers loads.
+
+    python -m converters.megatron_to_hf --input-model-dir ./ckpt --output-model-dir ./hf-out \\
+        [--max-shard-size 5GB] [--params-dtype bf16] [--type 7B | shape flags, for legacy input]
+
+The padded vocabulary rows are trimmed back to the true vocabulary size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from converters import cli
+from converters.sources import open_megatron
+from converters.writers import write_hf
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True)
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--tokenizer-name-or-path", default=None, help="copied into the folder; default: the checkpoint's")
+    p.add_argument("--hf-config", default=None, help="shape of a legacy checkpoint from an HF config folder")
+    cli.add_shape_flags(p)
+    cli.add_dtype_flag(p)
+    return p
+
+
+def legacy_shape(args):
+    """The shape of a legacy checkpoint, which records none: --hf-config, else --type, then flags."""
+    import json
+    from pathlib import Path
+
+    from converters.layout import ModelShape
+
+    shape = None
+    if args.hf_config:
+        shape = ModelShape.from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
+    shape = shape or cli.type_shape(args)
+    if shape is None:
+        return None
+    for k, v in cli.overrides(args).items():
+        setattr(shape, k, v)
+    return shape
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    src = open_megatron(args.input_model_dir, legacy_shape(args), args.vocab_size)
+    tok = args.tokenizer_name_or_path or src.meta.get("tokenizer_name_or_path")
+    out = write_hf(src, args.output_model_dir, args.max_shard_size, cli.dtype_of(args), tok)
+    print(f"wrote {out} in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

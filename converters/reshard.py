@@ -1,0 +1,68 @@
+"""Change a Megatron checkpoint's tensor/pipeline parallel sizes, and carry the seed's legacy
+per-rank checkpoints (``mp_rank_XX[_YYY]/model_optim_rng.pt``) over to torch_dist.
+
+    python -m converters.reshard --input-model-dir ./load_ckpt --output-model-dir ./tp8pp1 \\
+        --src-tensor-model-parallel-size 8 --src-pipeline-model-parallel-size 8 \\
+        --tgt-tensor-model-parallel-size 8 --tgt-pipeline-model-parallel-size 1 \\
+        [--type 7B | --hf-config DIR | shape flags]   (legacy input records no shape)
+
+The source sizes are checked against what the input holds (legacy: its mp_rank folders;
+torch_dist: its args.json).  The output is torch_dist, which megatron also reshards on load;
+the target sizes set the vocabulary padding and are recorded for later commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from converters import cli
+from converters.megatron_to_hf import legacy_shape
+from converters.sources import DistSource, LegacySource, open_megatron
+from converters.writers import write_dist
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True)
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
+    for side in ("src", "tgt"):
+        p.add_argument(f"--{side}-tensor-model-parallel-size", type=int, default=None)
+        p.add_argument(f"--{side}-pipeline-model-parallel-size", type=int, default=None)
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None, help="default: the source's (or 128)")
+    p.add_argument("--hf-config", default=None)
+    p.add_argument("--tokenizer-name-or-path", default=None)
+    cli.add_shape_flags(p)
+    cli.add_dtype_flag(p)
+    return p
+
+
+def source_sizes(src):
+    if isinstance(src, LegacySource):
+        return src.tp, src.pp
+    return src.args.get("tensor_model_parallel_size", 1), src.args.get("pipeline_model_parallel_size", 1)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    src = open_megatron(args.input_model_dir, legacy_shape(args), args.vocab_size)
+    tp, pp = source_sizes(src)
+    for flag, given, actual in (("--src-tensor-model-parallel-size", args.src_tensor_model_parallel_size, tp),
+                                ("--src-pipeline-model-parallel-size", args.src_pipeline_model_parallel_size, pp)):
+        if given is not None and given != actual:
+            raise ValueError(f"{flag} {given}, but {args.input_model_dir} was written with {actual}")
+    tgt_tp = args.tgt_tensor_model_parallel_size or tp
+    tgt_pp = args.tgt_pipeline_model_parallel_size or pp
+    divisible = args.make_vocab_size_divisible_by or (
+        src.args.get("make_vocab_size_divisible_by", 128) if isinstance(src, DistSource) else 128)
+    if args.tokenizer_name_or_path:
+        src.meta["tokenizer_name_or_path"] = args.tokenizer_name_or_path
+    model = cli.TYPES.get(args.type, args.type) if args.type else (
+        src.args.get("model") if isinstance(src, DistSource) else None)
+    out = write_dist(src, args.output_model_dir, tgt_tp, tgt_pp, divisible, cli.dtype_of(args), model,
+                     {"converted_from": str(args.input_model_dir)})
+    print(f"wrote {out}: TP {tp}->{tgt_tp}, PP {pp}->{tgt_pp}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
