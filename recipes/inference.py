@@ -72,20 +72,18 @@ def _stage_info():
 def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, context=None) -> Optional[torch.Tensor]:
     """Run the pipeline; the last stage returns full-vocabulary fp32 logits [b, s, vocab]
     (only the last position when ``context`` materialises only the last token), others None."""
-    from megatron.core import tensor_parallel
-
     first, last, _, prev, nxt, _ = _stage_info()
     b, s = tokens.shape
     if not first:
         hidden = torch.empty(s, b, lm.shape.hidden_size, dtype=lm.dtype)
         dist.recv(hidden, src=prev)
         lm.model.set_input_tensor(hidden)
-    out = lm.model(tokens, position_ids, attention_mask=None, inference_context=context)
+    out = lm.model(tokens, position_ids, attention_mask=None, inference_context=context,
+                   runtime_gather_output=True)  # full-vocabulary logits on every TP rank
     if not last:
         dist.send(out.contiguous(), dst=nxt)
         return None
-    logits = tensor_parallel.gather_from_tensor_model_parallel_region(out)
-    return logits[..., :lm.vocab_size].float()
+    return out[..., :lm.vocab_size].float()
 
 
 def broadcast_from_last_stage(t: Optional[torch.Tensor], like_shape, dtype) -> torch.Tensor:

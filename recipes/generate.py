@@ -1,0 +1,226 @@
+"""Text generation from a Megatron checkpoint at any TP/PP: greedy, sampling, beam search,
+and an interactive chat in the LLaMA-2 chat template.
+
+    torchrun --nproc-per-node 2 -m recipes.generate --load ./llama2-7b-tp8pp1 \\
+        --tokenizer-name-or-path ./llama-2-7b-hf --max-new-tokens 256 \\
+        [--prompt "how are you?" ... | --interactive] \\
+        [--greedy | --temperature 0.7 --top-k 50 --top-p 0.95 --seed 42] \\
+        [--num-beams 4 [--do-sample]] [--num-return-sequences N] [--return-log-probs]
+
+Mode: greedy unless ``--do-sample`` or a sampling flag (temperature / top-k / top-p) is given
+(``--greedy`` forces greedy).  Prompts get BOS prepended, as HF tokenizers do.  In the chat,
+``q``/``quit``/``exit`` quits and ``clear``/``new`` starts a new conversation; under torchrun
+rank 0 reads the terminal and the other ranks follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from recipes import checkpointing, decoding, inference, parallel
+from recipes.tokenizer import load_tokenizer
+
+QUIT_WORDS = {"q", "quit", "exit"}
+CLEAR_WORDS = {"clear", "new"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--load", required=True)
+    p.add_argument("--tokenizer-name-or-path", default=None, help="default: the one the checkpoint records")
+    p.add_argument("--tokenizer-type", default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world / PP")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--params-dtype", choices=list(DTYPES), default=None, help="default: the checkpoint's")
+    p.add_argument("--prompt", action="append", default=None, help="repeat for a batch of prompts")
+    p.add_argument("--prompt-file", default=None, help="one prompt per line")
+    p.add_argument("--interactive", action="store_true")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--show-prompt", action="store_true", help="chat: print the full templated prompt each turn")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--early-stopping", default="false", choices=("true", "false", "never"))
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--return-log-probs", action="store_true")
+    p.add_argument("--output-json", default=None, help="write prompts, outputs (and log-probs) here")
+    return p
+
+
+def sampling_params(args) -> decoding.SamplingParams:
+    sampling = not args.greedy and (args.do_sample or any(v is not None for v in
+                                                          (args.temperature, args.top_k, args.top_p)))
+    if args.temperature is not None and args.temperature <= 0:
+        raise ValueError("--temperature must be > 0 (use --greedy for argmax)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError("--top-p must be in (0, 1]")
+    return decoding.SamplingParams(greedy=not sampling, temperature=args.temperature or 1.0,
+                                   top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
+
+
+def chat_tokens(tokenizer, history, user: str, system: Optional[str]) -> List[int]:
+    """LLaMA-2-chat: <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s> per turn."""
+    ids: List[int] = []
+    turns = history + [(user, None)]
+    for i, (u, a) in enumerate(turns):
+        if i == 0 and system:
+            u = f"<<SYS>>\n{system}\n<</SYS>>\n\n{u}"
+        ids += [tokenizer.bos_id] + tokenizer.encode(f"[INST] {u.strip()} [/INST]")
+        if a is not None:
+            ids += tokenizer.encode(f" {a.strip()} ") + [tokenizer.eos_id]
+    return ids
+
+
+class Streamer:
+    """Prints a sequence's text as its tokens arrive (decoding the whole tail keeps
+    sentencepiece's spaces right)."""
+
+    def __init__(self, tokenizer, enabled: bool):
+        self.tok, self.enabled, self.ids, self.printed = tokenizer, enabled, [], ""
+
+    def __call__(self, _row: int, token: int):
+        if token == self.tok.eos_id:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if self.enabled and text.startswith(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def _broadcast_text(text: Optional[str]) -> Optional[str]:
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_generation(lm, tokenizer, args, prompts_ids, on_token=None):
+    params = sampling_params(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    eos = tokenizer.eos_id
+    if args.num_beams > 1:
+        results = []
+        for ids in prompts_ids:
+            early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+            results.append(decoding.beam_search(lm, ids, args.max_new_tokens, args.num_beams, eos,
+                                                args.length_penalty, early, args.do_sample,
+                                                None if params.greedy else params, args.num_return_sequences, gen))
+        return results
+    if args.num_return_sequences > 1:
+        if params.greedy:
+            raise ValueError("--num-return-sequences > 1 needs sampling or --num-beams")
+        prompts_ids = [ids for ids in prompts_ids for _ in range(args.num_return_sequences)]
+    out = decoding.generate(lm, prompts_ids, args.max_new_tokens, params, eos, gen, on_token)
+    n = args.num_return_sequences
+    return [out[i:i + n] for i in range(0, len(out), n)]
+
+
+def interactive(lm, tokenizer, args, rank: int):
+    history = []
+    if rank == 0:
+        print("chat: q/quit/exit to quit, clear/new for a new conversation", flush=True)
+    while True:
+        text = None
+        if rank == 0:
+            try:
+                text = input("\nYou: ")
+            except EOFError:
+                text = "quit"
+        text = _broadcast_text(text).strip()
+        if text.lower() in QUIT_WORDS:
+            break
+        if text.lower() in CLEAR_WORDS:
+            history = []
+            if rank == 0:
+                print("(new conversation)", flush=True)
+            continue
+        if not text:
+            continue
+        ids = chat_tokens(tokenizer, history, text, args.system_prompt)
+        if rank == 0 and args.show_prompt:
+            print(f"[prompt, {len(ids)} tokens] {tokenizer.decode(ids)!r}", flush=True)
+        if rank == 0:
+            sys.stdout.write("Assistant: ")
+            sys.stdout.flush()
+        t0 = time.time()
+        streamer = Streamer(tokenizer, rank == 0)
+        out = run_generation(lm, tokenizer, args, [ids], on_token=streamer if args.num_beams == 1 else None)[0][0]
+        answer = tokenizer.decode([t for t in out.tokens if t != tokenizer.eos_id])
+        if rank == 0:
+            if args.num_beams > 1:
+                sys.stdout.write(answer)
+            print(f"\n[{len(out.tokens)} tokens in {time.time() - t0:.2f} s]", flush=True)
+        history.append((text, answer))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    saved = checkpointing.load_args(args.load)
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    pp = args.pipeline_model_parallel_size
+    tp = args.tensor_model_parallel_size or max(1, world // pp)
+    dtype = DTYPES[args.params_dtype] if args.params_dtype else None
+    tok_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
+    if not tok_path:
+        raise ValueError(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
+    tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
+    if not args.interactive and not args.prompt and not args.prompt_file:
+        args.prompt = [""]  # unconditional: BOS alone
+    lm = inference.load(args.load, tp, pp, dtype)
+    rank = dist.get_rank()
+    if rank == 0:
+        print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={tp} PP={pp}, {lm.dtype}", flush=True)
+    if args.interactive:
+        interactive(lm, tokenizer, args, rank)
+        parallel.destroy()
+        return None
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [l.rstrip("\n") for l in open(args.prompt_file, encoding="utf-8") if l.strip()]
+    bos = [] if args.no_bos else [tokenizer.bos_id]
+    prompts_ids = [bos + tokenizer.encode(p) for p in prompts]
+    t0 = time.time()
+    results = run_generation(lm, tokenizer, args, prompts_ids)
+    elapsed = time.time() - t0
+    n_tokens = sum(len(g.tokens) for group in results for g in group)
+    records = []
+    for prompt, group in zip(prompts, results):
+        for g in group:
+            text = tokenizer.decode([t for t in g.tokens if t != tokenizer.eos_id])
+            rec = {"prompt": prompt, "text": text, "tokens": g.tokens}
+            if args.return_log_probs:
+                rec["log_probs"] = g.log_probs
+            if g.score is not None:
+                rec["score"] = g.score
+            records.append(rec)
+            if rank == 0:
+                print(f"\n=== prompt: {prompt!r}\n{prompt}{text}", flush=True)
+                if args.return_log_probs:
+                    print(f"log-probs: {[round(x, 4) for x in g.log_probs]}", flush=True)
+    if rank == 0:
+        print(f"\n{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)", flush=True)
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump(records, f, indent=1)
+    parallel.destroy()
+    return records
+
+
+if __name__ == "__main__":
+    main()
