@@ -10,7 +10,7 @@ from functools import partial
 
 from .collectives import backend_name_wrapper, reduce_scatter_base_wrapper, reduce_scatter_tensor_wrapper
 from .device import cpu, rng
-from .ops import adamw, flash_attention, multi_tensor, rms_norm, rope, swiglu
+from .ops import adamw, flash_attention, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
 CPU, NPU = frozenset({"cpu"}), frozenset({"npu"})
@@ -72,3 +72,13 @@ _(Patch("multi_tensor_l2norm", "megatron.core.utils:local_multi_tensor_l2_norm",
 _(Patch("multi_tensor_scale", "megatron.core.utils:local_multi_tensor_scale",
         wrapper=multi_tensor.multi_tensor_scale_wrapper,
         why="torch._foreach_mul_ in place instead of dst.copy_(src * scale) per tensor"))
+
+_(Patch("inference.linear", "megatron.core.tensor_parallel.layers:linear_with_grad_accumulation_and_async_allreduce",
+        wrapper=inference_linear.linear_wrapper,
+        why="under no_grad (generation, evaluation) one matmul instead of an autograd Function per layer"))
+for _fn, _forward in (("copy_to_tensor_model_parallel_region", "identity"),
+                      ("reduce_from_tensor_model_parallel_region", "_reduce"),
+                      ("gather_from_tensor_model_parallel_region", "_gather_along_last_dim")):
+    _(Patch(f"inference.{_fn}", f"megatron.core.tensor_parallel.mappings:{_fn}",
+            wrapper=inference_linear.region_wrapper(_forward),
+            why="under no_grad the region's forward collective without an autograd Function"))

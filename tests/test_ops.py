@@ -164,3 +164,32 @@ def test_multi_tensor_norm_and_scale_match_megatrons_loops():
     mutils.local_multi_tensor_scale(0, None, [ts, dst16], 1.0)  # master -> model weight copy
     stock_scale(0, None, [ts, ref16], 1.0)
     assert all(torch.equal(x, y) for x, y in zip(dst16, ref16))
+
+
+def test_no_grad_linear_fast_path_equals_stock(single_process_group, monkeypatch):
+    """Under no_grad, ColumnParallel/RowParallelLinear skip megatron's autograd Functions;
+    the result is the same matmul, bit for bit, and with grad the stock Function still runs."""
+    import ascend_patches
+    from megatron.core.tensor_parallel import layers
+    from recipes import llama2
+
+    cfg = llama2.transformer_config(llama2.shape("llama2-tiny"))
+    col = layers.ColumnParallelLinear(64, 96, config=cfg, init_method=torch.nn.init.normal_, bias=False,
+                                      gather_output=False)
+    row = layers.RowParallelLinear(96, 64, config=cfg, init_method=torch.nn.init.normal_, bias=False,
+                                   input_is_parallel=True, skip_bias_add=True)
+    x = torch.randn(7, 2, 64)
+    calls = []
+    original = layers.LinearWithGradAccumulationAndAsyncCommunication.apply
+    monkeypatch.setattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "apply",
+                        lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fast = row(col(x)[0])[0]
+    assert calls == []
+    with ascend_patches.disabled("inference.linear", "inference.copy_to_tensor_model_parallel_region",
+                                 "inference.reduce_from_tensor_model_parallel_region"), torch.no_grad():
+        stock = row(col(x)[0])[0]
+    assert len(calls) == 2
+    assert torch.equal(fast, stock)
+    y = row(col(x.requires_grad_())[0])[0]
+    assert len(calls) == 4 and y.requires_grad

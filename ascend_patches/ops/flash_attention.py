@@ -116,7 +116,9 @@ def dot_product_attention_forward(original):
                       "running stock DotProductAttention for it")
             return original(self, query, key, value, attention_mask, attn_mask_type,
                             attention_bias, packed_seq_params)
-        causal = self.attn_mask_type == AttnMaskType.causal and attention_mask is None and query.shape[0] > 1
+        # megatron passes no_mask once a KV cache holds earlier tokens; honour it over the layer's default
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        causal = mask_type == AttnMaskType.causal and attention_mask is None and query.shape[0] > 1
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
         dropout_p = self.attention_dropout.p if self.training else 0.0
         if dropout_p > 0 and not self.config.sequence_parallel:

@@ -1,0 +1,156 @@
+"""Generation throughput (greedy, KV cache, batch 1 and 8) of recipes.decoding on the
+converted Megatron model vs HF transformers' ``generate`` on the same weights, interleaved
+in one run; and the converter's time and peak RSS on a synthetic multi-shard HF checkpoint.
+
+    OMP_NUM_THREADS=2 python bench/bench_generate.py [--model stories|cpu] [--new-tokens 64] [--rounds 3]
+    python bench/bench_generate.py --converter [--layers 2]   (7B-wide, few layers; run alone for RSS)
+
+``stories`` is the real stories260K model (overhead-bound: per-token framework cost);
+``cpu`` a random LLaMA of 8 layers, hidden 1024, 16 heads, vocab 32000 (compute-bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "stories260K"
+
+
+def hf_model_dir(kind: str, tmp: Path) -> Path:
+    if kind == "stories":
+        return FIXTURE
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=32000, max_position_embeddings=1024,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp / "hf")
+    return tmp / "hf"
+
+
+def bench_generation(args):
+    from transformers import LlamaForCausalLM
+
+    from converters import hf_to_megatron
+    from recipes import decoding, inference
+
+    tmp = Path(tempfile.mkdtemp())
+    hf_dir = hf_model_dir(args.model, tmp)
+    hf_to_megatron.main(["--input-model-dir", str(hf_dir), "--output-model-dir", str(tmp / "mg")])
+    lm = inference.load(tmp / "mg", 1, 1)
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    n = args.new_tokens
+    g = torch.Generator().manual_seed(0)
+    print(f"model {args.model}; {n} new tokens from a 16-token prompt; threads {torch.get_num_threads()}")
+    for bsz in (1, 8):
+        prompts = torch.randint(3, lm.vocab_size, (bsz, 16), generator=g)
+        prompts[:, 0] = 1
+
+        def ours():
+            out = decoding.generate(lm, prompts.tolist(), n, decoding.SamplingParams(), eos_id=None)
+            assert all(len(o.tokens) == n for o in out)
+
+        def theirs():
+            with torch.no_grad():
+                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, num_beams=1)
+            assert out.shape[1] == 16 + n
+
+        ours(), theirs()  # warm-up
+        t_ours, t_hf = [], []
+        for _ in range(args.rounds):  # interleaved: this machine's speed drifts
+            for fn, acc in ((ours, t_ours), (theirs, t_hf)):
+                t = time.perf_counter()
+                fn()
+                acc.append(time.perf_counter() - t)
+        a, b = statistics.median(t_ours), statistics.median(t_hf)
+        tok = bsz * n
+        print(f"batch {bsz}: ours {tok / a:8.1f} tokens/s   HF generate {tok / b:8.1f} tokens/s   "
+              f"ours/HF speed = {b / a:.2f}x")
+
+
+def bench_converter(args):
+    """A 7B-wide HF checkpoint (hidden 4096, ffn 11008, 32 heads, vocab 32000) with few layers,
+    written shard by shard at ~1 GB per shard, then converted; peak RSS vs the largest shard."""
+    from safetensors.torch import save_file
+
+    from converters import hf_to_megatron
+    from converters.layout import ModelShape
+
+    tmp = Path(tempfile.mkdtemp(dir=args.tmp))
+    hf_dir = tmp / "hf7b"
+    hf_dir.mkdir()
+    shape = ModelShape(args.layers, 4096, 11008, 32, 32, 32000)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*s):
+        return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
+
+    weight_map, shards = {}, []
+    shards.append({"model.embed_tokens.weight": rnd(32000, 4096)})
+    for i in range(args.layers):
+        p = f"model.layers.{i}."
+        shards.append({p + "input_layernorm.weight": rnd(4096), p + "post_attention_layernorm.weight": rnd(4096),
+                       p + "self_attn.q_proj.weight": rnd(4096, 4096), p + "self_attn.k_proj.weight": rnd(4096, 4096),
+                       p + "self_attn.v_proj.weight": rnd(4096, 4096), p + "self_attn.o_proj.weight": rnd(4096, 4096),
+                       p + "mlp.gate_proj.weight": rnd(11008, 4096), p + "mlp.up_proj.weight": rnd(11008, 4096),
+                       p + "mlp.down_proj.weight": rnd(4096, 11008)})
+    shards.append({"model.norm.weight": rnd(4096), "lm_head.weight": rnd(32000, 4096)})
+    largest = 0
+    for k, sd in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sd, str(hf_dir / name))
+        largest = max(largest, (hf_dir / name).stat().st_size)
+        weight_map.update({n: name for n in sd})
+    total = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
+    import json
+
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (hf_dir / "config.json").write_text(json.dumps(shape.hf_config(torch.bfloat16)))
+    del shards, sd
+    import subprocess
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "converters.hf_to_megatron", "--input-model-dir", str(hf_dir),
+                    "--output-model-dir", str(tmp / "mg"), "--tensor-model-parallel-size", "8"], check=True,
+                   cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TQDM_DISABLE="1"))
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the converter process alone
+    print(f"converter: {args.layers} layers of 7B width, {total / 2**30:.2f} GiB bf16 in {len(weight_map)} tensors, "
+          f"{len(weight_map) and len(list(hf_dir.glob('*.safetensors')))} shards, largest {largest / 2**30:.2f} GiB; "
+          f"converted (TP=8) in {dt:.1f} s ({total / 2**30 / dt:.2f} GiB/s); converter peak RSS {peak:.2f} GiB "
+          f"= {peak * 2**30 / largest:.2f}x the largest shard, {peak * 2**30 / total:.2f}x the model")
+    import shutil
+
+    shutil.rmtree(tmp)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("stories", "cpu"), default="stories")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--converter", action="store_true")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--tmp", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.converter:
+        return bench_converter(args)
+    bench_generation(args)
+
+
+if __name__ == "__main__":
+    main()
