@@ -8,3 +8,8 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Ape
 # CUDA-only advice that megatron prints on every machine.
 warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+# torch deprecations raised inside megatron's own calls (checkpoint loading, all-gather);
+# nothing a user of the recipes can act on.
+warnings.filterwarnings("ignore", message=r".*`load_state_dict` is deprecated.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*Please use DTensor instead.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated.*", category=FutureWarning)

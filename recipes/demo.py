@@ -1,6 +1,8 @@
-"""The README's main job on the CPU default: preprocess the shipped Alpaca sample into a
-Megatron indexed dataset, then pretrain a tiny LLaMA-2 on stock megatron-core with
-ascend_patches, tensor-parallel over 2 processes, checkpointing as it goes.
+"""The README's main job on the CPU default, tensor-parallel over 2 processes:
+1. preprocess the shipped Alpaca sample into a Megatron indexed dataset;
+2. pretrain a tiny LLaMA-2 on stock megatron-core with ascend_patches, checkpointing;
+3. convert the shipped, really trained stories260K model (HF format) to Megatron and
+   generate text from it (greedy and beam search, KV cache).
 
     torchrun --nproc-per-node 2 -m recipes.demo [--train-iters 60] [--out demo_out]
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 import ascend_patches
-from recipes import pretrain, preprocess_data
+from recipes import generate, pretrain, preprocess_data
 
 HERE = Path(__file__).resolve().parent / "demo_data"
 
@@ -36,6 +38,12 @@ def main(argv=None):
         preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
                               str(tokenizer), "--output-prefix", str(prefix), "--json-keys", "output",
                               "--append-eod", "--workers", "2", "--log-interval", "100000"])
+        converted = out / "stories260K_megatron"
+        if not (converted / "latest_checkpointed_iteration.txt").exists():
+            from converters import hf_to_megatron
+
+            hf_to_megatron.main(["--input-model-dir", str(HERE / "stories260K"), "--output-model-dir",
+                                 str(converted), "--tensor-model-parallel-size", str(args.tensor_model_parallel_size)])
         print(f"\n== 2. pretrain llama2-tiny, TP={args.tensor_model_parallel_size}, "
               f"{args.train_iters} iterations", flush=True)
     dist.barrier()
@@ -59,6 +67,12 @@ def main(argv=None):
               flush=True)
         if not last < first:
             raise SystemExit(1)
+        print(f"\n== 3. generate with stories260K (converted from HF to Megatron, TP="
+              f"{args.tensor_model_parallel_size}): greedy, then beam search", flush=True)
+    generate.main(["--load", str(out / "stories260K_megatron"), "--prompt", "Once upon a time",
+                   "--prompt", "The little dog", "--max-new-tokens", "60", "--greedy"])
+    generate.main(["--load", str(out / "stories260K_megatron"), "--prompt", "Lily saw a bird", "--num-beams", "4",
+                   "--max-new-tokens", "40", "--return-log-probs"])
 
 
 if __name__ == "__main__":

@@ -104,6 +104,15 @@ class Streamer:
             self.printed = text
 
 
+def continuation(tokenizer, prompt_ids, tokens) -> str:
+    """The generated text as it continues the prompt (sentencepiece drops a leading space
+    when a piece is decoded on its own, so decode prompt + output and cut the prompt off)."""
+    body = [t for t in prompt_ids if t != tokenizer.bos_id]
+    out = [t for t in tokens if t != tokenizer.eos_id]
+    full, head = tokenizer.decode(body + out), tokenizer.decode(body)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(out)
+
+
 def _broadcast_text(text: Optional[str]) -> Optional[str]:
     box = [text]
     dist.broadcast_object_list(box, src=0)
@@ -200,9 +209,9 @@ def main(argv=None):
     elapsed = time.time() - t0
     n_tokens = sum(len(g.tokens) for group in results for g in group)
     records = []
-    for prompt, group in zip(prompts, results):
+    for prompt, ids, group in zip(prompts, prompts_ids, results):
         for g in group:
-            text = tokenizer.decode([t for t in g.tokens if t != tokenizer.eos_id])
+            text = continuation(tokenizer, ids, g.tokens)
             rec = {"prompt": prompt, "text": text, "tokens": g.tokens}
             if args.return_log_probs:
                 rec["log_probs"] = g.log_probs

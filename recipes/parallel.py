@@ -12,12 +12,17 @@ import torch.distributed as dist
 import ascend_patches
 
 
+_owns_process_group = False  # destroy() leaves a caller's process group alone (recipes.demo chains recipes)
+
+
 def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeout_s: int = 600):
     """Initialise torch.distributed (if needed) and megatron's parallel state."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    global _owns_process_group
     if not dist.is_initialized():
+        _owns_process_group = True
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,6 +48,8 @@ def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeo
 def destroy():
     from megatron.core import parallel_state
 
+    global _owns_process_group
     parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and _owns_process_group:
         dist.destroy_process_group()
+        _owns_process_group = False
