@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -86,7 +85,6 @@ def bench_converter(args):
     written shard by shard at ~1 GB per shard, then converted; peak RSS vs the largest shard."""
     from safetensors.torch import save_file
 
-    from converters import hf_to_megatron
     from converters.layout import ModelShape
 
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
@@ -123,11 +121,12 @@ def bench_converter(args):
     import subprocess
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "converters.hf_to_megatron", "--input-model-dir", str(hf_dir),
-                    "--output-model-dir", str(tmp / "mg"), "--tensor-model-parallel-size", "8"], check=True,
-                   cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TQDM_DISABLE="1"))
+    proc = subprocess.run([sys.executable, "-m", "converters.hf_to_megatron", "--input-model-dir", str(hf_dir),
+                           "--output-model-dir", str(tmp / "mg"), "--tensor-model-parallel-size", "8"], check=True,
+                          cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TQDM_DISABLE="1"),
+                          capture_output=True, text=True)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the converter process alone
+    peak = float(proc.stdout.split("peak RSS ")[1].split()[0])  # the converter's own VmHWM
     print(f"converter: {args.layers} layers of 7B width, {total / 2**30:.2f} GiB bf16 in {len(weight_map)} tensors, "
           f"{len(weight_map) and len(list(hf_dir.glob('*.safetensors')))} shards, largest {largest / 2**30:.2f} GiB; "
           f"converted (TP=8) in {dt:.1f} s ({total / 2**30 / dt:.2f} GiB/s); converter peak RSS {peak:.2f} GiB "

@@ -56,3 +56,15 @@ def check_type(args, shape: ModelShape, where: str):
         if getattr(expected, field) != getattr(shape, field):
             raise ValueError(f"--type {args.type}: {field} {getattr(expected, field)} but {where} has "
                              f"{getattr(shape, field)}")
+
+
+def peak_rss_gib() -> float:
+    """This process's resident-set high-water mark (Linux VmHWM; resets at exec, unlike
+    getrusage's, so a forked launcher's memory does not count); 0 where unavailable."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0

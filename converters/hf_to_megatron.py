@@ -48,7 +48,8 @@ def main(argv=None):
                      args.make_vocab_size_divisible_by, cli.dtype_of(args), model,
                      {"converted_from": str(args.input_model_dir)})
     print(f"wrote {out} ({src.shape.num_layers} layers, TP={args.tensor_model_parallel_size} "
-          f"PP={args.pipeline_model_parallel_size}) in {time.time() - t0:.1f} s", flush=True)
+          f"PP={args.pipeline_model_parallel_size}) in {time.time() - t0:.1f} s; peak RSS {cli.peak_rss_gib():.2f} GiB",
+          flush=True)
     return out
 
 

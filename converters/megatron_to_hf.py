@@ -53,7 +53,7 @@ def main(argv=None):
     src = open_megatron(args.input_model_dir, legacy_shape(args), args.vocab_size)
     tok = args.tokenizer_name_or_path or src.meta.get("tokenizer_name_or_path")
     out = write_hf(src, args.output_model_dir, args.max_shard_size, cli.dtype_of(args), tok)
-    print(f"wrote {out} in {time.time() - t0:.1f} s", flush=True)
+    print(f"wrote {out} in {time.time() - t0:.1f} s; peak RSS {cli.peak_rss_gib():.2f} GiB", flush=True)
     return out
 
 
