@@ -219,6 +219,7 @@ def build_parser():
     p.add_argument("--task", choices=("mmlu", "boolq"), required=True)
     p.add_argument("--task-data-path", required=True)
     p.add_argument("--load", required=True)
+    p.add_argument("--lora-load", default=None, help="a LoRA checkpoint applied on top of --load (unmerged)")
     p.add_argument("--tokenizer-name-or-path", default=None, help="default: the one the checkpoint records")
     p.add_argument("--tokenizer-type", default=None)
     p.add_argument("--num-fewshot", type=int, default=0)
@@ -246,7 +247,8 @@ def main(argv=None):
         questions = boolq_questions(args.task_data_path, args.limit)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     pp = args.pipeline_model_parallel_size
-    lm = inference.load(args.load, args.tensor_model_parallel_size or max(1, world // pp), pp)
+    lm = inference.load(args.load, args.tensor_model_parallel_size or max(1, world // pp), pp,
+                        lora_load=args.lora_load)
     rank = dist.get_rank()
     max_len = min(args.seq_length or lm.shape.seq_length, lm.shape.seq_length)
     t0 = time.time()

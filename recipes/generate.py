@@ -35,6 +35,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--load", required=True)
+    p.add_argument("--lora-load", default=None, help="a LoRA checkpoint applied on top of --load (unmerged)")
     p.add_argument("--tokenizer-name-or-path", default=None, help="default: the one the checkpoint records")
     p.add_argument("--tokenizer-type", default=None)
     p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world / PP")
@@ -191,7 +192,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
     if not args.interactive and not args.prompt and not args.prompt_file:
         args.prompt = [""]  # unconditional: BOS alone
-    lm = inference.load(args.load, tp, pp, dtype)
+    lm = inference.load(args.load, tp, pp, dtype, lora_load=args.lora_load)
     rank = dist.get_rank()
     if rank == 0:
         print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={tp} PP={pp}, {lm.dtype}", flush=True)

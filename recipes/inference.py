@@ -27,8 +27,10 @@ class Loaded:
     args: dict
 
 
-def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None, seed: int = 1234) -> Loaded:
-    """Initialise the process groups and load the latest checkpoint of ``load_dir``."""
+def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None, seed: int = 1234,
+         lora_load=None) -> Loaded:
+    """Initialise the process groups and load the latest checkpoint of ``load_dir`` (plus, with
+    ``lora_load``, a LoRA checkpoint's adapters on top, unmerged)."""
     from megatron.core import parallel_state as ps
 
     saved = checkpointing.load_args(load_dir)
@@ -56,6 +58,12 @@ def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None
                                pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     model = model.to(dtype)
     checkpointing.load(load_dir, [model], restore_rng=False)
+    if lora_load:
+        from recipes import lora
+
+        cfg = lora.read_config(lora_load)
+        wrapped = lora.apply_lora(model, cfg["target_modules"], cfg["r"], cfg["alpha"], 0.0, cfg["modules_to_save"])
+        lora.load(lora_load, model, wrapped, restore_rng=False)
     model.eval()
     return Loaded(model, shape, vocab, padded, dtype, saved)
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import ascend_patches
-from recipes import checkpointing, llama2, parallel, throughput, training
+from recipes import checkpointing, llama2, lora, parallel, throughput, training
 
 # The seed's defaults per size (AscendSpeed's LLaMA-2 scripts); flags override.
 RECIPE_DEFAULTS = {
@@ -107,6 +107,14 @@ def build_parser():
     g.add_argument("--metrics-file", default=None, help="JSONL; default <save>/metrics.jsonl")
     g.add_argument("--peak-tflops", type=float, default=None, help="per device; default: known peak or measured CPU GEMM")
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop early (testing resume)")
+    g = p.add_argument_group("LoRA (recipes.lora)")
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="query_key_value dense gate_proj up_proj down_proj (or linear_qkv ... linear_fc2)")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-modules-to-save", nargs="*", default=None, help="word_embeddings lm_head.lm_head")
+    g.add_argument("--lora-load", default=None, help="a LoRA checkpoint to resume (adapters, optimizer, data)")
     return p
 
 
@@ -275,6 +283,12 @@ def main(argv=None):
     vocab = args.shape.vocab_size if args.vocab_size is None and tokenizer is None else (
         args.vocab_size or tokenizer.vocab_size)
     args.padded_vocab = llama2.padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    saved = checkpointing.load_args(args.load) if args.load and checkpointing.latest_iteration(args.load) else {}
+    if saved.get("padded_vocab_size") and saved.get("vocab_size", vocab) == vocab:
+        if saved["padded_vocab_size"] % args.tensor_model_parallel_size:
+            raise ValueError(f"--load {args.load}: its padded vocabulary {saved['padded_vocab_size']} does not split "
+                             f"over TP={args.tensor_model_parallel_size}; reshard it with converters.reshard")
+        args.padded_vocab = saved["padded_vocab_size"]  # the checkpoint's embedding rows
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     config = llama2.transformer_config(
@@ -286,6 +300,24 @@ def main(argv=None):
     )
     models = build_models(args, config)
     args.num_model_chunks = len(models)
+    use_lora = bool(args.lora_target_modules)
+    progress = {"iteration": 0, "consumed_samples": 0}
+    weights_only = args.finetune or use_lora or (args.load and checkpointing.latest_iteration(args.load) == "release")
+    if use_lora:
+        if len(models) > 1:
+            raise ValueError("LoRA with virtual pipeline stages is not built; drop --num-layers-per-virtual-pipeline-stage")
+        if args.use_distributed_optimizer:
+            raise ValueError("LoRA checkpoints hold the plain optimizer state; drop --use-distributed-optimizer")
+        if args.load and checkpointing.latest_iteration(args.load) is not None:
+            checkpointing.load(args.load, models, restore_rng=False)  # the frozen base, before wrapping
+            if rank == 0:
+                print(f"loaded base weights from {args.load}", flush=True)
+        targets = lora.resolve_targets(args.lora_target_modules)
+        to_save = lora.resolve_modules_to_save(args.lora_modules_to_save)
+        wrapped = lora.apply_lora(checkpointing.unwrap(models[0]), targets, args.lora_r, args.lora_alpha,
+                                  args.lora_dropout, to_save)
+        lora_config = {"target_modules": targets, "r": args.lora_r, "alpha": args.lora_alpha,
+                       "dropout": args.lora_dropout, "modules_to_save": to_save, "base": args.load}
     models = [training.wrap_ddp(m, use_distributed_optimizer=args.use_distributed_optimizer) for m in models]
     optimizer = training.build_optimizer(models, lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                                          bf16=args.bf16, fp16=args.fp16, betas=(args.adam_beta1, args.adam_beta2),
@@ -300,14 +332,20 @@ def main(argv=None):
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * args.global_batch_size, wd_incr_style="constant")
 
-    progress = {"iteration": 0, "consumed_samples": 0}
-    if args.load and checkpointing.latest_iteration(args.load) is not None:
-        loaded = checkpointing.load(args.load, models, None if args.finetune else optimizer,
-                                    None if args.finetune else scheduler, restore_rng=not args.finetune)
-        if not args.finetune:
+    if use_lora:
+        if args.lora_load and checkpointing.latest_iteration(args.lora_load) is not None:
+            progress = lora.load(args.lora_load, checkpointing.unwrap(models[0]), wrapped, optimizer, scheduler)
+            if rank == 0:
+                print(f"resumed LoRA from {args.lora_load} (iteration {progress['iteration']})", flush=True)
+        elif args.lora_load:
+            raise FileNotFoundError(f"--lora-load {args.lora_load}: no checkpoint there")
+    elif args.load and checkpointing.latest_iteration(args.load) is not None:
+        loaded = checkpointing.load(args.load, models, None if weights_only else optimizer,
+                                    None if weights_only else scheduler, restore_rng=not weights_only)
+        if not weights_only:
             progress = loaded
         if rank == 0:
-            print(f"loaded {args.load} (iteration {loaded['iteration']}){' weights only' if args.finetune else ''}",
+            print(f"loaded {args.load} (iteration {loaded['iteration']}){' weights only' if weights_only else ''}",
                   flush=True)
     elif args.load:
         raise FileNotFoundError(f"--load {args.load}: no checkpoint there")
@@ -366,13 +404,18 @@ def main(argv=None):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
         if args.save and ((args.save_interval and it % args.save_interval == 0) or it == stop_at):
-            checkpointing.save(args.save, it, models, optimizer, scheduler, progress, save_args)
+            if use_lora:
+                lora.save(args.save, it, checkpointing.unwrap(models[0]), wrapped, lora_config["modules_to_save"],
+                          optimizer, scheduler, progress, lora_config, save_args)
+            else:
+                checkpointing.save(args.save, it, models, optimizer, scheduler, progress, save_args)
             if rank == 0:
                 print(f"saved {checkpointing.iter_dir(args.save, it)}", flush=True)
         meter.reset()  # evaluation and saving are not training throughput
     if metrics:
         metrics.close()
     parallel.destroy()
+    return models
 
 
 if __name__ == "__main__":

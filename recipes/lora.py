@@ -1,0 +1,280 @@
+"""LoRA on Megatron-Core's tensor-parallel linear layers, and its adapter-only checkpoints.
+
+Why not peft: the issue asked for peft's Megatron support (``LoraConfig(megatron_config=...,
+megatron_core=...)``).  With peft 0.21.2 and megatron-core 0.16 it does not run:
+``dispatch_megatron`` raises ``KeyError: 'fan_in_fan_out'`` (peft no longer passes that key);
+past it, ``LoraParallelLinear.update_layer`` raises ``KeyError`` on ``lora_bias``; past that,
+its forward multiplies the ``(output, bias)`` tuple megatron's parallel linears return by
+the scaling (``TypeError``).  So this module holds the same design in ~100 lines:
+
+- Column-parallel base (``linear_qkv``, ``linear_fc1``): A [r, in] replicated, B [out/TP, r]
+  split like the base's rows.  The gradient reaching A's output is all-reduced over TP (each
+  rank holds part of B), as megatron does for an input it shares.
+- Row-parallel base (``linear_proj``, ``linear_fc2``): A [r, in/TP] split like the base's
+  columns, its output all-reduced; B [out, r] replicated.
+- B starts at zero, A Kaiming-uniform (peft's default), scaling alpha / r.
+
+The seed's target names map to Megatron-Core modules: query_key_value -> linear_qkv,
+dense -> linear_proj, gate_proj / up_proj / dense_h_to_4h -> linear_fc1 (one adapter on the
+merged [gate; up] weight), down_proj / dense_4h_to_h -> linear_fc2.  Modules to save:
+word_embeddings -> embedding.word_embeddings, lm_head / output_layer -> output_layer.
+
+Checkpoints hold only adapters (and modules to save), the optimizer, scheduler, RNG and data
+position, one file per TP/PP rank (``adapter_mp_rank_XX_YYY.pt``), written atomically like
+``recipes.checkpointing``.  Resuming needs the same TP/PP; ``converters.merge_lora`` merges
+them into the base at any layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+TARGET_ALIASES = {
+    "query_key_value": "linear_qkv", "linear_qkv": "linear_qkv",
+    "dense": "linear_proj", "linear_proj": "linear_proj",
+    "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "dense_h_to_4h": "linear_fc1", "linear_fc1": "linear_fc1",
+    "down_proj": "linear_fc2", "dense_4h_to_h": "linear_fc2", "linear_fc2": "linear_fc2",
+}
+SAVE_ALIASES = {"word_embeddings": "embedding.word_embeddings", "embedding": "embedding.word_embeddings",
+                "embedding.word_embeddings": "embedding.word_embeddings", "lm_head": "output_layer",
+                "lm_head.lm_head": "output_layer", "output_layer": "output_layer"}
+# canonical converter name of each target's base weight
+CANONICAL = {"linear_qkv": "qkv", "linear_proj": "proj", "linear_fc1": "fc1", "linear_fc2": "fc2"}
+
+
+def resolve_targets(names: Iterable[str]) -> List[str]:
+    out = []
+    for n in names:
+        if n not in TARGET_ALIASES:
+            raise ValueError(f"--lora-target-modules {n!r}: expected one of {', '.join(sorted(TARGET_ALIASES))}")
+        if TARGET_ALIASES[n] not in out:
+            out.append(TARGET_ALIASES[n])
+    return out
+
+
+def resolve_modules_to_save(names: Iterable[str]) -> List[str]:
+    out = []
+    for n in names or ():
+        if n not in SAVE_ALIASES:
+            raise ValueError(f"--lora-modules-to-save {n!r}: expected one of {', '.join(sorted(SAVE_ALIASES))}")
+        if SAVE_ALIASES[n] not in out:
+            out.append(SAVE_ALIASES[n])
+    return out
+
+
+class LoraParallelLinear(nn.Module):
+    """A megatron Column/RowParallelLinear plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        if getattr(base.config, "sequence_parallel", False):
+            raise NotImplementedError("LoRA with --sequence-parallel is not built; run LoRA without it")
+        self.base = base
+        self.column = isinstance(base, ColumnParallelLinear)
+        if not self.column and not isinstance(base, RowParallelLinear):
+            raise TypeError(f"LoRA targets megatron Column/RowParallelLinear, not {type(base).__name__}")
+        self.r, self.scaling = r, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        tp = ps.get_tensor_model_parallel_world_size()
+        w = base.weight
+        out_local, in_local = w.shape
+        b = torch.zeros(out_local, r)
+        # A: Kaiming-uniform on the full fan-in, the same values on every TP rank
+        full_in = in_local * (1 if self.column else tp)
+        gen = torch.Generator().manual_seed(1234 + int(getattr(base, "_lora_seed", 0)))
+        bound = 1 / math.sqrt(full_in) * math.sqrt(3) * math.sqrt(2 / (1 + 5))  # kaiming_uniform_(a=sqrt(5))
+        full_a = torch.empty(r, full_in).uniform_(-bound, bound, generator=gen)
+        a = full_a if self.column else full_a.chunk(tp, dim=1)[ps.get_tensor_model_parallel_rank()].clone()
+        self.lora_A = nn.Parameter(a.to(w.dtype))
+        self.lora_B = nn.Parameter(b.to(w.dtype))
+        if self.column:
+            set_tensor_model_parallel_attributes(self.lora_B, is_parallel=True, dim=0, stride=1)
+        else:
+            set_tensor_model_parallel_attributes(self.lora_A, is_parallel=True, dim=1, stride=1)
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                                   gather_from_tensor_model_parallel_region,
+                                                   reduce_from_tensor_model_parallel_region)
+
+        x = self.dropout(x).to(self.lora_A.dtype)
+        if self.column:
+            h = copy_to_tensor_model_parallel_region(F.linear(x, self.lora_A))  # all-reduce its gradient
+            d = F.linear(h, self.lora_B)
+            if self.base.gather_output:
+                d = gather_from_tensor_model_parallel_region(d)
+        else:
+            h = reduce_from_tensor_model_parallel_region(F.linear(x, self.lora_A))
+            d = F.linear(h, self.lora_B)
+        return d * self.scaling
+
+    def forward(self, x, *args, **kwargs):
+        out, bias = self.base(x, *args, **kwargs)
+        return out + self.delta(x).to(out.dtype), bias
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base's local weight with this rank's adapter folded in (TP layout unchanged)."""
+        return self.base.weight + (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scaling
+
+
+def apply_lora(model: nn.Module, targets: List[str], r: int, alpha: float, dropout: float = 0.0,
+               modules_to_save: Optional[List[str]] = None) -> Dict[str, nn.Module]:
+    """Freeze the model, wrap every target linear, unfreeze the modules to save.  Returns
+    {global name: LoRA module}, names using global layer numbers (PP-independent)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = {}
+    layers = getattr(getattr(model, "decoder", None), "layers", [])
+    for layer in layers:
+        gl = layer.layer_number - 1  # megatron's layer_number is global and 1-based
+        for owner_name, owner in (("self_attention", layer.self_attention), ("mlp", layer.mlp)):
+            for t in targets:
+                if hasattr(owner, t):
+                    base = getattr(owner, t)
+                    base._lora_seed = gl * 8 + list(CANONICAL).index(t)
+                    lora = LoraParallelLinear(base, r, alpha, dropout)
+                    setattr(owner, t, lora)
+                    wrapped[f"decoder.layers.{gl}.{owner_name}.{t}"] = lora
+    if not wrapped and layers:
+        raise ValueError(f"--lora-target-modules {targets}: no such linear layer in the model")
+    for name in modules_to_save or ():
+        mod = model
+        try:
+            for part in name.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue  # not on this pipeline stage
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    return wrapped
+
+
+def adapter_state(model: nn.Module, wrapped: Dict[str, nn.Module], modules_to_save: List[str]) -> dict:
+    sd = {}
+    for name, m in wrapped.items():
+        sd[name + ".lora_A"] = m.lora_A.detach().clone()
+        sd[name + ".lora_B"] = m.lora_B.detach().clone()
+    for name in modules_to_save or ():
+        mod = model
+        try:
+            for part in name.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        sd[name + ".weight"] = mod.weight.detach().clone()
+    return sd
+
+
+def load_adapter_state(model: nn.Module, wrapped: Dict[str, nn.Module], sd: dict, where: str):
+    params = {n + ".lora_A": m.lora_A for n, m in wrapped.items()}
+    params.update({n + ".lora_B": m.lora_B for n, m in wrapped.items()})
+    for name, t in sd.items():
+        if name.endswith(".lora_A") or name.endswith(".lora_B"):
+            if name not in params:
+                raise ValueError(f"{where}: adapter {name} has no matching layer (different --lora-target-modules?)")
+            p = params.pop(name)
+        else:
+            mod = model
+            for part in name[:-len(".weight")].split("."):
+                mod = getattr(mod, part)
+            p = mod.weight
+        if p.shape != t.shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(t)
+    if params:
+        raise ValueError(f"{where}: no saved adapter for {sorted(params)[:3]} ...")
+
+
+def _rank_file(tp_rank: int, pp_rank: int) -> str:
+    return f"adapter_mp_rank_{tp_rank:02d}_{pp_rank:03d}.pt"
+
+
+def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, scheduler, progress: dict,
+         config: dict, args: dict):
+    """Adapter-only checkpoint; same atomic protocol as recipes.checkpointing."""
+    from megatron.core import parallel_state as ps
+
+    from recipes import checkpointing
+
+    root = Path(root)
+    final = checkpointing.iter_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    state = {"adapters": adapter_state(model, wrapped, modules_to_save), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "progress": progress, "rng": checkpointing._rng_state()}
+    if ps.get_data_parallel_rank() == 0:
+        torch.save(state, tmp / _rank_file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()))
+    dist.barrier()
+    if rank == 0:
+        meta = {**config, "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+                "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+        (tmp / "lora_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        (tmp / "args.json").write_text(json.dumps(args, indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = root / (checkpointing.TRACKER + ".tmp")
+        tracker_tmp.write_text(str(iteration))
+        os.replace(tracker_tmp, root / checkpointing.TRACKER)
+    dist.barrier()
+    return final
+
+
+def read_config(root) -> dict:
+    from recipes import checkpointing
+
+    it = checkpointing.latest_iteration(root)
+    if it is None:
+        raise FileNotFoundError(f"--lora-load {root}: no {checkpointing.TRACKER}")
+    path = checkpointing.iter_dir(root, it) / "lora_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: not a LoRA checkpoint")
+    return json.loads(path.read_text())
+
+
+def load(root, model, wrapped, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from recipes import checkpointing
+
+    cfg = read_config(root)
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    if (cfg["tensor_model_parallel_size"], cfg["pipeline_model_parallel_size"]) != (tp, pp):
+        raise ValueError(f"--lora-load {root} was saved at TP={cfg['tensor_model_parallel_size']} "
+                         f"PP={cfg['pipeline_model_parallel_size']}; resume at the same sizes (now TP={tp} PP={pp}), "
+                         "or merge it with converters.merge_lora")
+    it = checkpointing.latest_iteration(root)
+    path = checkpointing.iter_dir(root, it) / _rank_file(ps.get_tensor_model_parallel_rank(),
+                                                         ps.get_pipeline_model_parallel_rank())
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_adapter_state(model, wrapped, state["adapters"], str(path))
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        checkpointing._set_rng_state(state["rng"])
+    return state["progress"]
