@@ -2,7 +2,10 @@
 1. preprocess the shipped Alpaca sample into a Megatron indexed dataset;
 2. pretrain a tiny LLaMA-2 on stock megatron-core with ascend_patches, checkpointing;
 3. convert the shipped, really trained stories260K model (HF format) to Megatron and
-   generate text from it (greedy and beam search, KV cache).
+   generate text from it (greedy and beam search, KV cache);
+4. LoRA-fine-tune it on the Alpaca sample (instruction data, responses only) and merge the
+   adapter into an HF folder;
+5. evaluate the model before and after LoRA on MMLU (4 subjects) and BoolQ.
 
     torchrun --nproc-per-node 2 -m recipes.demo [--train-iters 60] [--out demo_out]
 """
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 import ascend_patches
-from recipes import generate, pretrain, preprocess_data
+from recipes import evaluate, generate, pretrain, preprocess_data
 
 HERE = Path(__file__).resolve().parent / "demo_data"
 
@@ -38,6 +41,15 @@ def main(argv=None):
         preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
                               str(tokenizer), "--output-prefix", str(prefix), "--json-keys", "output",
                               "--append-eod", "--workers", "2", "--log-interval", "100000"])
+        preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
+                              str(HERE / "stories260K"), "--output-prefix", str(out / "data" / "alpaca_sft"),
+                              "--handler-name", "GeneralInstructionHandler", "--seq-length", "256",
+                              "--workers", "2", "--log-interval", "100000"])
+        for stale in (out / "lora", out / "stories260K_lora_merged_hf"):
+            if stale.exists():
+                import shutil
+
+                shutil.rmtree(stale)  # a fresh fine-tune each run, not a resume
         converted = out / "stories260K_megatron"
         if not (converted / "latest_checkpointed_iteration.txt").exists():
             from converters import hf_to_megatron
@@ -73,6 +85,27 @@ def main(argv=None):
                    "--prompt", "The little dog", "--max-new-tokens", "60", "--greedy"])
     generate.main(["--load", str(out / "stories260K_megatron"), "--prompt", "Lily saw a bird", "--num-beams", "4",
                    "--max-new-tokens", "40", "--return-log-probs"])
+    tp = str(args.tensor_model_parallel_size)
+    if rank == 0:
+        print(f"\n== 4. LoRA fine-tune of stories260K on the Alpaca sample (responses only), TP={tp}", flush=True)
+    pretrain.main(["--load", str(out / "stories260K_megatron"), "--data-path", str(out / "data" / "alpaca_sft"),
+                   "--is-instruction-dataset", "--train-iters", "20", "--seq-length", "256",
+                   "--tensor-model-parallel-size", tp, "--micro-batch-size", "4", "--global-batch-size", "8",
+                   "--lr", "5e-3", "--lr-warmup-iters", "2", "--lora-target-modules", "query_key_value", "dense",
+                   "gate_proj", "up_proj", "down_proj", "--lora-r", "8", "--lora-alpha", "16",
+                   "--save", str(out / "lora"), "--log-interval", "5"])
+    if rank == 0:
+        from converters import merge_lora
+
+        merge_lora.main(["--base", str(out / "stories260K_megatron"), "--lora", str(out / "lora"),
+                         "--output-model-dir", str(out / "stories260K_lora_merged_hf"), "--to-hf"])
+        print("\n== 5. evaluate before and after LoRA: MMLU (0-shot, 50 questions per subject), BoolQ", flush=True)
+    for label, extra in (("base", []), ("after LoRA", ["--lora-load", str(out / "lora")])):
+        for task, path, more in (("mmlu", HERE / "mmlu" / "test", ["--limit", "50"]), ("boolq", HERE / "boolq", [])):
+            if rank == 0:
+                print(f"\n-- {label}", flush=True)
+            evaluate.main(["--task", task, "--task-data-path", str(path), "--load", str(out / "stories260K_megatron"),
+                           "--micro-batch-size", "16", *more, *extra])
 
 
 if __name__ == "__main__":

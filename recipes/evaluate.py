@@ -258,7 +258,8 @@ def main(argv=None):
     summary.update(task=args.task, num_fewshot=args.num_fewshot, load=str(args.load), seconds=elapsed,
                    questions_per_s=len(results) / max(elapsed, 1e-9))
     if rank == 0:
-        print(f"\n{args.task} ({args.num_fewshot}-shot), {args.load}\n{text}\n"
+        lora_txt = f" + LoRA {args.lora_load}" if args.lora_load else ""
+        print(f"\n{args.task} ({args.num_fewshot}-shot), {args.load}{lora_txt}\n{text}\n"
               f"{len(results)} questions in {elapsed:.1f} s ({summary['questions_per_s']:.1f} questions/s)", flush=True)
         if args.output_json:
             Path(args.output_json).write_text(json.dumps({**summary, "predictions": results}, indent=1))

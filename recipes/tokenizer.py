@@ -33,6 +33,7 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tok.model_max_length = 1 << 60  # callers truncate to the model they run; no length warning
         self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
         self.vocab_size = len(self.tok)
 
