@@ -85,7 +85,7 @@ def bench_converter(args):
     written shard by shard at ~1 GB per shard, then converted; peak RSS vs the largest shard."""
     from safetensors.torch import save_file
 
-    from converters.layout import ModelShape
+    from converters.layout import ModelShape, hf_config
 
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
     hf_dir = tmp / "hf7b"
@@ -116,7 +116,7 @@ def bench_converter(args):
     import json
 
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (hf_dir / "config.json").write_text(json.dumps(shape.hf_config(torch.bfloat16)))
+    (hf_dir / "config.json").write_text(json.dumps(hf_config(shape, torch.bfloat16)))
     del shards, sd
     import subprocess
 

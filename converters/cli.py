@@ -35,10 +35,7 @@ def type_shape(args) -> Optional[ModelShape]:
         return None
     from recipes import llama2
 
-    name = TYPES.get(args.type, args.type)
-    s = llama2.shape(name)
-    return ModelShape(s.num_layers, s.hidden_size, s.ffn_hidden_size, s.num_attention_heads, s.num_query_groups,
-                      s.vocab_size, s.seq_length, s.rope_theta, s.norm_epsilon)
+    return llama2.shape(TYPES.get(args.type, args.type))
 
 
 def overrides(args) -> dict:

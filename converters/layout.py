@@ -15,10 +15,11 @@ writer starts from it.  The facts (``shared/reference/llama2.md``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+
+from recipes.llama2 import LlamaShape as ModelShape  # converters and recipes share one shape type
 
 LAYER_PARAMS = ("input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
 GLOBAL_PARAMS = ("embedding", "final_norm", "output")
@@ -48,50 +49,27 @@ TP_DIM = {"embedding": 0, "output": 0, "final_norm": None, "input_norm": None, "
           "qkv": 0, "proj": 1, "fc1": 0, "fc2": 1}
 
 
-@dataclass
-class ModelShape:
-    """What a converter needs to know besides the tensors."""
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: int
-    seq_length: int = 4096
-    rope_theta: float = 10000.0
-    norm_epsilon: float = 1e-5
+def expected(shape: ModelShape, name: str, padded_vocab: Optional[int]) -> Tuple[int, ...]:
+    """The canonical (global) shape of a tensor for this model."""
+    h, d, nh, ng, f = (shape.hidden_size, shape.kv_channels, shape.num_attention_heads,
+                       shape.num_query_groups, shape.ffn_hidden_size)
+    return {"embedding": (padded_vocab, h), "output": (padded_vocab, h), "final_norm": (h,),
+            "input_norm": (h,), "mlp_norm": (h,), "qkv": ((nh + 2 * ng) * d, h), "proj": (h, nh * d),
+            "fc1": (2 * f, h), "fc2": (h, f)}[name]
 
-    @property
-    def kv_channels(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
-    def expected(self, name: str, padded_vocab: int) -> Tuple[int, ...]:
-        h, d, nh, ng, f = (self.hidden_size, self.kv_channels, self.num_attention_heads,
-                           self.num_query_groups, self.ffn_hidden_size)
-        return {"embedding": (padded_vocab, h), "output": (padded_vocab, h), "final_norm": (h,),
-                "input_norm": (h,), "mlp_norm": (h,), "qkv": ((nh + 2 * ng) * d, h), "proj": (h, nh * d),
-                "fc1": (2 * f, h), "fc2": (h, f)}[name]
+def shape_from_hf_config(cfg: dict) -> ModelShape:
+    return ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+                      cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                      cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
+                      float(cfg.get("rope_theta", 10000.0)), cfg.get("rms_norm_eps", 1e-5))
 
-    def as_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelShape":
-        return cls(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
-                   cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                   cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
-                   float(cfg.get("rope_theta", 10000.0)), cfg.get("rms_norm_eps", 1e-5))
-
-    def hf_config(self, dtype: torch.dtype, bos_id=1, eos_id=2) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_size": self.hidden_size, "intermediate_size": self.ffn_hidden_size,
-                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_attention_heads,
-                "num_key_value_heads": self.num_query_groups, "head_dim": self.kv_channels,
-                "vocab_size": self.vocab_size, "max_position_embeddings": self.seq_length,
-                "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_epsilon, "hidden_act": "silu",
-                "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-                "bos_token_id": bos_id, "eos_token_id": eos_id, "initializer_range": 0.02,
-                "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True}
+def hf_config(shape: ModelShape, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+    """config.json for ``transformers.LlamaForCausalLM``."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape.hf_config(),
+            "head_dim": shape.kv_channels, "hidden_act": "silu", "bos_token_id": bos_id, "eos_token_id": eos_id,
+            "initializer_range": 0.02, "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True}
 
 
 def check_parallel(shape: ModelShape, tp: int, pp: int, flag_prefix: str = "") -> None:

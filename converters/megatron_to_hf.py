@@ -34,17 +34,15 @@ def legacy_shape(args):
     import json
     from pathlib import Path
 
-    from converters.layout import ModelShape
+    from dataclasses import replace
+
+    from converters.layout import shape_from_hf_config
 
     shape = None
     if args.hf_config:
-        shape = ModelShape.from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
+        shape = shape_from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
     shape = shape or cli.type_shape(args)
-    if shape is None:
-        return None
-    for k, v in cli.overrides(args).items():
-        setattr(shape, k, v)
-    return shape
+    return None if shape is None else replace(shape, **cli.overrides(args))
 
 
 def main(argv=None):

@@ -21,8 +21,10 @@ from typing import Dict, Optional
 
 import torch
 
-from converters.layout import (DIST_KEYS, GLOBAL_PARAMS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, ModelShape,
-                               hf_to_qkv, tp_merge)
+from dataclasses import replace
+
+from converters.layout import (DIST_KEYS, GLOBAL_PARAMS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, ModelShape, expected,
+                               hf_to_qkv, shape_from_hf_config, tp_merge)
 
 
 class ConversionError(ValueError):
@@ -44,9 +46,7 @@ class HFSource:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path} not found: --input-model-dir must be a HuggingFace model folder")
         self.config = json.loads(cfg_path.read_text())
-        self.shape = ModelShape.from_hf_config(self.config)
-        for k, v in (shape_overrides or {}).items():
-            setattr(self.shape, k, v)
+        self.shape = replace(shape_from_hf_config(self.config), **(shape_overrides or {}))
         self.weight_map = self._weight_map()
         self._open_name, self._open = None, None
         self._check_names()
@@ -131,7 +131,7 @@ class HFSource:
             if name == "output" and hf not in self.weight_map:  # tied embeddings
                 hf = HF_GLOBAL["embedding"]
             rows = self.padded_vocab if name != "final_norm" else None
-            return _check(self._raw(hf), s.expected(name, rows), hf)
+            return _check(self._raw(hf), expected(s, name, rows), hf)
         names = [f"model.layers.{layer}.{p}" for p in HF_LAYER[name]]
         ts = [self._raw(n) for n in names]
         d, h = s.kv_channels, s.hidden_size
@@ -144,7 +144,7 @@ class HFSource:
             _check(ts[0], (s.ffn_hidden_size, h), names[0])
             _check(ts[1], (s.ffn_hidden_size, h), names[1])
             return torch.cat(ts, dim=0)
-        return _check(ts[0], s.expected(name, None), names[0])
+        return _check(ts[0], expected(s, name, None), names[0])
 
 
 class DistSource:
@@ -158,8 +158,8 @@ class DistSource:
             raise FileNotFoundError(f"{self.dir}: no .metadata (not a torch_dist checkpoint)")
         self.md = FileSystemReader(str(self.dir)).read_metadata()
         self.args = args
-        self.shape = ModelShape(**{k: v for k, v in args["shape"].items() if k in ModelShape.__dataclass_fields__})
-        self.shape.vocab_size = args.get("vocab_size", self.shape.vocab_size)
+        shape = ModelShape(**{k: v for k, v in args["shape"].items() if k in ModelShape.__dataclass_fields__})
+        self.shape = replace(shape, vocab_size=args.get("vocab_size", shape.vocab_size))
         self._chunks = {}
         for idx, info in self.md.storage_data.items():
             if idx.offset is not None:
@@ -216,8 +216,7 @@ class DistSource:
             filled += view.numel()
         if filled < out.numel():
             raise ConversionError(f"{self.dir}: {key} layer {layer}: chunks cover {filled} of {out.numel()} elements")
-        expected = self.shape.expected(name, self.padded_vocab)
-        return _check(out, expected, f"{self.dir}: {key}" + ("" if layer is None else f" layer {layer}"))
+        return _check(out, expected(self.shape, name, self.padded_vocab), f"{self.dir}: {key}" + ("" if layer is None else f" layer {layer}"))
 
 
 class LegacySource:
@@ -252,7 +251,7 @@ class LegacySource:
         self.dtype = emb.dtype
         self.padded_vocab = emb.shape[0] * self.tp
         if vocab_size:
-            self.shape.vocab_size = vocab_size
+            self.shape = replace(self.shape, vocab_size=vocab_size)
 
     def _load_file(self, d: Path):
         for fname, key in (("model_optim_rng.pt", "model"), ("mp_rank_00_model_states.pt", "module")):
@@ -318,7 +317,7 @@ class LegacySource:
                       "qkv": "self_attention.query_key_value.weight", "proj": "self_attention.dense.weight",
                       "fc2": "mlp.dense_4h_to_h.weight"}[name]
             t = tp_merge(name, pieces(suffix), where)
-        return _check(t, s.expected(name, None), where + name)
+        return _check(t, expected(s, name, None), where + name)
 
 
 def open_megatron(folder, shape: Optional[ModelShape] = None, vocab_size: Optional[int] = None):

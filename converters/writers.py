@@ -21,12 +21,13 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from converters.layout import DIST_KEYS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, check_parallel, \
+from converters.layout import DIST_KEYS, HF_GLOBAL, hf_config, HF_LAYER, LAYER_PARAMS, check_parallel, \
     pad_vocab, qkv_to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -103,7 +104,7 @@ def write_dist(source, out_root, tp: int, pp: int, divisible_by: int = 128, dtyp
     torch.save({}, tmp / "common.pt")
     (tmp / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                    "common_backend": "torch", "common_backend_version": 1}))
-    args = {"model": model_name, "shape": shape.as_dict(), "vocab_size": shape.vocab_size,
+    args = {"model": model_name, "shape": asdict(shape), "vocab_size": shape.vocab_size,
             "padded_vocab_size": padded, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
             "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
             "tokenizer_name_or_path": source.meta.get("tokenizer_name_or_path"),
@@ -189,7 +190,7 @@ def write_hf(source, out_dir, max_shard_size="5GB", dtype: Optional[torch.dtype]
     bos, eos = 1, 2
     if tokenizer_dir:
         bos, eos = _copy_tokenizer(tokenizer_dir, tmp)
-    (tmp / "config.json").write_text(json.dumps(source.shape.hf_config(dtype, bos, eos), indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(source.shape, dtype, bos, eos), indent=2))
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2))
     if out.exists():
         out.rmdir()

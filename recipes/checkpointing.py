@@ -97,10 +97,9 @@ def _sharded(models, optimizer, scheduler, is_loading: bool):
     return state
 
 
-def save(root, iteration: int, models, optimizer, scheduler, progress: dict, args: dict) -> Path:
-    """models: the list of model chunks (one unless virtual pipeline stages)."""
-    from megatron.core import dist_checkpointing
-
+def atomic_save(root, iteration: int, write, json_files: dict) -> Path:
+    """Every rank calls ``write(tmp_dir)``; rank 0 then adds the JSON files, renames the
+    folder into place and replaces the tracker atomically."""
     root = Path(root)
     final = iter_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -111,12 +110,11 @@ def save(root, iteration: int, models, optimizer, scheduler, progress: dict, arg
             shutil.rmtree(tmp)  # left by a crashed save
         tmp.mkdir()
     dist.barrier()
-    state = _sharded(models, optimizer, scheduler, is_loading=False)
-    state["progress"] = progress
-    dist_checkpointing.save(state, str(tmp))
+    write(tmp)
     dist.barrier()
     if rank == 0:
-        (tmp / "args.json").write_text(json.dumps(args, indent=1, sort_keys=True))
+        for name, content in json_files.items():
+            (tmp / name).write_text(json.dumps(content, indent=1, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -125,6 +123,15 @@ def save(root, iteration: int, models, optimizer, scheduler, progress: dict, arg
         os.replace(tracker_tmp, root / TRACKER)
     dist.barrier()
     return final
+
+
+def save(root, iteration: int, models, optimizer, scheduler, progress: dict, args: dict) -> Path:
+    """models: the list of model chunks (one unless virtual pipeline stages)."""
+    from megatron.core import dist_checkpointing
+
+    state = _sharded(models, optimizer, scheduler, is_loading=False)
+    state["progress"] = progress
+    return atomic_save(root, iteration, lambda tmp: dist_checkpointing.save(state, str(tmp)), {"args.json": args})
 
 
 def load_args(root) -> dict:

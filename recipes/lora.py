@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -154,15 +151,21 @@ def apply_lora(model: nn.Module, targets: List[str], r: int, alpha: float, dropo
     if not wrapped and layers:
         raise ValueError(f"--lora-target-modules {targets}: no such linear layer in the model")
     for name in modules_to_save or ():
-        mod = model
-        try:
-            for part in name.split("."):
-                mod = getattr(mod, part)
-        except AttributeError:
-            continue  # not on this pipeline stage
-        for p in mod.parameters():
-            p.requires_grad_(True)
+        mod = _submodule(model, name)
+        if mod is not None:
+            for p in mod.parameters():
+                p.requires_grad_(True)
     return wrapped
+
+
+def _submodule(model: nn.Module, dotted: str) -> Optional[nn.Module]:
+    """``model.embedding.word_embeddings`` and the like; None when not on this pipeline stage."""
+    mod = model
+    for part in dotted.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
 
 
 def adapter_state(model: nn.Module, wrapped: Dict[str, nn.Module], modules_to_save: List[str]) -> dict:
@@ -171,13 +174,9 @@ def adapter_state(model: nn.Module, wrapped: Dict[str, nn.Module], modules_to_sa
         sd[name + ".lora_A"] = m.lora_A.detach().clone()
         sd[name + ".lora_B"] = m.lora_B.detach().clone()
     for name in modules_to_save or ():
-        mod = model
-        try:
-            for part in name.split("."):
-                mod = getattr(mod, part)
-        except AttributeError:
-            continue
-        sd[name + ".weight"] = mod.weight.detach().clone()
+        mod = _submodule(model, name)
+        if mod is not None:
+            sd[name + ".weight"] = mod.weight.detach().clone()
     return sd
 
 
@@ -190,9 +189,9 @@ def load_adapter_state(model: nn.Module, wrapped: Dict[str, nn.Module], sd: dict
                 raise ValueError(f"{where}: adapter {name} has no matching layer (different --lora-target-modules?)")
             p = params.pop(name)
         else:
-            mod = model
-            for part in name[:-len(".weight")].split("."):
-                mod = getattr(mod, part)
+            mod = _submodule(model, name[:-len(".weight")])
+            if mod is None:
+                raise ValueError(f"{where}: saved module {name} is not in this model")
             p = mod.weight
         if p.shape != t.shape:
             raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
@@ -213,34 +212,17 @@ def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, sched
 
     from recipes import checkpointing
 
-    root = Path(root)
-    final = checkpointing.iter_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
     state = {"adapters": adapter_state(model, wrapped, modules_to_save), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "progress": progress, "rng": checkpointing._rng_state()}
-    if ps.get_data_parallel_rank() == 0:
-        torch.save(state, tmp / _rank_file(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()))
-    dist.barrier()
-    if rank == 0:
-        meta = {**config, "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-                "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
-        (tmp / "lora_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        (tmp / "args.json").write_text(json.dumps(args, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = root / (checkpointing.TRACKER + ".tmp")
-        tracker_tmp.write_text(str(iteration))
-        os.replace(tracker_tmp, root / checkpointing.TRACKER)
-    dist.barrier()
-    return final
+    meta = {**config, "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+
+    def write(tmp: Path):
+        if ps.get_data_parallel_rank() == 0:
+            torch.save(state, tmp / _rank_file(ps.get_tensor_model_parallel_rank(),
+                                               ps.get_pipeline_model_parallel_rank()))
+
+    return checkpointing.atomic_save(root, iteration, write, {"lora_config.json": meta, "args.json": args})
 
 
 def read_config(root) -> dict:

@@ -141,11 +141,9 @@ def resolve_args(argv=None):
         shape = llama2.LlamaShape(**saved["shape"])
         args.model = args.model or saved.get("model")
     if args.hf_config:
-        cfg = json.loads((Path(args.hf_config) / "config.json").read_text())
-        shape = llama2.LlamaShape(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
-                                  cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                                  cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
-                                  cfg.get("rope_theta", 10000.0), cfg.get("rms_norm_eps", 1e-5))
+        from converters.layout import shape_from_hf_config
+
+        shape = shape_from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
     if saved and args.tokenizer_name_or_path is None:
         args.tokenizer_name_or_path = saved.get("tokenizer_name_or_path")  # --load alone is enough
     if shape is None:

@@ -30,6 +30,23 @@ def fixtures_dir():
 
 
 @pytest.fixture(scope="session")
+def stories_sft(tmp_path_factory, fixtures_dir):
+    """stories260K converted to Megatron (``base``) and the Alpaca sample as instruction data
+    (``sft``) in its tokenizer: the fine-tuning tests' starting point."""
+    from converters import hf_to_megatron
+    from recipes import preprocess_data
+
+    root = tmp_path_factory.mktemp("stories_sft")
+    hf_to_megatron.main(["--input-model-dir", str(fixtures_dir / "stories260K"), "--output-model-dir",
+                         str(root / "base")])
+    preprocess_data.preprocess(preprocess_data.build_parser().parse_args([
+        "--input", str(fixtures_dir / "alpaca" / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
+        str(fixtures_dir / "stories260K"), "--output-prefix", str(root / "sft"),
+        "--handler-name", "GeneralInstructionHandler", "--seq-length", "256", "--workers", "1"]))
+    return root
+
+
+@pytest.fixture(scope="session")
 def single_process_group():
     """A one-rank gloo group and megatron parallel state at TP=PP=1."""
     os.environ["MASTER_PORT"] = str(free_port())

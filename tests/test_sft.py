@@ -5,21 +5,12 @@ import json
 import pytest
 import torch
 
-from converters import hf_to_megatron
-from recipes import preprocess_data
 from tests.conftest import run_torchrun
 
 
-@pytest.fixture(scope="module")
-def sft(tmp_path_factory, fixtures_dir):
-    root = tmp_path_factory.mktemp("sft")
-    hf_to_megatron.main(["--input-model-dir", str(fixtures_dir / "stories260K"), "--output-model-dir",
-                         str(root / "base")])
-    preprocess_data.preprocess(preprocess_data.build_parser().parse_args([
-        "--input", str(fixtures_dir / "alpaca" / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
-        str(fixtures_dir / "stories260K"), "--output-prefix", str(root / "sft"),
-        "--handler-name", "GeneralInstructionHandler", "--seq-length", "256", "--workers", "1"]))
-    return root
+@pytest.fixture
+def sft(stories_sft):
+    return stories_sft
 
 
 def test_full_finetune_from_converted_checkpoint(sft, tmp_path):
