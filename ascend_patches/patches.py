@@ -10,7 +10,7 @@ from functools import partial
 
 from .collectives import backend_name_wrapper, reduce_scatter_base_wrapper, reduce_scatter_tensor_wrapper
 from .device import cpu, rng
-from .ops import adamw, flash_attention, inference_linear, multi_tensor, rms_norm, rope, swiglu
+from .ops import adamw, decode_layer, flash_attention, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
 CPU, NPU = frozenset({"cpu"}), frozenset({"npu"})
@@ -82,3 +82,6 @@ for _fn, _forward in (("copy_to_tensor_model_parallel_region", "identity"),
     _(Patch(f"inference.{_fn}", f"megatron.core.tensor_parallel.mappings:{_fn}",
             wrapper=inference_linear.region_wrapper(_forward),
             why="under no_grad the region's forward collective without an autograd Function"))
+_(Patch("decode_layer", "megatron.core.transformer.transformer_layer:TransformerLayer.forward",
+        wrapper=decode_layer.transformer_layer_forward,
+        why="KV-cached one-token decode steps as one fused function instead of ~40 module calls per layer"))

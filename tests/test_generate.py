@@ -82,6 +82,35 @@ def test_batched_prompts_equal_one_at_a_time(stories_ckpt, single_process_group)
         decoding.generate(lm, [[1]], 600, decoding.SamplingParams(), 2)
 
 
+def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_group):
+    """ascend_patches' one-function decode step: the same logits as megatron's TransformerLayer,
+    bit for bit, over prefill + several cached steps with two sequences."""
+    import ascend_patches
+    from ascend_patches.ops import decode_layer
+    from recipes import decoding, inference
+
+    lm = inference.load(stories_ckpt, 1, 1)
+    calls = []
+    original = decode_layer.decode_step
+
+    def run():
+        session = decoding.Session(lm, 2, 40)
+        out = [session.feed(torch.tensor([[1, 403, 407, 261], [1, 67, 429, 270]]))]
+        for a, b in ((378, 5), (300, 9), (12, 13), (40, 41)):
+            out.append(session.feed(torch.tensor([[a], [b]])))
+        return torch.stack(out)
+
+    decode_layer.decode_step = lambda *a: calls.append(1) or original(*a)
+    try:
+        fused = run()
+        with ascend_patches.disabled("decode_layer"):
+            stock = run()
+    finally:
+        decode_layer.decode_step = original
+    assert len(calls) == 4 * 5  # every decode step of every layer took the fused path
+    assert torch.equal(fused, stock)
+
+
 def test_top_k_top_p_warping_matches_hf():
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
