@@ -85,3 +85,6 @@ for _fn, _forward in (("copy_to_tensor_model_parallel_region", "identity"),
 _(Patch("decode_layer", "megatron.core.transformer.transformer_layer:TransformerLayer.forward",
         wrapper=decode_layer.transformer_layer_forward,
         why="KV-cached one-token decode steps as one fused function instead of ~40 module calls per layer"))
+_(Patch("decode_model", "megatron.core.models.gpt.gpt_model:GPTModel.forward",
+        wrapper=decode_layer.gpt_model_forward,
+        why="a one-token decode step of a one-stage GPTModel: embedding, fused layers, norm, output"))

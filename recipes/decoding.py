@@ -102,14 +102,16 @@ def generate(lm, prompts: List[List[int]], max_new_tokens: int, params: Sampling
         else:
             probs = params.warp(logits).softmax(dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        logp = torch.log_softmax(logits, dim=-1)
+        # the chosen tokens' model log-probs, for all rows at once (one pass, then plain Python)
+        chosen_lp = (logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
+        chosen_list = chosen.tolist()
         for i in range(b):
             if done[i] or pos < lengths[i]:
                 continue  # finished, or still inside its prompt (forced token already in buf)
-            tok = int(chosen[i])
+            tok = chosen_list[i]
             buf[i, pos] = tok
             out[i].tokens.append(tok)
-            out[i].log_probs.append(float(logp[i, tok]))
+            out[i].log_probs.append(chosen_lp[i])
             if on_token:
                 on_token(i, tok)
             if tok == eos_id or len(out[i].tokens) >= max_new_tokens:

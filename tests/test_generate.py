@@ -83,8 +83,8 @@ def test_batched_prompts_equal_one_at_a_time(stories_ckpt, single_process_group)
 
 
 def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_group):
-    """ascend_patches' one-function decode step: the same logits as megatron's TransformerLayer,
-    bit for bit, over prefill + several cached steps with two sequences."""
+    """ascend_patches' fused decode step (per layer, and for the whole one-stage GPTModel): the
+    same logits as megatron's own modules, bit for bit, over prefill + cached steps, two sequences."""
     import ascend_patches
     from ascend_patches.ops import decode_layer
     from recipes import decoding, inference
@@ -103,12 +103,14 @@ def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_grou
     decode_layer.decode_step = lambda *a: calls.append(1) or original(*a)
     try:
         fused = run()
-        with ascend_patches.disabled("decode_layer"):
+        with ascend_patches.disabled("decode_layer", "decode_model"):
             stock = run()
+        with ascend_patches.disabled("decode_model"):
+            layers_only = run()
     finally:
         decode_layer.decode_step = original
-    assert len(calls) == 4 * 5  # every decode step of every layer took the fused path
-    assert torch.equal(fused, stock)
+    assert len(calls) == 2 * 4 * 5  # every decode step of every layer took the fused path, twice
+    assert torch.equal(fused, stock) and torch.equal(layers_only, stock)
 
 
 def test_top_k_top_p_warping_matches_hf():

@@ -116,3 +116,45 @@ def transformer_layer_forward(original):
         return decode_step(self, hidden, rope, ctx), kwargs.get("context")
 
     return forward
+
+
+def _model_eligible(model, input_ids, ctx, kwargs) -> bool:
+    if ctx is None or model.training or torch.is_grad_enabled() or input_ids is None or input_ids.shape[1] != 1:
+        return False
+    if not (model.pre_process and model.post_process) or getattr(model, "mtp_process", False):
+        return False
+    if model.position_embedding_type != "rope" or model.share_embeddings_and_output_weights:
+        return False
+    if any(kwargs.get(k) is not None for k in ("decoder_input", "labels", "packed_seq_params", "attention_mask",
+                                               "extra_block_kwargs", "loss_mask", "padding_mask")):
+        return False
+    decoder = model.decoder
+    if getattr(decoder, "final_layernorm", None) is None or len(decoder.layers) == 0:
+        return False
+    hidden = torch.empty(1, input_ids.shape[0], 0)
+    return all(_eligible(layer, hidden, ctx) for layer in decoder.layers)
+
+
+def gpt_model_forward(original):
+    """The whole GPTModel decode step (embedding, the fused layers, final norm, output layer)
+    without megatron's pre/post-processing machinery; single pipeline stage only."""
+
+    def forward(self, input_ids, position_ids, attention_mask=None, *args, **kwargs):
+        ctx = kwargs.get("inference_context")
+        if args or not _model_eligible(self, input_ids, ctx, dict(kwargs, attention_mask=attention_mask)):
+            return original(self, input_ids, position_ids, attention_mask, *args, **kwargs)
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        rope = self.rotary_pos_emb(ctx.max_sequence_length)  # lru-cached by megatron: one table per length
+        if rope.shape[-1] != self.decoder.layers[0].self_attention.hidden_size_per_attention_head:
+            return original(self, input_ids, position_ids, attention_mask, *args, **kwargs)
+        hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [1, b, h]
+        for layer in self.decoder.layers:
+            hidden = decode_step(layer, hidden, rope, ctx)
+        hidden = self.decoder.final_layernorm(hidden)
+        logits = F.linear(hidden, self.output_layer.weight)
+        if kwargs.get("runtime_gather_output") or self.output_layer.gather_output:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        return logits.transpose(0, 1).contiguous()  # [b, 1, vocab], as GPTModel returns
+
+    return forward
