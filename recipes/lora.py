@@ -72,7 +72,7 @@ def resolve_modules_to_save(names: Iterable[str]) -> List[str]:
 class LoraParallelLinear(nn.Module):
     """A megatron Column/RowParallelLinear plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, seed: int = 0):
         super().__init__()
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -92,7 +92,7 @@ class LoraParallelLinear(nn.Module):
         b = torch.zeros(out_local, r)
         # A: Kaiming-uniform on the full fan-in, the same values on every TP rank
         full_in = in_local * (1 if self.column else tp)
-        gen = torch.Generator().manual_seed(1234 + int(getattr(base, "_lora_seed", 0)))
+        gen = torch.Generator().manual_seed(1234 + seed)  # per layer and target: same on every rank
         bound = 1 / math.sqrt(full_in) * math.sqrt(3) * math.sqrt(2 / (1 + 5))  # kaiming_uniform_(a=sqrt(5))
         full_a = torch.empty(r, full_in).uniform_(-bound, bound, generator=gen)
         a = full_a if self.column else full_a.chunk(tp, dim=1)[ps.get_tensor_model_parallel_rank()].clone()
@@ -125,10 +125,6 @@ class LoraParallelLinear(nn.Module):
         out, bias = self.base(x, *args, **kwargs)
         return out + self.delta(x).to(out.dtype), bias
 
-    def merged_weight(self) -> torch.Tensor:
-        """The base's local weight with this rank's adapter folded in (TP layout unchanged)."""
-        return self.base.weight + (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scaling
-
 
 def apply_lora(model: nn.Module, targets: List[str], r: int, alpha: float, dropout: float = 0.0,
                modules_to_save: Optional[List[str]] = None) -> Dict[str, nn.Module]:
@@ -144,8 +140,7 @@ def apply_lora(model: nn.Module, targets: List[str], r: int, alpha: float, dropo
             for t in targets:
                 if hasattr(owner, t):
                     base = getattr(owner, t)
-                    base._lora_seed = gl * 8 + list(CANONICAL).index(t)
-                    lora = LoraParallelLinear(base, r, alpha, dropout)
+                    lora = LoraParallelLinear(base, r, alpha, dropout, seed=gl * 8 + list(CANONICAL).index(t))
                     setattr(owner, t, lora)
                     wrapped[f"decoder.layers.{gl}.{owner_name}.{t}"] = lora
     if not wrapped and layers:

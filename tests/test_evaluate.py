@@ -10,9 +10,7 @@ import pytest
 from converters import hf_to_megatron, megatron_to_hf
 from recipes import evaluate
 from tests.conftest import run_torchrun
-from tests.helpers import lm_eval_reference as ref
-
-pytest.importorskip("lm_eval")
+from tests.helpers import lm_eval_reference as ref  # needs lm-eval: the [test] extra installs it
 
 
 @pytest.fixture(scope="module")
