@@ -22,7 +22,6 @@ from converters.sources import ConversionError, open_megatron
 from converters.writers import write_dist, write_hf
 
 ADAPTER = re.compile(r"decoder\.layers\.(\d+)\.(self_attention|mlp)\.(linear_\w+)\.lora_([AB])$")
-CANONICAL = {"linear_qkv": "qkv", "linear_proj": "proj", "linear_fc1": "fc1", "linear_fc2": "fc2"}
 COLUMN = {"linear_qkv", "linear_fc1"}
 SAVED = {"embedding.word_embeddings.weight": "embedding", "output_layer.weight": "output"}
 
@@ -56,7 +55,7 @@ def read_lora(folder) -> Tuple[dict, Dict[Tuple[str, int], torch.Tensor], Dict[s
             continue
         a_pieces = [pieces[t] for t in range(tp)]
         b_pieces = [per_rank[name[:-1] + "B"][t] for t in range(tp)]
-        canon = CANONICAL[linear]
+        canon = lora.CANONICAL[linear]
         where = f"{it_dir}: {name[:-7]} "
         if linear in COLUMN:
             a = tp_merge("input_norm", a_pieces, where)  # replicated: must agree across TP ranks

@@ -146,17 +146,14 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], 
 def score(lm, requests: Sequence[Tuple[List[int], List[int]]], max_len: int, batch_size: int,
           progress: bool = False) -> List[float]:
     """Sum of log-probs of each continuation given its context; one forward per distinct input."""
-    inputs: Dict[tuple, int] = {}
     plan = []
     for ctx, cont in requests:
         if not cont:
             raise ValueError("empty continuation")
         whole = (ctx + cont)[-(max_len + 1):]
-        inp = tuple(whole[:-1])
-        plan.append((inputs.setdefault(inp, len(inputs)), cont))
-    uniq = sorted(inputs, key=lambda t: -len(t))  # similar lengths together: less padding
-    order = {inp: k for k, inp in enumerate(uniq)}
-    logprobs: List[Optional[torch.Tensor]] = [None] * len(uniq)
+        plan.append((tuple(whole[:-1]), cont))
+    uniq = sorted({inp for inp, _ in plan}, key=lambda t: -len(t))  # similar lengths together: less padding
+    logprobs: Dict[tuple, torch.Tensor] = {}
     from tqdm import tqdm
 
     bar = tqdm(total=len(uniq), desc="scoring", unit="seq", disable=not progress or os.environ.get("TQDM_DISABLE") == "1")
@@ -168,14 +165,12 @@ def score(lm, requests: Sequence[Tuple[List[int], List[int]]], max_len: int, bat
             tokens[i, :len(t)] = torch.tensor(t)  # right padding: causal attention never looks at it
         logp = torch.log_softmax(inference.full_logits(lm, tokens), dim=-1)
         for i, t in enumerate(chunk):
-            logprobs[start + i] = logp[i, :len(t)]
+            logprobs[t] = logp[i, :len(t)]
         bar.update(len(chunk))
     bar.close()
-    by_first_index = {idx: order[inp] for inp, idx in inputs.items()}
     out = []
-    for idx, cont in plan:
-        lp = logprobs[by_first_index[idx]]
-        tail = lp[-len(cont):]
+    for inp, cont in plan:
+        tail = logprobs[inp][-len(cont):]
         out.append(float(tail.gather(1, torch.tensor(cont).unsqueeze(1)).sum()))
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional
@@ -182,7 +183,7 @@ def interactive(lm, tokenizer, args, rank: int):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     saved = checkpointing.load_args(args.load)
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     pp = args.pipeline_model_parallel_size
     tp = args.tensor_model_parallel_size or max(1, world // pp)
     dtype = DTYPES[args.params_dtype] if args.params_dtype else None

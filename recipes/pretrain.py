@@ -163,6 +163,7 @@ def resolve_args(argv=None):
     from dataclasses import replace
 
     args.shape = replace(shape, **over)
+    args.saved = saved or {}  # the --load checkpoint's args.json, read once
     if args.seq_length is None:
         args.seq_length = args.shape.seq_length
     if args.seq_length > args.shape.seq_length:
@@ -281,7 +282,7 @@ def main(argv=None):
     vocab = args.shape.vocab_size if args.vocab_size is None and tokenizer is None else (
         args.vocab_size or tokenizer.vocab_size)
     args.padded_vocab = llama2.padded_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    saved = checkpointing.load_args(args.load) if args.load and checkpointing.latest_iteration(args.load) else {}
+    saved = args.saved
     if saved.get("padded_vocab_size") and saved.get("vocab_size", vocab) == vocab:
         if saved["padded_vocab_size"] % args.tensor_model_parallel_size:
             raise ValueError(f"--load {args.load}: its padded vocabulary {saved['padded_vocab_size']} does not split "

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _eligible(layer, hidden, ctx) -> bool:
+def _eligible(layer, ctx) -> bool:
+    """The layer and cache fit the fused step (the caller checks there is one new token)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    if ctx is None or layer.training or torch.is_grad_enabled() or hidden.shape[0] != 1:
+    if ctx is None or layer.training or torch.is_grad_enabled():
         return False
     if not ctx.is_static_batching() or ctx.sequence_len_offset == 0:
         return False
@@ -108,7 +109,7 @@ def transformer_layer_forward(original):
         ctx = kwargs.get("inference_context")
         rope = kwargs.get("rotary_pos_emb")
         if (hidden is None or rope is None or kwargs.get("packed_seq_params") is not None
-                or kwargs.get("attention_mask") is not None or not _eligible(self, hidden, ctx)):
+                or kwargs.get("attention_mask") is not None or hidden.shape[0] != 1 or not _eligible(self, ctx)):
             return original(self, *args, **kwargs)
         freqs = rope[0] if isinstance(rope, tuple) else rope
         if freqs.shape[-1] != self.self_attention.hidden_size_per_attention_head:
@@ -131,8 +132,7 @@ def _model_eligible(model, input_ids, ctx, kwargs) -> bool:
     decoder = model.decoder
     if getattr(decoder, "final_layernorm", None) is None or len(decoder.layers) == 0:
         return False
-    hidden = torch.empty(1, input_ids.shape[0], 0)
-    return all(_eligible(layer, hidden, ctx) for layer in decoder.layers)
+    return all(_eligible(layer, ctx) for layer in decoder.layers)
 
 
 def gpt_model_forward(original):

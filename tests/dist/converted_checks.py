@@ -46,7 +46,6 @@ for load, ref in pairs:
         def cut(seq, eos):  # HF pads finished beams after their EOS
             return seq[:seq.index(eos) + 1] if eos in seq else seq
 
-        mask = {}
         for p in prompts:
             ids = torch.tensor([p])
             mask = torch.ones(1, len(p), dtype=torch.long)
