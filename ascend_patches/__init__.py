@@ -18,7 +18,7 @@ from . import _state
 from .backend import detect, dist_backend as _dist_backend_for
 from .patches import REGISTRY
 from .registry import Patch, PatchTargetError
-from .settings import Settings, auto_apply, env_backend, env_disabled, parse_disable
+from .settings import Settings, auto_apply, env_backend, env_disabled, env_flag, parse_disable
 from .versions import check_megatron_version, installed_versions
 
 __version__ = "0.1.0"
@@ -39,7 +39,8 @@ def _settings_from_env() -> Settings:
     disabled = env_disabled()
     _validate_disabled(disabled)
     backend, why = detect(env_backend())
-    return Settings(backend=backend, disabled=disabled, backend_reason=why)
+    return Settings(backend=backend, disabled=disabled, backend_reason=why,
+                    compile_decode=env_flag("ASCEND_PATCHES_COMPILE_DECODE"))
 
 
 def settings() -> Settings:
@@ -63,9 +64,11 @@ def revert() -> None:
     REGISTRY.revert()
 
 
-def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = None) -> Settings:
+def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = None,
+              compile_decode: Optional[bool] = None) -> Settings:
     """Change settings and re-apply: ``configure(disable=["ops"])`` leaves only the device
-    layer; ``configure(disable=[])`` turns everything back on. Unknown names are errors."""
+    layer; ``configure(disable=[])`` turns everything back on. Unknown names are errors.
+    ``compile_decode=True``: see ``settings.py``."""
     current = _state.current()
     disabled = current.disabled if disable is None else parse_disable(disable)
     _validate_disabled(disabled)
@@ -75,7 +78,8 @@ def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = 
         b, why = current.backend, current.backend_reason
     was_active = REGISTRY.active
     REGISTRY.revert()
-    _state.set_current(Settings(backend=b, disabled=disabled, backend_reason=why))
+    compile_decode = current.compile_decode if compile_decode is None else bool(compile_decode)
+    _state.set_current(Settings(backend=b, disabled=disabled, backend_reason=why, compile_decode=compile_decode))
     if was_active or auto_apply():
         apply()
     return _state.current()
@@ -126,6 +130,8 @@ def report(import_targets: bool = False) -> str:
     lines += [f"note: {n}" for n in _notes]
     if s.disabled:
         lines.append(f"disabled: {', '.join(sorted(s.disabled))}")
+    if s.compile_decode:
+        lines.append("compile_decode: on (decode_model's TP=1 step runs through torch.compile)")
     counts = {}
     by_group = {}
     for name, patch in REGISTRY.patches.items():

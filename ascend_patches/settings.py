@@ -6,6 +6,9 @@ Environment variables (read when ``ascend_patches`` is imported):
   ``collectives``) to leave alone.  An unknown name is an error.
 - ``ASCEND_PATCHES_BACKEND=npu|cuda|cpu``: force a backend instead of detecting one.
 - ``ASCEND_PATCHES_AUTO=0``: do not apply on import; call ``ascend_patches.apply()`` yourself.
+- ``ASCEND_PATCHES_COMPILE_DECODE=1``: the ``decode_model`` patch runs its TP=1 decode step
+  through ``torch.compile`` (CPU and CUDA).  Off by default: the first step of each batch
+  size compiles for tens of seconds, which pays off only over long generations.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Settings:
     backend: str
     disabled: FrozenSet[str] = field(default_factory=frozenset)
     backend_reason: str = ""
+    compile_decode: bool = False
 
     def with_(self, **kw) -> "Settings":
         return replace(self, **kw)
@@ -44,6 +48,10 @@ def env_backend() -> Optional[str]:
 
 def env_disabled() -> FrozenSet[str]:
     return parse_disable(os.environ.get("ASCEND_PATCHES_DISABLE"))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def auto_apply() -> bool:

@@ -2,11 +2,13 @@
 converted Megatron model vs HF transformers' ``generate`` on the same weights, interleaved
 in one run; and the converter's time and peak RSS on a synthetic multi-shard HF checkpoint.
 
-    OMP_NUM_THREADS=2 python bench/bench_generate.py [--model stories|cpu] [--new-tokens 64] [--rounds 3]
+    OMP_NUM_THREADS=2 python bench/bench_generate.py [--model stories|cpu] [--new-tokens 64] [--rounds 3] [--no-compile]
     python bench/bench_generate.py --converter [--layers 2]   (7B-wide, few layers; run alone for RSS)
 
 ``stories`` is the real stories260K model (overhead-bound: per-token framework cost);
 ``cpu`` a random LLaMA of 8 layers, hidden 1024, 16 heads, vocab 32000 (compute-bound).
+Ours runs twice: the eager fused decode step (the default) and the same step through
+torch.compile (``ASCEND_PATCHES_COMPILE_DECODE=1``); compile time is reported, not timed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def hf_model_dir(kind: str, tmp: Path) -> Path:
 
 
 def bench_generation(args):
+    import ascend_patches
     from transformers import LlamaForCausalLM
 
     from converters import hf_to_megatron
@@ -58,8 +61,11 @@ def bench_generation(args):
         prompts[:, 0] = 1
 
         def ours():
-            out = decoding.generate(lm, prompts.tolist(), n, decoding.SamplingParams(), eos_id=None)
-            assert all(len(o.tokens) == n for o in out)
+            def run():
+                out = decoding.generate(lm, prompts.tolist(), n, decoding.SamplingParams(), eos_id=None,
+                                        log_probs=False)  # HF computes no scores by default either
+                assert all(len(o.tokens) == n for o in out)
+            return run
 
         def theirs():
             with torch.no_grad():
@@ -67,17 +73,28 @@ def bench_generation(args):
                                   min_new_tokens=n, do_sample=False, num_beams=1)
             assert out.shape[1] == 16 + n
 
-        ours(), theirs()  # warm-up
-        t_ours, t_hf = [], []
+        # name: (compile_decode setting, run); configure() re-applies patches, so it stays untimed
+        configs = {"ours (eager)": (False, ours()), "HF generate": (False, theirs)}
+        if not args.no_compile:
+            configs["ours (compiled)"] = (True, ours())
+        t = time.perf_counter()
+        for compiled, fn in configs.values():  # warm-up; the compiled step compiles here, once per batch size
+            ascend_patches.configure(compile_decode=compiled)
+            fn()
+        print(f"batch {bsz}: warm-up (compiling the decode step) {time.perf_counter() - t:.1f} s")
+        times = {k: [] for k in configs}
         for _ in range(args.rounds):  # interleaved: this machine's speed drifts
-            for fn, acc in ((ours, t_ours), (theirs, t_hf)):
+            for name, (compiled, fn) in configs.items():
+                ascend_patches.configure(compile_decode=compiled)
                 t = time.perf_counter()
                 fn()
-                acc.append(time.perf_counter() - t)
-        a, b = statistics.median(t_ours), statistics.median(t_hf)
+                times[name].append(time.perf_counter() - t)
+        ascend_patches.configure(compile_decode=False)
+        med = {k: statistics.median(v) for k, v in times.items()}
         tok = bsz * n
-        print(f"batch {bsz}: ours {tok / a:8.1f} tokens/s   HF generate {tok / b:8.1f} tokens/s   "
-              f"ours/HF speed = {b / a:.2f}x")
+        row = "   ".join(f"{k} {tok / v:8.1f} tokens/s" for k, v in med.items())
+        ratios = "   ".join(f"{k}/HF = {med['HF generate'] / v:.2f}x" for k, v in med.items() if k != "HF generate")
+        print(f"batch {bsz}: {row}\n         {ratios}")
 
 
 def bench_converter(args):
@@ -141,6 +158,7 @@ def main():
     p.add_argument("--model", choices=("stories", "cpu"), default="stories")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode step")
     p.add_argument("--converter", action="store_true")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--tmp", default=None)

@@ -63,18 +63,19 @@ class Session:
             raise ValueError(f"prompt + new tokens = {max_len} exceeds the model's {lm.shape.seq_length} positions")
         self.lm, self.batch = lm, batch
         self.ctx = StaticInferenceContext(batch, max_len)
+        self.stage = inference.stage_info()
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` [b, s] to the cache; return next-token logits [b, vocab] (fp32)."""
         b, s = tokens.shape
         offset = self.ctx.sequence_len_offset
         pos = torch.arange(offset, offset + s).unsqueeze(0).expand(b, s)
-        logits = inference.forward(self.lm, tokens, pos, self.ctx)
+        logits = inference.forward(self.lm, tokens, pos, self.ctx, self.stage)
         if logits is not None:
             logits = logits[:, -1].contiguous()
         self.ctx.sequence_len_offset += s
         self.ctx.enable_decode_mode()
-        return inference.broadcast_from_last_stage(logits, (b, self.lm.vocab_size), torch.float32)
+        return inference.broadcast_from_last_stage(logits, (b, self.lm.vocab_size), torch.float32, self.stage)
 
     def reorder(self, index: torch.Tensor):
         self.ctx.swap_key_value_dict(index)
@@ -82,8 +83,9 @@ class Session:
 
 def generate(lm, prompts: List[List[int]], max_new_tokens: int, params: SamplingParams, eos_id: Optional[int],
              generator: Optional[torch.Generator] = None,
-             on_token: Optional[Callable[[int, int], None]] = None) -> List[Generated]:
-    """Greedy or sampled continuation of each prompt; stops at EOS or ``max_new_tokens``."""
+             on_token: Optional[Callable[[int, int], None]] = None, log_probs: bool = True) -> List[Generated]:
+    """Greedy or sampled continuation of each prompt; stops at EOS or ``max_new_tokens``.
+    ``log_probs=False`` skips the chosen tokens' log-probs (a log-softmax per step)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add BOS)")
     lengths = [len(p) for p in prompts]
@@ -103,7 +105,8 @@ def generate(lm, prompts: List[List[int]], max_new_tokens: int, params: Sampling
             probs = params.warp(logits).softmax(dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         # the chosen tokens' model log-probs, for all rows at once (one pass, then plain Python)
-        chosen_lp = (logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
+        chosen_lp = ((logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
+                     if log_probs else None)
         chosen_list = chosen.tolist()
         for i in range(b):
             if done[i] or pos < lengths[i]:
@@ -111,7 +114,8 @@ def generate(lm, prompts: List[List[int]], max_new_tokens: int, params: Sampling
             tok = chosen_list[i]
             buf[i, pos] = tok
             out[i].tokens.append(tok)
-            out[i].log_probs.append(chosen_lp[i])
+            if log_probs:
+                out[i].log_probs.append(chosen_lp[i])
             if on_token:
                 on_token(i, tok)
             if tok == eos_id or len(out[i].tokens) >= max_new_tokens:

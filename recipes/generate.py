@@ -61,6 +61,9 @@ def build_parser():
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--return-log-probs", action="store_true")
     p.add_argument("--output-json", default=None, help="write prompts, outputs (and log-probs) here")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="run the cached decode step through torch.compile (TP=1, CPU/CUDA): tens of seconds to "
+                        "compile once per batch size, then ~1.5-2x faster steps; pays off over long generations")
     return p
 
 
@@ -137,7 +140,8 @@ def run_generation(lm, tokenizer, args, prompts_ids, on_token=None):
         if params.greedy:
             raise ValueError("--num-return-sequences > 1 needs sampling or --num-beams")
         prompts_ids = [ids for ids in prompts_ids for _ in range(args.num_return_sequences)]
-    out = decoding.generate(lm, prompts_ids, args.max_new_tokens, params, eos, gen, on_token)
+    out = decoding.generate(lm, prompts_ids, args.max_new_tokens, params, eos, gen, on_token,
+                            log_probs=args.return_log_probs)
     n = args.num_return_sequences
     return [out[i:i + n] for i in range(0, len(out), n)]
 
@@ -194,6 +198,14 @@ def main(argv=None):
     if not args.interactive and not args.prompt and not args.prompt_file:
         args.prompt = [""]  # unconditional: BOS alone
     lm = inference.load(args.load, tp, pp, dtype, lora_load=args.lora_load)
+    if args.compile_decode:
+        import ascend_patches
+        from ascend_patches.ops import decode_layer
+
+        why_not = decode_layer.compile_unavailable(lm.model)
+        if why_not:
+            raise ValueError(f"--compile-decode: {why_not}")
+        ascend_patches.configure(compile_decode=True)
     rank = dist.get_rank()
     if rank == 0:
         print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={tp} PP={pp}, {lm.dtype}", flush=True)

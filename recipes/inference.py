@@ -68,7 +68,7 @@ def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None
     return Loaded(model, shape, vocab, padded, dtype, saved)
 
 
-def _stage_info():
+def stage_info():
     from megatron.core import parallel_state as ps
 
     return (ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(), ps.get_pipeline_model_parallel_group(),
@@ -77,10 +77,12 @@ def _stage_info():
 
 
 @torch.no_grad()
-def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, context=None) -> Optional[torch.Tensor]:
+def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, context=None,
+            stage=None) -> Optional[torch.Tensor]:
     """Run the pipeline; the last stage returns full-vocabulary fp32 logits [b, s, vocab]
-    (only the last position when ``context`` materialises only the last token), others None."""
-    first, last, _, prev, nxt, _ = _stage_info()
+    (only the last position when ``context`` materialises only the last token), others None.
+    ``stage``: ``stage_info()`` kept by a caller that steps many times."""
+    first, last, _, prev, nxt, _ = stage or stage_info()
     b, s = tokens.shape
     if not first:
         hidden = torch.empty(s, b, lm.shape.hidden_size, dtype=lm.dtype)
@@ -94,9 +96,9 @@ def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, contex
     return out[..., :lm.vocab_size].float()
 
 
-def broadcast_from_last_stage(t: Optional[torch.Tensor], like_shape, dtype) -> torch.Tensor:
+def broadcast_from_last_stage(t: Optional[torch.Tensor], like_shape, dtype, stage=None) -> torch.Tensor:
     """The last pipeline stage's tensor on every stage."""
-    _, last, group, _, _, last_rank = _stage_info()
+    _, last, group, _, _, last_rank = stage or stage_info()
     if dist.get_world_size(group) == 1:
         return t
     if not last:

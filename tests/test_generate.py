@@ -26,18 +26,26 @@ def _result(out):
     return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("tp,pp,nproc", [(1, 1, 1), (2, 1, 2), (1, 2, 2)])
-def test_greedy_from_bos_reproduces_llama2c(stories_ckpt, fixtures_dir, tp, pp, nproc):
+COMPILE = {"ASCEND_PATCHES_COMPILE_DECODE": "1"}
+
+
+@pytest.mark.parametrize("tp,pp,nproc,env", [(1, 1, 1, None), (2, 1, 2, None), (1, 2, 2, None), (1, 1, 1, COMPILE)],
+                         ids=["tp1", "tp2", "pp2", "tp1-compiled"])
+def test_greedy_from_bos_reproduces_llama2c(stories_ckpt, fixtures_dir, tp, pp, nproc, env):
     res = _result(run_torchrun("converted_checks.py", tp, pp, "greedy200", stories_ckpt,
-                               fixtures_dir / "stories260K" / "expected_greedy_200steps.txt", nproc=nproc))
+                               fixtures_dir / "stories260K" / "expected_greedy_200steps.txt", nproc=nproc, env=env))
     (r,) = res.values()
     assert r["len"] == 200 and r["equal"], r
+    assert (r["compiled_steps"] == 199) if env else (r["compiled_steps"] == 0)  # every cached step, or none
 
 
-@pytest.mark.parametrize("tp,nproc", [(1, 1), (2, 2)])
-def test_greedy_and_beam_search_equal_hf_generate(stories_ckpt, fixtures_dir, tp, nproc):
+@pytest.mark.parametrize("tp,nproc,env", [(1, 1, None), (2, 2, None), (1, 1, COMPILE)],
+                         ids=["tp1", "tp2", "tp1-compiled"])
+def test_greedy_and_beam_search_equal_hf_generate(stories_ckpt, fixtures_dir, tp, nproc, env):
     res = _result(run_torchrun("converted_checks.py", tp, 1, "hf_generate", stories_ckpt,
-                               fixtures_dir / "stories260K", nproc=nproc, timeout=600))
+                               fixtures_dir / "stories260K", nproc=nproc, timeout=600, env=env))
+    compiled = res.pop("compiled_steps")
+    assert compiled > 100 if env else compiled == 0
     (rows,) = res.values()
     assert len(rows) == 4 * 5
     assert sum(r["eos"] for r in rows if "eos" in r) >= 10  # finished hypotheses were exercised
@@ -84,7 +92,8 @@ def test_batched_prompts_equal_one_at_a_time(stories_ckpt, single_process_group)
 
 def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_group):
     """ascend_patches' fused decode step (per layer, and for the whole one-stage GPTModel): the
-    same logits as megatron's own modules, bit for bit, over prefill + cached steps, two sequences."""
+    same logits as megatron's own modules, bit for bit, over prefill + cached steps, two sequences;
+    the torch.compile'd step (compile_decode) the same within rounding."""
     import ascend_patches
     from ascend_patches.ops import decode_layer
     from recipes import decoding, inference
@@ -111,6 +120,22 @@ def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_grou
         decode_layer.decode_step = original
     assert len(calls) == 2 * 4 * 5  # every decode step of every layer took the fused path, twice
     assert torch.equal(fused, stock) and torch.equal(layers_only, stock)
+
+    before = decode_layer.COMPILED_STEPS[0]
+    ascend_patches.configure(compile_decode=True)
+    try:
+        assert "compile_decode: on" in ascend_patches.report()
+        compiled = run()
+    finally:
+        ascend_patches.configure(compile_decode=False)
+    assert decode_layer.COMPILED_STEPS[0] - before == 4
+    assert decode_layer.compile_unavailable(lm.model) == ""
+    with ascend_patches.disabled("decode_model"):  # --compile-decode then refuses, naming why
+        assert "decode_model patch is not applied" in decode_layer.compile_unavailable(lm.model)
+    # torch.compile fuses and reorders fp32 sums (and the compiled attention is two matmuls
+    # rather than SDPA's kernel), so equality is to rounding: logits reach |19| (ulp 2e-6),
+    # measured 6e-6; 1e-4 is the converters' logit tolerance
+    assert (compiled - stock).abs().max() < 1e-4
 
 
 def test_top_k_top_p_warping_matches_hf():

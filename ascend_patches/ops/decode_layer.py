@@ -21,86 +21,245 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _state
+from .flash_attention import attention
+from .rms_norm import FusedRMSNorm, rms_norm
+
+_MC = {}  # megatron classes, imported once on first use (this module loads before megatron may)
+
+
+def _megatron():
+    if not _MC:
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, mappings
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        _MC.update(column=ColumnParallelLinear, row=RowParallelLinear, mappings=mappings, identity=IdentityOp)
+    return _MC
+
+
+def _config_ok(cfg) -> bool:
+    return not (cfg.sequence_parallel or cfg.add_bias_linear or not cfg.gated_linear_unit
+                or cfg.activation_func is not F.silu or getattr(cfg, "num_moe_experts", None)
+                or getattr(cfg, "rotary_interleaved", False))
+
 
 def _eligible(layer, ctx) -> bool:
     """The layer and cache fit the fused step (the caller checks there is one new token)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     if ctx is None or layer.training or torch.is_grad_enabled():
         return False
     if not ctx.is_static_batching() or ctx.sequence_len_offset == 0:
         return False
-    cfg = layer.config
-    attn, mlp = getattr(layer, "self_attention", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or layer.layer_number not in ctx.key_value_memory_dict:
+    return _layer_ok(layer, ctx) and _config_ok(layer.config)
+
+
+def _layer_ok(layer, ctx) -> bool:
+    return layer.layer_number in ctx.key_value_memory_dict and _layer_ok_types(layer)
+
+
+def _layer_ok_types(layer) -> bool:
+    mc = _megatron()
+    mods = layer._modules
+    attn, mlp = mods.get("self_attention"), mods.get("mlp")
+    if attn is None or mlp is None:
         return False
-    if (cfg.sequence_parallel or cfg.add_bias_linear or not cfg.gated_linear_unit or cfg.activation_func is not F.silu
-            or getattr(cfg, "num_moe_experts", None) or getattr(cfg, "rotary_interleaved", False)
-            or not _identity(getattr(attn, "q_layernorm", None)) or not _identity(getattr(attn, "k_layernorm", None))):
+    a, m = attn._modules, mlp._modules
+    if not (_identity(a.get("q_layernorm"), mc) and _identity(a.get("k_layernorm"), mc)):
         return False
-    linears = (getattr(attn, "linear_qkv", None), getattr(attn, "linear_proj", None),
-               getattr(mlp, "linear_fc1", None), getattr(mlp, "linear_fc2", None))
-    kinds = (ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear, RowParallelLinear)
-    return all(type(m) is k for m, k in zip(linears, kinds))  # exact types: LoRA wrappers take the stock path
+    # exact types: LoRA wrappers take the stock path
+    return (type(a.get("linear_qkv")) is mc["column"] and type(a.get("linear_proj")) is mc["row"]
+            and type(m.get("linear_fc1")) is mc["column"] and type(m.get("linear_fc2")) is mc["row"])
 
 
-def _identity(module) -> bool:
-    from megatron.core.transformer.identity_op import IdentityOp
-
-    return module is None or isinstance(module, IdentityOp)
+def _identity(module, mc) -> bool:
+    return module is None or isinstance(module, mc["identity"])
 
 
-_TABLE = {}  # one entry: megatron builds the RoPE table once per forward and hands every layer the same tensor
+_TABLE = {}  # megatron builds the RoPE table once per length (lru-cached) and hands every layer the same tensor
 
 
-def _cos_sin(freqs: torch.Tensor, dtype):
-    key = (id(freqs), freqs.data_ptr(), freqs.shape, dtype, float(freqs.view(-1)[-1]))
-    if key not in _TABLE:
-        _TABLE.clear()
-        _TABLE[key] = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
-    return _TABLE[key]
+def _rope_table(freqs: torch.Tensor, dtype):
+    """(cos, sin with rotate-half's sign folded in, the rotate-half permutation) of a RoPE table,
+    computed once per table: the entry holds the table itself, so its id cannot be reused by
+    another tensor while the entry lives.  ``t*cos + t[..., perm]*signed_sin`` equals megatron's
+    ``t*cos + cat(-t2, t1)*sin`` bit for bit (negation commutes exactly with multiplication)
+    in 4 ops instead of 7."""
+    entry = _TABLE.get((id(freqs), dtype))
+    if entry is None or entry[0] is not freqs:
+        if len(_TABLE) > 8:
+            _TABLE.clear()
+        d = freqs.shape[-1]
+        half = d // 2
+        perm = torch.cat((torch.arange(half, d), torch.arange(half))).to(freqs.device)
+        sign = torch.cat((-torch.ones(half), torch.ones(d - half))).to(freqs.device, dtype)
+        sin = torch.sin(freqs).to(dtype)
+        entry = _TABLE[(id(freqs), dtype)] = (freqs, torch.cos(freqs).to(dtype), sin * sign, perm)
+    return entry[1:]
 
 
-def _rotate(t, cos, sin):
-    half = t.shape[-1] // 2
-    return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+def _rotate(t, cos, signed_sin, perm):
+    return t * cos + t.index_select(-1, perm) * signed_sin
 
 
-def decode_step(layer, hidden, rotary_pos_emb, ctx):
-    from megatron.core.tensor_parallel import mappings
-
-    attn, mlp = layer.self_attention, layer.mlp
-    _, b, _ = hidden.shape
-    nh, ng = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
-    d, per = attn.hidden_size_per_attention_head, nh // ng
-    pos, b0 = ctx.sequence_len_offset, ctx.batch_size_offset
-    tp_group = attn.linear_proj.tp_group if hasattr(attn.linear_proj, "tp_group") else None
-
-    h = layer.input_layernorm(hidden)
-    qkv = F.linear(h, attn.linear_qkv.weight).view(1, b, ng, (per + 2) * d)
-    q, k, v = qkv.split([per * d, d, d], dim=3)
-    q = q.reshape(1, b, nh, d)
+def _tables(rotary_pos_emb, dtype):
+    """((cos, signed_sin, perm) for queries, the same for keys)."""
     q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-    # megatron's cache holds keys before RoPE and rotates the whole prefix each step; so do we
-    k_mem, v_mem = ctx.key_value_memory_dict[layer.layer_number]
-    k_mem[pos, b0:b0 + b] = k[0]
-    v_mem[pos, b0:b0 + b] = v[0]
-    keys, values = k_mem[:pos + 1, b0:b0 + b], v_mem[:pos + 1, b0:b0 + b]
-    cos_q, sin_q = _cos_sin(q_freqs, q.dtype)
-    cos_k, sin_k = (cos_q, sin_q) if k_freqs is q_freqs else _cos_sin(k_freqs, q.dtype)
-    q = _rotate(q, cos_q[pos:pos + 1], sin_q[pos:pos + 1])
-    keys = _rotate(keys, cos_k[:pos + 1], sin_k[:pos + 1])
-    core = attn.core_attention
-    scale = core.softmax_scale * (core.scale_mask_softmax.scale or 1.0)
-    from .flash_attention import attention
+    q = _rope_table(q_freqs, dtype)
+    return q, (q if k_freqs is q_freqs else _rope_table(k_freqs, dtype))
 
-    ctx_out = attention(q, keys, values, False, None, scale)  # [1, b, nh * d]
-    group = mappings.get_tensor_model_parallel_group_if_none(tp_group)
-    o = mappings._reduce(F.linear(ctx_out, attn.linear_proj.weight), group)
-    hidden = hidden + o
-    h = layer.pre_mlp_layernorm(hidden)
-    gate, up = F.linear(h, mlp.linear_fc1.weight).chunk(2, dim=-1)
-    return hidden + mappings._reduce(F.linear(F.silu(gate) * up, mlp.linear_fc2.weight), group)
+
+def _norm(module, x):
+    if type(module) is FusedRMSNorm:
+        return rms_norm(x, module.weight, module.eps)  # the module's own forward, without Module.__call__
+    return module(x)
+
+
+def _no_reduce(x, group):
+    return x
+
+
+def grouped_attention(q, keys, values, scale):
+    """softmax(q k^T * scale) v for one query per sequence as two batched matmuls per kv group
+    (no repeated k/v): q [1, b, ng, per, d], keys/values [L, b, ng, d] -> [1, b, ng*per*d].
+    The compiled step's attention: it lets torch.compile fuse the softmax, where the SDPA
+    kernel's per-call setup dominates at one query."""
+    _, b, ng, per, d = q.shape
+    scores = torch.matmul(q[0], keys.permute(1, 2, 3, 0)) * scale  # [b, ng, per, L]
+    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, values.permute(1, 2, 0, 3)).reshape(1, b, ng * per * d)
+
+
+def layer_math(hidden, norm1, w_qkv, w_proj, norm2, w_fc1, w_fc2, k_mem, v_mem, pos: int, b0: int, tables, dims,
+               reduce, grouped: bool = False):
+    """One layer, one new token per sequence, on plain tensors (shared by the eager and the
+    compiled step).  ``dims``: (heads, kv groups, head dim, softmax scale, TP group, heads !=
+    kv groups - a plain bool, which torch.compile keeps constant where it makes ints symbolic).  The
+    cache's keys are before RoPE (as megatron keeps them), so the whole prefix is rotated each
+    step, as megatron's own step does."""
+    nh, ng, d, scale, group, gqa = dims
+    per = nh // ng
+    b = hidden.shape[1]
+    (cos_q, sin_q, perm_q), (cos_k, sin_k, perm_k) = tables
+    qkv = F.linear(norm1(hidden), w_qkv).view(1, b, ng, (per + 2) * d)
+    q, k, v = qkv.split([per * d, d, d], dim=3)
+    k_mem.narrow(0, pos, 1).narrow(1, b0, b).copy_(k)
+    v_mem.narrow(0, pos, 1).narrow(1, b0, b).copy_(v)
+    keys = k_mem.narrow(0, 0, pos + 1).narrow(1, b0, b)
+    values = v_mem.narrow(0, 0, pos + 1).narrow(1, b0, b)
+    q = _rotate(q.unflatten(-1, (per, d)), cos_q.narrow(0, pos, 1), sin_q.narrow(0, pos, 1), perm_q)
+    keys = _rotate(keys, cos_k.narrow(0, 0, pos + 1), sin_k.narrow(0, 0, pos + 1), perm_k)
+    if grouped:
+        ctx_out = grouped_attention(q, keys, values, scale)
+    else:
+        ctx_out = attention(q.reshape(1, b, nh, d), keys, values, False, None, scale, gqa=gqa)  # [1, b, nh * d]
+    hidden = hidden + reduce(F.linear(ctx_out, w_proj), group)
+    gate, up = F.linear(norm2(hidden), w_fc1).chunk(2, dim=-1)
+    return hidden + reduce(F.linear(F.silu(gate) * up, w_fc2), group)
+
+
+def _dims(attn):
+    core = attn.core_attention
+    nh, ng = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
+    return (nh, ng, attn.hidden_size_per_attention_head, core.softmax_scale * (core.scale_mask_softmax.scale or 1.0),
+            attn.linear_proj.tp_group, nh != ng)
+
+
+def decode_step(layer, hidden, tables, ctx):
+    """A megatron TransformerLayer's decode step through ``layer_math``."""
+    attn, mlp = layer.self_attention, layer.mlp
+    k_mem, v_mem = ctx.key_value_memory_dict[layer.layer_number]
+    reduce = _megatron()["mappings"]._reduce
+    return layer_math(hidden, lambda x: _norm(layer.input_layernorm, x), attn.linear_qkv.weight,
+                      attn.linear_proj.weight, lambda x: _norm(layer.pre_mlp_layernorm, x), mlp.linear_fc1.weight,
+                      mlp.linear_fc2.weight, k_mem, v_mem, ctx.sequence_len_offset, ctx.batch_size_offset, tables,
+                      _dims(attn), reduce)
+
+
+def stack_math(hidden, pos: int, b0: int, layers, caches, final_norm, w_out, tables, dims):
+    """Every layer, the final norm and the output layer of a TP=1 model, on plain tensors:
+    what ``torch.compile`` turns into one kernel sequence.  ``layers``: per layer (norm1
+    weight, eps, qkv, proj, norm2 weight, eps, fc1, fc2)."""
+    for (n1, e1, w_qkv, w_proj, n2, e2, w_fc1, w_fc2), (k_mem, v_mem) in zip(layers, caches):
+        hidden = layer_math(hidden, lambda x, w=n1, e=e1: rms_norm(x, w, e), w_qkv, w_proj,
+                            lambda x, w=n2, e=e2: rms_norm(x, w, e), w_fc1, w_fc2, k_mem, v_mem, pos, b0, tables,
+                            dims, _no_reduce, grouped=True)
+    return F.linear(rms_norm(hidden, final_norm[0], final_norm[1]), w_out)
+
+
+_COMPILED = {}
+
+
+def _compiled_stack(dims):
+    """One compiled step per attention shape (``dims`` held by a closure).  Sizes (batch,
+    position, cache length) are dynamic, so a generation compiles once per batch size class
+    (1, or 2 and up), not once per position."""
+    if dims not in _COMPILED:
+        def step(hidden, pos, b0, layers, caches, final_norm, w_out, tables):
+            return stack_math(hidden, pos, b0, layers, caches, final_norm, w_out, tables, dims)
+
+        _COMPILED[dims] = torch.compile(step, dynamic=True)
+    return _COMPILED[dims]
+
+
+def _compilable(model) -> bool:
+    """The compiled step takes TP=1 models whose norms are the fused RMSNorm (a CPU or CUDA
+    backend: torch.compile has no NPU backend here)."""
+    if _state.backend() not in ("cpu", "cuda") or model.output_layer.tp_group.size() != 1:
+        return False
+    norms = [model.decoder.final_layernorm]
+    for layer in model.decoder.layers:
+        norms += [layer.input_layernorm, layer.pre_mlp_layernorm]
+    return all(type(n) is FusedRMSNorm for n in norms)
+
+
+def compile_unavailable(model) -> str:
+    """Why the compiled decode step would not run for ``model`` ('' when it would), for a
+    caller that asks for it to say so instead of silently running the eager step."""
+    from .. import REGISTRY
+
+    if REGISTRY.status.get("decode_model", ("",))[0] != "applied":
+        return "the decode_model patch is not applied (see ascend_patches.report())"
+    if _state.backend() not in ("cpu", "cuda"):
+        return f"torch.compile is not used on the {_state.backend()} backend"
+    if not (model.pre_process and model.post_process):
+        return "it needs one pipeline stage (PP=1)"
+    if model.output_layer.tp_group.size() != 1:
+        return "it needs TP=1"
+    if not all(_layer_ok_types(layer) for layer in model.decoder.layers) or not _config_ok(model.config):
+        return "the model's layers are not plain LLaMA layers (LoRA adapters unmerged, biases, MoE, ...)"
+    if not _compilable(model):
+        return "the model's norms are not ascend_patches' RMSNorm"
+    return ""
+
+
+def _weights(model, ctx):
+    """Per-layer weights in ``stack_math``'s order, gathered once per inference context (one
+    generation: the weights do not change under it)."""
+    cached = getattr(ctx, "_ascend_patches_weights", None)
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    layers = []
+    for layer in model.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        layers.append((layer.input_layernorm.weight, layer.input_layernorm.eps, attn.linear_qkv.weight,
+                       attn.linear_proj.weight, layer.pre_mlp_layernorm.weight, layer.pre_mlp_layernorm.eps,
+                       mlp.linear_fc1.weight, mlp.linear_fc2.weight))
+    final = model.decoder.final_layernorm
+    nh, ng, d, scale, _, gqa = _dims(model.decoder.layers[0].self_attention)
+    out = (layers, [layer.layer_number for layer in model.decoder.layers], (final.weight, final.eps),
+           model.output_layer.weight, (nh, ng, d, scale, None, gqa))
+    ctx._ascend_patches_weights = (model, out)
+    return out
+
+
+COMPILED_STEPS = [0]  # steps taken through the compiled path (tests check that it ran)
+
+
+def compiled_model_step(model, hidden, tables, ctx):
+    COMPILED_STEPS[0] += 1
+    layers, numbers, final, w_out, dims = _weights(model, ctx)
+    caches = [ctx.key_value_memory_dict[n] for n in numbers]  # re-read: beam search swaps them
+    return _compiled_stack(dims)(hidden, ctx.sequence_len_offset, ctx.batch_size_offset, layers, caches, final,
+                                 w_out, tables)
 
 
 def transformer_layer_forward(original):
@@ -114,25 +273,31 @@ def transformer_layer_forward(original):
         freqs = rope[0] if isinstance(rope, tuple) else rope
         if freqs.shape[-1] != self.self_attention.hidden_size_per_attention_head:
             return original(self, *args, **kwargs)  # partial rotary
-        return decode_step(self, hidden, rope, ctx), kwargs.get("context")
+        return decode_step(self, hidden, _tables(rope, hidden.dtype), ctx), kwargs.get("context")
 
     return forward
+
+
+_MODEL_KWARGS = ("decoder_input", "labels", "packed_seq_params", "attention_mask", "extra_block_kwargs", "loss_mask",
+                 "padding_mask")
 
 
 def _model_eligible(model, input_ids, ctx, kwargs) -> bool:
     if ctx is None or model.training or torch.is_grad_enabled() or input_ids is None or input_ids.shape[1] != 1:
         return False
+    if not ctx.is_static_batching() or ctx.sequence_len_offset == 0:
+        return False
     if not (model.pre_process and model.post_process) or getattr(model, "mtp_process", False):
         return False
     if model.position_embedding_type != "rope" or model.share_embeddings_and_output_weights:
         return False
-    if any(kwargs.get(k) is not None for k in ("decoder_input", "labels", "packed_seq_params", "attention_mask",
-                                               "extra_block_kwargs", "loss_mask", "padding_mask")):
+    if any(kwargs.get(k) is not None for k in _MODEL_KWARGS):
         return False
     decoder = model.decoder
-    if getattr(decoder, "final_layernorm", None) is None or len(decoder.layers) == 0:
+    layers = decoder.layers
+    if getattr(decoder, "final_layernorm", None) is None or len(layers) == 0 or not _config_ok(model.config):
         return False
-    return all(_eligible(layer, ctx) for layer in decoder.layers)
+    return all(_layer_ok(layer, ctx) for layer in layers)  # one config for every layer
 
 
 def gpt_model_forward(original):
@@ -143,18 +308,20 @@ def gpt_model_forward(original):
         ctx = kwargs.get("inference_context")
         if args or not _model_eligible(self, input_ids, ctx, dict(kwargs, attention_mask=attention_mask)):
             return original(self, input_ids, position_ids, attention_mask, *args, **kwargs)
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
         rope = self.rotary_pos_emb(ctx.max_sequence_length)  # lru-cached by megatron: one table per length
-        if rope.shape[-1] != self.decoder.layers[0].self_attention.hidden_size_per_attention_head:
+        layers = self.decoder.layers
+        if rope.shape[-1] != layers[0].self_attention.hidden_size_per_attention_head:
             return original(self, input_ids, position_ids, attention_mask, *args, **kwargs)
         hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [1, b, h]
-        for layer in self.decoder.layers:
-            hidden = decode_step(layer, hidden, rope, ctx)
-        hidden = self.decoder.final_layernorm(hidden)
-        logits = F.linear(hidden, self.output_layer.weight)
+        tables = _tables(rope, hidden.dtype)
+        if _state.current().compile_decode and _compilable(self):
+            logits = compiled_model_step(self, hidden, tables, ctx)
+        else:
+            for layer in layers:
+                hidden = decode_step(layer, hidden, tables, ctx)
+            logits = F.linear(_norm(self.decoder.final_layernorm, hidden), self.output_layer.weight)
         if kwargs.get("runtime_gather_output") or self.output_layer.gather_output:
-            logits = gather_from_tensor_model_parallel_region(logits)
+            logits = _megatron()["mappings"].gather_from_tensor_model_parallel_region(logits, self.output_layer.tp_group)
         return logits.transpose(0, 1).contiguous()  # [b, 1, vocab], as GPTModel returns
 
     return forward

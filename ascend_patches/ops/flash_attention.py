@@ -55,23 +55,26 @@ def attention_npu(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: fl
     return out
 
 
-def attention_sdpa(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float):
+def attention_sdpa(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float,
+                   gqa: Optional[bool] = None):
     sq, b, n, d = q.shape
-    ng = k.shape[2]
+    gqa = k.shape[2] != n if gqa is None else gqa
     qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d], views
     attn_mask = None if mask is None else ~mask.bool()
     out = F.scaled_dot_product_attention(
         qb, kb, vb, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal and mask is None,
-        scale=scale, enable_gqa=ng != n,
+        scale=scale, enable_gqa=gqa,
     )
     return out.permute(2, 0, 1, 3).reshape(sq, b, n * v.shape[3])
 
 
-def attention(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0):
-    """q: [sq, b, n, d]; k, v: [sk, b, ng, d] with ng dividing n. Returns [sq, b, n*d]."""
+def attention(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0,
+              gqa: Optional[bool] = None):
+    """q: [sq, b, n, d]; k, v: [sk, b, ng, d] with ng dividing n. Returns [sq, b, n*d].
+    ``gqa`` (ng != n) given by a caller under torch.compile, where comparing shapes is symbolic."""
     if _state.backend() == "npu":
         return attention_npu(q, k, v, causal, mask, scale, dropout_p)
-    return attention_sdpa(q, k, v, causal, mask, scale, dropout_p)
+    return attention_sdpa(q, k, v, causal, mask, scale, dropout_p, gqa)
 
 
 def attention_reference(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float):

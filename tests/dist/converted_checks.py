@@ -11,7 +11,14 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ascend_patches.ops import decode_layer
 from recipes import decoding, inference
+
+
+def compiled_steps() -> int:
+    """How many decode steps ran through torch.compile (ASCEND_PATCHES_COMPILE_DECODE=1)."""
+    return decode_layer.COMPILED_STEPS[0]
+
 
 tp, pp, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 pairs = list(zip(sys.argv[4::2], sys.argv[5::2]))
@@ -35,7 +42,8 @@ for load, ref in pairs:
         out = decoding.generate(lm, [[tok.bos_id]], 200, decoding.SamplingParams(), tok.eos_id)[0]
         text = tok.decode(out.tokens)
         expected = open(ref, encoding="utf-8").read()
-        result[load] = {"equal": text.encode() == expected.encode(), "len": len(out.tokens), "text": text[:80]}
+        result[load] = {"equal": text.encode() == expected.encode(), "len": len(out.tokens), "text": text[:80],
+                        "compiled_steps": compiled_steps()}
     elif what == "hf_generate":
         from transformers import LlamaForCausalLM
 
@@ -64,5 +72,6 @@ for load, ref in pairs:
                              [cut(t[len(p):].tolist(), eos) for t in theirs],
                              "eos": sum(eos in o.tokens for o in ours)})
         result[load] = rows
+        result["compiled_steps"] = compiled_steps()
 if dist.get_rank() == 0:
     print("RESULT " + json.dumps(result), flush=True)
