@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import ascend_patches
+from ascend_patches.device import cpu_heap
 from recipes import checkpointing, llama2, lora, parallel, throughput, training
 
 # The seed's defaults per size (AscendSpeed's LLaMA-2 scripts); flags override.
@@ -106,6 +107,9 @@ def build_parser():
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--metrics-file", default=None, help="JSONL; default <save>/metrics.jsonl")
     g.add_argument("--peak-tflops", type=float, default=None, help="per device; default: known peak or measured CPU GEMM")
+    g.add_argument("--measure-peak-every", type=int, default=0,
+                   help="CPU: re-measure the GEMM peak every N iterations (untimed), so CPU-MFU compares each step "
+                        "with the machine's speed at that time; a shared machine's speed drifts")
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop early (testing resume)")
     g = p.add_argument_group("LoRA (recipes.lora)")
     g.add_argument("--lora-target-modules", nargs="+", default=None,
@@ -277,6 +281,7 @@ def main(argv=None):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     rank = dist.get_rank()
+    heap_note = cpu_heap.keep_freed_memory() if ascend_patches.settings().backend == "cpu" else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.tokenizer_type) if args.tokenizer_name_or_path else None
     vocab = args.shape.vocab_size if args.vocab_size is None and tokenizer is None else (
@@ -365,6 +370,8 @@ def main(argv=None):
         metrics = open(metrics_path, "a")
     if rank == 0:
         print(ascend_patches.report().splitlines()[1], flush=True)
+        if heap_note:
+            print(f"CPU allocator: {heap_note}", flush=True)
         print(f"{args.model or 'custom'} {args.shape}; TP={args.tensor_model_parallel_size} "
               f"PP={args.pipeline_model_parallel_size}{f' VPP={vpp}' if vpp else ''} DP={dp_size}; "
               f"{args.num_microbatches} micro-batches of {args.micro_batch_size} x {args.seq_length}; "
@@ -373,8 +380,12 @@ def main(argv=None):
     meter = throughput.Meter(throughput.train_flops_per_token(args.shape, args.seq_length, args.padded_vocab),
                              peak, dist.get_world_size())
     stop_at = args.train_iters if args.exit_after_iters is None else min(args.train_iters, args.exit_after_iters)
+    reprobe = args.measure_peak_every if ascend_patches.settings().backend == "cpu" and not args.peak_tflops else 0
     while progress["iteration"] < stop_at:
         it = progress["iteration"] + 1
+        if reprobe and (it - 1) % reprobe == 0 and it > 1:
+            meter.peak = throughput.measured_gemm_tflops(dtype)
+            meter.reset()
         try:
             loss, grad_norm = training.train_step(models, optimizer, data, args.num_microbatches, args.seq_length,
                                                   args.micro_batch_size)
@@ -386,7 +397,7 @@ def main(argv=None):
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             loss = _dp_mean(loss, ps.get_data_parallel_group())
         record = {"iteration": it, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": None if grad_norm is None else float(grad_norm), **m,
+                  "grad_norm": None if grad_norm is None else float(grad_norm), **m, "peak_tflops": meter.peak,
                   "consumed_samples": progress["consumed_samples"]}
         if args.eval_interval and it % args.eval_interval == 0:
             val = evaluate(args, models, valid, dp_rank, dp_size)
