@@ -128,25 +128,34 @@ def grouped_attention(q, keys, values, scale):
     return torch.matmul(probs, values.permute(1, 2, 0, 3)).reshape(1, b, ng * per * d)
 
 
-def layer_math(hidden, norm1, w_qkv, w_proj, norm2, w_fc1, w_fc2, k_mem, v_mem, pos: int, b0: int, tables, dims,
+def step_tables(tables, pos: int):
+    """The RoPE rows one decode step uses (the new query's position; every key's), sliced
+    once per step rather than once per layer."""
+    (cos_q, sin_q, perm_q), (cos_k, sin_k, perm_k) = tables
+    return (cos_q.narrow(0, pos, 1), sin_q.narrow(0, pos, 1), perm_q,
+            cos_k.narrow(0, 0, pos + 1), sin_k.narrow(0, 0, pos + 1), perm_k)
+
+
+def layer_math(hidden, norm1, w_qkv, w_proj, norm2, w_fc1, w_fc2, k_mem, v_mem, pos: int, b0: int, rope, dims,
                reduce, grouped: bool = False):
     """One layer, one new token per sequence, on plain tensors (shared by the eager and the
-    compiled step).  ``dims``: (heads, kv groups, head dim, softmax scale, TP group, heads !=
-    kv groups - a plain bool, which torch.compile keeps constant where it makes ints symbolic).  The
-    cache's keys are before RoPE (as megatron keeps them), so the whole prefix is rotated each
-    step, as megatron's own step does."""
+    compiled step).  ``rope``: ``step_tables``.  ``dims``: (heads, kv groups, head dim, softmax
+    scale, TP group, heads != kv groups - a plain bool, which torch.compile keeps constant where
+    it makes ints symbolic).  The cache's keys are before RoPE (as megatron keeps them), so the
+    whole prefix is rotated each step, as megatron's own step does."""
     nh, ng, d, scale, group, gqa = dims
     per = nh // ng
     b = hidden.shape[1]
-    (cos_q, sin_q, perm_q), (cos_k, sin_k, perm_k) = tables
+    cos_q, sin_q, perm_q, cos_k, sin_k, perm_k = rope
     qkv = F.linear(norm1(hidden), w_qkv).view(1, b, ng, (per + 2) * d)
     q, k, v = qkv.split([per * d, d, d], dim=3)
-    k_mem.narrow(0, pos, 1).narrow(1, b0, b).copy_(k)
-    v_mem.narrow(0, pos, 1).narrow(1, b0, b).copy_(v)
-    keys = k_mem.narrow(0, 0, pos + 1).narrow(1, b0, b)
-    values = v_mem.narrow(0, 0, pos + 1).narrow(1, b0, b)
-    q = _rotate(q.unflatten(-1, (per, d)), cos_q.narrow(0, pos, 1), sin_q.narrow(0, pos, 1), perm_q)
-    keys = _rotate(keys, cos_k.narrow(0, 0, pos + 1), sin_k.narrow(0, 0, pos + 1), perm_k)
+    if b0 != 0 or b != k_mem.shape[1]:  # a slice of the cache's batch
+        k_mem, v_mem = k_mem.narrow(1, b0, b), v_mem.narrow(1, b0, b)
+    k_mem.narrow(0, pos, 1).copy_(k)
+    v_mem.narrow(0, pos, 1).copy_(v)
+    keys, values = k_mem.narrow(0, 0, pos + 1), v_mem.narrow(0, 0, pos + 1)
+    q = _rotate(q.unflatten(-1, (per, d)), cos_q, sin_q, perm_q)
+    keys = _rotate(keys, cos_k, sin_k, perm_k)
     if grouped:
         ctx_out = grouped_attention(q, keys, values, scale)
     else:
@@ -163,14 +172,14 @@ def _dims(attn):
             attn.linear_proj.tp_group, nh != ng)
 
 
-def decode_step(layer, hidden, tables, ctx):
-    """A megatron TransformerLayer's decode step through ``layer_math``."""
+def decode_step(layer, hidden, rope, ctx):
+    """A megatron TransformerLayer's decode step through ``layer_math`` (``rope``: ``step_tables``)."""
     attn, mlp = layer.self_attention, layer.mlp
     k_mem, v_mem = ctx.key_value_memory_dict[layer.layer_number]
     reduce = _megatron()["mappings"]._reduce
     return layer_math(hidden, lambda x: _norm(layer.input_layernorm, x), attn.linear_qkv.weight,
                       attn.linear_proj.weight, lambda x: _norm(layer.pre_mlp_layernorm, x), mlp.linear_fc1.weight,
-                      mlp.linear_fc2.weight, k_mem, v_mem, ctx.sequence_len_offset, ctx.batch_size_offset, tables,
+                      mlp.linear_fc2.weight, k_mem, v_mem, ctx.sequence_len_offset, ctx.batch_size_offset, rope,
                       _dims(attn), reduce)
 
 
@@ -178,9 +187,10 @@ def stack_math(hidden, pos: int, b0: int, layers, caches, final_norm, w_out, tab
     """Every layer, the final norm and the output layer of a TP=1 model, on plain tensors:
     what ``torch.compile`` turns into one kernel sequence.  ``layers``: per layer (norm1
     weight, eps, qkv, proj, norm2 weight, eps, fc1, fc2)."""
+    rope = step_tables(tables, pos)
     for (n1, e1, w_qkv, w_proj, n2, e2, w_fc1, w_fc2), (k_mem, v_mem) in zip(layers, caches):
         hidden = layer_math(hidden, lambda x, w=n1, e=e1: rms_norm(x, w, e), w_qkv, w_proj,
-                            lambda x, w=n2, e=e2: rms_norm(x, w, e), w_fc1, w_fc2, k_mem, v_mem, pos, b0, tables,
+                            lambda x, w=n2, e=e2: rms_norm(x, w, e), w_fc1, w_fc2, k_mem, v_mem, pos, b0, rope,
                             dims, _no_reduce, grouped=True)
     return F.linear(rms_norm(hidden, final_norm[0], final_norm[1]), w_out)
 
@@ -273,7 +283,8 @@ def transformer_layer_forward(original):
         freqs = rope[0] if isinstance(rope, tuple) else rope
         if freqs.shape[-1] != self.self_attention.hidden_size_per_attention_head:
             return original(self, *args, **kwargs)  # partial rotary
-        return decode_step(self, hidden, _tables(rope, hidden.dtype), ctx), kwargs.get("context")
+        rows = step_tables(_tables(rope, hidden.dtype), ctx.sequence_len_offset)
+        return decode_step(self, hidden, rows, ctx), kwargs.get("context")
 
     return forward
 
@@ -317,11 +328,13 @@ def gpt_model_forward(original):
         if _state.current().compile_decode and _compilable(self):
             logits = compiled_model_step(self, hidden, tables, ctx)
         else:
+            rows = step_tables(tables, ctx.sequence_len_offset)
             for layer in layers:
-                hidden = decode_step(layer, hidden, tables, ctx)
+                hidden = decode_step(layer, hidden, rows, ctx)
             logits = F.linear(_norm(self.decoder.final_layernorm, hidden), self.output_layer.weight)
         if kwargs.get("runtime_gather_output") or self.output_layer.gather_output:
-            logits = _megatron()["mappings"].gather_from_tensor_model_parallel_region(logits, self.output_layer.tp_group)
+            gather = _megatron()["mappings"].gather_from_tensor_model_parallel_region
+            logits = gather(logits, self.output_layer.tp_group)
         return logits.transpose(0, 1).contiguous()  # [b, 1, vocab], as GPTModel returns
 
     return forward
