@@ -8,7 +8,11 @@ This is the same math in one function: RMSNorm -> QKV -> K/V written into megatr
 over the cache -> projection (+TP all-reduce) -> residual -> RMSNorm -> SwiGLU MLP (+TP
 all-reduce) -> residual.  The weights are the layer's own and the cache is megatron's, so
 prefill (stock path) and decode interleave; its logits equal the stock layer's bit for bit
-on the CPU (tests/test_ops.py).
+on the CPU (tests/test_generate.py).
+
+With ``compile_decode`` on (see ``settings.py``), a TP=1 one-stage model's whole step goes
+through ``torch.compile``: the same ``layer_math``, with attention as two grouped matmuls so
+the compiler fuses the softmax; equal to the stock logits to rounding.
 
 It applies only where its assumptions hold (no_grad, eval, static batching, one query token,
 a populated cache, plain megatron linears - not LoRA-wrapped -, gated SiLU MLP, no biases, no
