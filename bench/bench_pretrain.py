@@ -1,6 +1,7 @@
 """Preprocessing throughput (1 vs 2 workers) and the pretrain recipe's own step time and
 CPU-MFU (achieved model FLOP/s over this machine's measured GEMM FLOP/s in the same dtype,
-measured by the recipe at start-up) for the CPU-sized LLaMA-2 shape, fp32 and bf16.
+measured by the recipe before each step; medians over the run) for the CPU-sized LLaMA-2
+shape, fp32 and bf16, at global batch 2 and 8 (micro-batch 2).
 
     python bench/bench_pretrain.py [--tokenizer ../shared/fixtures/tokenizer/tokenizer.model] [--global-batch-sizes 2,8]
 """

@@ -214,15 +214,20 @@ def _compiled_stack(dims):
     return _COMPILED[dims]
 
 
-def _compilable(model) -> bool:
-    """The compiled step takes TP=1 models whose norms are the fused RMSNorm (a CPU or CUDA
-    backend: torch.compile has no NPU backend here)."""
-    if _state.backend() not in ("cpu", "cuda") or model.output_layer.tp_group.size() != 1:
-        return False
+def _compile_blocker(model) -> str:
+    """Why the compiled step cannot take this (otherwise eligible) model, '' if it can: it
+    takes TP=1 models whose norms are the fused RMSNorm, on a CPU or CUDA backend
+    (torch.compile has no NPU backend here)."""
+    if _state.backend() not in ("cpu", "cuda"):
+        return f"torch.compile is not used on the {_state.backend()} backend"
+    if model.output_layer.tp_group.size() != 1:
+        return "it needs TP=1"
     norms = [model.decoder.final_layernorm]
     for layer in model.decoder.layers:
         norms += [layer.input_layernorm, layer.pre_mlp_layernorm]
-    return all(type(n) is FusedRMSNorm for n in norms)
+    if not all(type(n) is FusedRMSNorm for n in norms):
+        return "the model's norms are not ascend_patches' RMSNorm"
+    return ""
 
 
 def compile_unavailable(model) -> str:
@@ -232,17 +237,11 @@ def compile_unavailable(model) -> str:
 
     if REGISTRY.status.get("decode_model", ("",))[0] != "applied":
         return "the decode_model patch is not applied (see ascend_patches.report())"
-    if _state.backend() not in ("cpu", "cuda"):
-        return f"torch.compile is not used on the {_state.backend()} backend"
     if not (model.pre_process and model.post_process):
         return "it needs one pipeline stage (PP=1)"
-    if model.output_layer.tp_group.size() != 1:
-        return "it needs TP=1"
     if not all(_layer_ok_types(layer) for layer in model.decoder.layers) or not _config_ok(model.config):
         return "the model's layers are not plain LLaMA layers (LoRA adapters unmerged, biases, MoE, ...)"
-    if not _compilable(model):
-        return "the model's norms are not ascend_patches' RMSNorm"
-    return ""
+    return _compile_blocker(model)
 
 
 def _weights(model, ctx):
@@ -329,7 +328,7 @@ def gpt_model_forward(original):
             return original(self, input_ids, position_ids, attention_mask, *args, **kwargs)
         hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [1, b, h]
         tables = _tables(rope, hidden.dtype)
-        if _state.current().compile_decode and _compilable(self):
+        if _state.current().compile_decode and not _compile_blocker(self):
             logits = compiled_model_step(self, hidden, tables, ctx)
         else:
             rows = step_tables(tables, ctx.sequence_len_offset)
