@@ -281,7 +281,8 @@ def main(argv=None):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     rank = dist.get_rank()
-    heap_note = cpu_heap.keep_freed_memory() if ascend_patches.settings().backend == "cpu" else None
+    on_cpu = ascend_patches.settings().backend == "cpu"
+    heap_note = cpu_heap.keep_freed_memory() if on_cpu else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     tokenizer = load_tokenizer(args.tokenizer_name_or_path, args.tokenizer_type) if args.tokenizer_name_or_path else None
     vocab = args.shape.vocab_size if args.vocab_size is None and tokenizer is None else (
@@ -380,7 +381,7 @@ def main(argv=None):
     meter = throughput.Meter(throughput.train_flops_per_token(args.shape, args.seq_length, args.padded_vocab),
                              peak, dist.get_world_size())
     stop_at = args.train_iters if args.exit_after_iters is None else min(args.train_iters, args.exit_after_iters)
-    reprobe = args.measure_peak_every if ascend_patches.settings().backend == "cpu" and not args.peak_tflops else 0
+    reprobe = args.measure_peak_every if on_cpu and not args.peak_tflops else 0
     while progress["iteration"] < stop_at:
         it = progress["iteration"] + 1
         if reprobe and (it - 1) % reprobe == 0 and it > 1:

@@ -47,13 +47,15 @@ def _config_ok(cfg) -> bool:
                 or getattr(cfg, "rotary_interleaved", False))
 
 
+def _decoding(module, ctx) -> bool:
+    """Inference with a populated static cache: a decode step can be fused."""
+    return (ctx is not None and not module.training and not torch.is_grad_enabled() and ctx.is_static_batching()
+            and ctx.sequence_len_offset != 0)
+
+
 def _eligible(layer, ctx) -> bool:
     """The layer and cache fit the fused step (the caller checks there is one new token)."""
-    if ctx is None or layer.training or torch.is_grad_enabled():
-        return False
-    if not ctx.is_static_batching() or ctx.sequence_len_offset == 0:
-        return False
-    return _layer_ok(layer, ctx) and _config_ok(layer.config)
+    return _decoding(layer, ctx) and _layer_ok(layer, ctx) and _config_ok(layer.config)
 
 
 def _layer_ok(layer, ctx) -> bool:
@@ -244,32 +246,35 @@ def compile_unavailable(model) -> str:
     return _compile_blocker(model)
 
 
-def _weights(model, ctx):
-    """Per-layer weights in ``stack_math``'s order, gathered once per inference context (one
-    generation: the weights do not change under it)."""
-    cached = getattr(ctx, "_ascend_patches_weights", None)
+def _compiled_plan(model, ctx):
+    """Per-layer weights in ``stack_math``'s order and the attention dims, or None where
+    ``_compile_blocker`` refuses the model; worked out once per inference context (one
+    generation: neither changes under it)."""
+    cached = getattr(ctx, "_ascend_patches_plan", None)
     if cached is not None and cached[0] is model:
         return cached[1]
-    layers = []
-    for layer in model.decoder.layers:
-        attn, mlp = layer.self_attention, layer.mlp
-        layers.append((layer.input_layernorm.weight, layer.input_layernorm.eps, attn.linear_qkv.weight,
-                       attn.linear_proj.weight, layer.pre_mlp_layernorm.weight, layer.pre_mlp_layernorm.eps,
-                       mlp.linear_fc1.weight, mlp.linear_fc2.weight))
-    final = model.decoder.final_layernorm
-    nh, ng, d, scale, _, gqa = _dims(model.decoder.layers[0].self_attention)
-    out = (layers, [layer.layer_number for layer in model.decoder.layers], (final.weight, final.eps),
-           model.output_layer.weight, (nh, ng, d, scale, None, gqa))
-    ctx._ascend_patches_weights = (model, out)
-    return out
+    plan = None
+    if not _compile_blocker(model):
+        layers = []
+        for layer in model.decoder.layers:
+            attn, mlp = layer.self_attention, layer.mlp
+            layers.append((layer.input_layernorm.weight, layer.input_layernorm.eps, attn.linear_qkv.weight,
+                           attn.linear_proj.weight, layer.pre_mlp_layernorm.weight, layer.pre_mlp_layernorm.eps,
+                           mlp.linear_fc1.weight, mlp.linear_fc2.weight))
+        final = model.decoder.final_layernorm
+        nh, ng, d, scale, _, gqa = _dims(model.decoder.layers[0].self_attention)
+        plan = (layers, [layer.layer_number for layer in model.decoder.layers], (final.weight, final.eps),
+                model.output_layer.weight, (nh, ng, d, scale, None, gqa))
+    ctx._ascend_patches_plan = (model, plan)
+    return plan
 
 
 COMPILED_STEPS = [0]  # steps taken through the compiled path (tests check that it ran)
 
 
-def compiled_model_step(model, hidden, tables, ctx):
+def compiled_model_step(plan, hidden, tables, ctx):
     COMPILED_STEPS[0] += 1
-    layers, numbers, final, w_out, dims = _weights(model, ctx)
+    layers, numbers, final, w_out, dims = plan
     caches = [ctx.key_value_memory_dict[n] for n in numbers]  # re-read: beam search swaps them
     return _compiled_stack(dims)(hidden, ctx.sequence_len_offset, ctx.batch_size_offset, layers, caches, final,
                                  w_out, tables)
@@ -297,9 +302,7 @@ _MODEL_KWARGS = ("decoder_input", "labels", "packed_seq_params", "attention_mask
 
 
 def _model_eligible(model, input_ids, ctx, kwargs) -> bool:
-    if ctx is None or model.training or torch.is_grad_enabled() or input_ids is None or input_ids.shape[1] != 1:
-        return False
-    if not ctx.is_static_batching() or ctx.sequence_len_offset == 0:
+    if input_ids is None or input_ids.shape[1] != 1 or not _decoding(model, ctx):
         return False
     if not (model.pre_process and model.post_process) or getattr(model, "mtp_process", False):
         return False
@@ -328,8 +331,9 @@ def gpt_model_forward(original):
             return original(self, input_ids, position_ids, attention_mask, *args, **kwargs)
         hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [1, b, h]
         tables = _tables(rope, hidden.dtype)
-        if _state.current().compile_decode and not _compile_blocker(self):
-            logits = compiled_model_step(self, hidden, tables, ctx)
+        plan = _compiled_plan(self, ctx) if _state.current().compile_decode else None
+        if plan is not None:
+            logits = compiled_model_step(plan, hidden, tables, ctx)
         else:
             rows = step_tables(tables, ctx.sequence_len_offset)
             for layer in layers:
