@@ -10,7 +10,7 @@ from functools import partial
 
 from .collectives import backend_name_wrapper, reduce_scatter_base_wrapper, reduce_scatter_tensor_wrapper
 from .device import cpu, rng
-from .ops import adamw, decode_layer, flash_attention, inference_linear, multi_tensor, rms_norm, rope, swiglu
+from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
 CPU, NPU = frozenset({"cpu"}), frozenset({"npu"})
@@ -72,6 +72,20 @@ _(Patch("multi_tensor_l2norm", "megatron.core.utils:local_multi_tensor_l2_norm",
 _(Patch("multi_tensor_scale", "megatron.core.utils:local_multi_tensor_scale",
         wrapper=multi_tensor.multi_tensor_scale_wrapper,
         why="torch._foreach_mul_ in place instead of dst.copy_(src * scale) per tensor"))
+
+_(Patch("grad_accum_fusion.kernel", "megatron.core.tensor_parallel.layers:fused_weight_gradient_mlp_cuda",
+        replacement=grad_accum.CpuWgradAccum, backends=CPU, create=True, sweep=False,
+        why="gradient_accumulation_fusion's wgrad GEMM is Apex CUDA-only; on the CPU it accumulates into main_grad"))
+_(Patch("grad_accum_fusion.available", "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available",
+        replacement=True, backends=CPU, sweep=False,
+        condition=lambda s: "disabled with 'grad_accum_fusion.kernel'" if "grad_accum_fusion.kernel" in s.disabled else None,
+        why="lets megatron accept gradient_accumulation_fusion=True, which the kernel above serves"))
+_(Patch("grad_accum_fusion.embedding_init", "megatron.core.tensor_parallel.layers:VocabParallelEmbedding.__init__",
+        wrapper=grad_accum.vocab_embedding_init,
+        why="notes the config's gradient_accumulation_fusion on the embedding, which keeps no config"))
+_(Patch("grad_accum_fusion.embedding", "megatron.core.tensor_parallel.layers:VocabParallelEmbedding.forward",
+        wrapper=grad_accum.vocab_embedding_forward,
+        why="the embedding gradient index-adds into main_grad instead of a zero-filled [vocab, hidden] tensor"))
 
 _(Patch("inference.linear", "megatron.core.tensor_parallel.layers:linear_with_grad_accumulation_and_async_allreduce",
         wrapper=inference_linear.linear_wrapper,

@@ -40,6 +40,7 @@ class Patch:
     group: str = "ops"
     sweep: bool = True  # rebind `from x import f` copies of a module-level target
     condition: Optional[Callable[[Any], Optional[str]]] = None  # settings -> reason to skip
+    create: bool = False  # the target may be absent (an optional extension that failed to import)
 
     def __post_init__(self):
         if (self.replacement is None) == (self.wrapper is None):
@@ -143,16 +144,20 @@ class Registry:
         try:
             original = getattr(owner, attr)
         except AttributeError:
-            raise PatchTargetError(_missing_message(patch)) from None
+            if not patch.create:
+                raise PatchTargetError(_missing_message(patch)) from None
+            original = _MISSING
         if isinstance(owner, type) and not _defined_in_package(owner, attr):
             # e.g. a method renamed upstream: getattr finds torch.nn.Module's instead.
             raise PatchTargetError(_missing_message(patch))
+        if original is _MISSING and patch.kind == "wrap":
+            raise PatchTargetError(f"patch {patch.name}: {patch.target} is absent, so there is nothing to wrap")
         new = patch.replacement if patch.kind == "replace" else patch.wrapper(original)
         if isinstance(raw, staticmethod) and attr != "__new__":
             new = staticmethod(new)
         setattr(owner, attr, new)
         record = _Applied(owner, attr, raw, original, new)
-        if patch.sweep and isinstance(owner, type(sys)) and _sweepable(original):
+        if patch.sweep and original is not _MISSING and isinstance(owner, type(sys)) and _sweepable(original):
             _rebind_everywhere(original, new, skip=owner)
             record.swept = True
         self.applied[patch.name] = record
@@ -163,7 +168,9 @@ class Registry:
         with self._lock:
             for name in reversed(list(self.applied)):
                 rec = self.applied.pop(name)
-                if rec.saved is _MISSING:
+                if rec.original is _MISSING:  # created by the patch: remove it again
+                    delattr(rec.owner, rec.attr)
+                elif rec.saved is _MISSING:
                     try:
                         delattr(rec.owner, rec.attr)
                     except AttributeError:

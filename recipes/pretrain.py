@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import ascend_patches
 from ascend_patches.device import cpu_heap
+from ascend_patches.ops import grad_accum
 from recipes import checkpointing, llama2, lora, parallel, throughput, training
 
 # The seed's defaults per size (AscendSpeed's LLaMA-2 scripts); flags override.
@@ -89,6 +90,10 @@ def build_parser():
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--fp32", action="store_true", help="override a size's bf16 default")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
+                   help="add weight gradients to the fp32 main_grad after the GEMM, not in it (on by default "
+                        "where the accelerator has the kernel: Apex on CUDA, ascend_patches on the CPU; never "
+                        "with LoRA, whose frozen weights have no main_grad)")
     g.add_argument("--seed", type=int, default=1234)
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", required=True)
@@ -296,16 +301,18 @@ def main(argv=None):
         args.padded_vocab = saved["padded_vocab_size"]  # the checkpoint's embedding rows
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    use_lora = bool(args.lora_target_modules)
+    grad_accum_fusion = args.gradient_accumulation_fusion and not use_lora and grad_accum.available()
     config = llama2.transformer_config(
         args.shape, tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=args.sequence_parallel,
         pipeline_dtype=dtype, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        gradient_accumulation_fusion=grad_accum_fusion,
     )
     models = build_models(args, config)
     args.num_model_chunks = len(models)
-    use_lora = bool(args.lora_target_modules)
     progress = {"iteration": 0, "consumed_samples": 0}
     weights_only = args.finetune or use_lora or (args.load and checkpointing.latest_iteration(args.load) == "release")
     if use_lora:
@@ -376,7 +383,8 @@ def main(argv=None):
         print(f"{args.model or 'custom'} {args.shape}; TP={args.tensor_model_parallel_size} "
               f"PP={args.pipeline_model_parallel_size}{f' VPP={vpp}' if vpp else ''} DP={dp_size}; "
               f"{args.num_microbatches} micro-batches of {args.micro_batch_size} x {args.seq_length}; "
-              f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}", flush=True)
+              f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; gradient accumulation fusion "
+              f"{'on' if grad_accum_fusion else 'off'}", flush=True)
     peak, peak_src = throughput.peak_tflops(ascend_patches.settings().backend, dtype, args.peak_tflops)
     meter = throughput.Meter(throughput.train_flops_per_token(args.shape, args.seq_length, args.padded_vocab),
                              peak, dist.get_world_size())

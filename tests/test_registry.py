@@ -126,6 +126,20 @@ def test_missing_target_is_a_loud_error_and_leaves_nothing_half_patched(fake_lib
     assert lib.f is f, "a failed apply must roll back what it had patched"
 
 
+def test_create_installs_an_absent_name_and_revert_removes_it(fake_lib):
+    lib, _, _, _ = fake_lib
+    r = _registry(Patch("ext", "fake_lib_ap:optional_ext", replacement="cpu kernel", create=True, why="t"),
+                  Patch("ext_wrap", "fake_lib_ap:other_ext", wrapper=lambda o: o, create=True, why="t"))
+    with pytest.raises(PatchTargetError, match="nothing to wrap"):
+        r.apply(CPU)
+    assert not hasattr(lib, "optional_ext"), "a failed apply must roll back what it had created"
+    r = _registry(Patch("ext", "fake_lib_ap:optional_ext", replacement="cpu kernel", create=True, why="t"))
+    r.apply(CPU)
+    assert lib.optional_ext == "cpu kernel"
+    r.revert()
+    assert not hasattr(lib, "optional_ext"), "revert must leave the name absent, as it was"
+
+
 def test_declaration_errors():
     with pytest.raises(ValueError, match="exactly one"):
         Patch("x", "m:a", why="t")
