@@ -18,7 +18,7 @@ from . import _state
 from .backend import detect, dist_backend as _dist_backend_for
 from .patches import REGISTRY
 from .registry import Patch, PatchTargetError
-from .settings import Settings, auto_apply, env_backend, env_disabled, env_flag, parse_disable
+from .settings import Settings, auto_apply, check_compile_ops, env_backend, env_disabled, env_flag, parse_disable
 from .versions import check_megatron_version, installed_versions
 
 __version__ = "0.1.0"
@@ -39,8 +39,10 @@ def _settings_from_env() -> Settings:
     disabled = env_disabled()
     _validate_disabled(disabled)
     backend, why = detect(env_backend())
+    compile_ops = env_flag("ASCEND_PATCHES_COMPILE_OPS")
+    check_compile_ops(backend, compile_ops)
     return Settings(backend=backend, disabled=disabled, backend_reason=why,
-                    compile_decode=env_flag("ASCEND_PATCHES_COMPILE_DECODE"))
+                    compile_decode=env_flag("ASCEND_PATCHES_COMPILE_DECODE"), compile_ops=compile_ops)
 
 
 def settings() -> Settings:
@@ -65,10 +67,10 @@ def revert() -> None:
 
 
 def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = None,
-              compile_decode: Optional[bool] = None) -> Settings:
+              compile_decode: Optional[bool] = None, compile_ops: Optional[bool] = None) -> Settings:
     """Change settings and re-apply: ``configure(disable=["ops"])`` leaves only the device
     layer; ``configure(disable=[])`` turns everything back on. Unknown names are errors.
-    ``compile_decode=True``: see ``settings.py``."""
+    ``compile_decode=True``, ``compile_ops=True``: see ``settings.py``."""
     current = _state.current()
     disabled = current.disabled if disable is None else parse_disable(disable)
     _validate_disabled(disabled)
@@ -76,10 +78,13 @@ def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = 
         b, why = detect(backend)
     else:
         b, why = current.backend, current.backend_reason
+    compile_ops = current.compile_ops if compile_ops is None else bool(compile_ops)
+    check_compile_ops(b, compile_ops)
     was_active = REGISTRY.active
     REGISTRY.revert()
     compile_decode = current.compile_decode if compile_decode is None else bool(compile_decode)
-    _state.set_current(Settings(backend=b, disabled=disabled, backend_reason=why, compile_decode=compile_decode))
+    _state.set_current(Settings(backend=b, disabled=disabled, backend_reason=why, compile_decode=compile_decode,
+                                compile_ops=compile_ops))
     if was_active or auto_apply():
         apply()
     return _state.current()
@@ -132,6 +137,8 @@ def report(import_targets: bool = False) -> str:
         lines.append(f"disabled: {', '.join(sorted(s.disabled))}")
     if s.compile_decode:
         lines.append("compile_decode: on (decode_model's TP=1 step runs through torch.compile)")
+    if s.compile_ops:
+        lines.append("compile_ops: on (rms_norm, swiglu, rope run torch.compile-generated CPU kernels)")
     counts = {}
     by_group = {}
     for name, patch in REGISTRY.patches.items():

@@ -9,6 +9,10 @@ Environment variables (read when ``ascend_patches`` is imported):
 - ``ASCEND_PATCHES_COMPILE_DECODE=1``: the ``decode_model`` patch runs its TP=1 decode step
   through ``torch.compile`` (CPU and CUDA).  Off by default: the first step of each batch
   size compiles for tens of seconds, which pays off only over long generations.
+- ``ASCEND_PATCHES_COMPILE_OPS=1``: on the CPU, the RMSNorm, SwiGLU and RoPE patches run
+  their forward and backward as single-pass kernels that ``torch.compile`` (inductor's C++
+  backend) generates, instead of several eager passes over memory each.  Off by default:
+  the first call of each op compiles for seconds; it pays off over a training run.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Settings:
     disabled: FrozenSet[str] = field(default_factory=frozenset)
     backend_reason: str = ""
     compile_decode: bool = False
+    compile_ops: bool = False
 
     def with_(self, **kw) -> "Settings":
         return replace(self, **kw)
@@ -52,6 +57,12 @@ def env_disabled() -> FrozenSet[str]:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_compile_ops(backend: str, on: bool) -> None:
+    if on and backend != "cpu":
+        raise ValueError(f"compile_ops covers the CPU backend only (backend is {backend}): on NPU the ops are "
+                         "torch_npu's fused kernels already, and the CUDA path is not built or measured")
 
 
 def auto_apply() -> bool:

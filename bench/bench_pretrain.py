@@ -4,6 +4,10 @@ measured by the recipe before each step; medians over the run) for the CPU-sized
 shape, fp32 and bf16, at global batch 2 and 8 (micro-batch 2).
 
     python bench/bench_pretrain.py [--tokenizer ../shared/fixtures/tokenizer/tokenizer.model] [--global-batch-sizes 2,8]
+        [--variants fused,plain]
+
+"fused" is the recipe as the bench runs it (gradient accumulation fusion, --compile-fused-ops);
+"plain" turns both off, for the ratio.
 """
 
 from __future__ import annotations
@@ -42,12 +46,22 @@ def bench_preprocess(tok: str, work: Path, copies: int):
     return results, str(work / "w1_text_document")
 
 
-def bench_train(data: str, tok: str, dtype: str, iters: int, work: Path, gbs: int):
-    metrics = work / f"m_{dtype}_{gbs}.jsonl"
+VARIANTS = {
+    # what the recipe runs for this bench: megatron's gradient accumulation fusion (on by
+    # default) and the compiled CPU kernels for RMSNorm, SwiGLU and RoPE
+    "fused": ["--compile-fused-ops"],
+    # the same loop with both off, for the side-by-side ratio
+    "plain": ["--no-gradient-accumulation-fusion"],
+}
+
+
+def bench_train(data: str, tok: str, dtype: str, iters: int, work: Path, gbs: int, variant: str = "fused"):
+    metrics = work / f"m_{dtype}_{gbs}_{variant}.jsonl"
     cmd = [sys.executable, "-m", "recipes.pretrain", *CPU_SHAPE, "--data-path", data, "--tokenizer-name-or-path", tok,
            "--micro-batch-size", "2", "--global-batch-size", str(gbs), "--train-iters", str(iters), "--lr", "1e-4",
            "--metrics-file", str(metrics), "--log-interval", "1", "--split", "100,0,0", "--measure-peak-every", "1"]
     cmd += ["--bf16"] if dtype == "bf16" else ["--fp32"]
+    cmd += VARIANTS[variant]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
@@ -68,6 +82,7 @@ def main():
     p.add_argument("--copies", type=int, default=24, help="copies of the Alpaca sample in the corpus")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--global-batch-sizes", default="2,8", help="micro-batch 2; 8 = 4 accumulated micro-batches")
+    p.add_argument("--variants", default="fused", help=f"comma-separated, of {', '.join(VARIANTS)}")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -81,12 +96,13 @@ def main():
               "recipe measured before each step (--measure-peak-every 1), medians over the run:")
         for gbs in (int(x) for x in args.global_batch_sizes.split(",")):
             for dtype in ("fp32", "bf16"):
-                r = bench_train(data, args.tokenizer, dtype, args.iters, work, gbs)
-                print(f"  {dtype}, global batch {gbs}: {r['step_time_s']:.2f} s/step, "
-                      f"{r['tokens_per_s_per_device']:,.0f} tokens/s, {r['tflops_per_device'] * 1e3:.1f} GFLOP/s, "
-                      f"CPU-MFU {100 * r['mfu']:.1f}% (of measured {dtype} GEMM, median "
-                      f"{r['peak_tflops'] * 1e3:.0f} GFLOP/s, range {r['peak_range'][0] * 1e3:.0f}-"
-                      f"{r['peak_range'][1] * 1e3:.0f})", flush=True)
+                for variant in args.variants.split(","):
+                    r = bench_train(data, args.tokenizer, dtype, args.iters, work, gbs, variant)
+                    print(f"  {dtype}, global batch {gbs}, {variant}: {r['step_time_s']:.2f} s/step, "
+                          f"{r['tokens_per_s_per_device']:,.0f} tokens/s, {r['tflops_per_device'] * 1e3:.1f} GFLOP/s, "
+                          f"CPU-MFU {100 * r['mfu']:.1f}% (of measured {dtype} GEMM, median "
+                          f"{r['peak_tflops'] * 1e3:.0f} GFLOP/s, range {r['peak_range'][0] * 1e3:.0f}-"
+                          f"{r['peak_range'][1] * 1e3:.0f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def build_parser():
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--fp32", action="store_true", help="override a size's bf16 default")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    g.add_argument("--compile-fused-ops", action="store_true",
+                   help="CPU: run RMSNorm, SwiGLU and RoPE forward and backward as torch.compile-generated "
+                        "kernels (ascend_patches compile_ops; compiles for ~15 s at the first step)")
     g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
                    help="add weight gradients to the fp32 main_grad after the GEMM, not in it (on by default "
                         "where the accelerator has the kernel: Apex on CUDA, ascend_patches on the CPU; never "
@@ -286,6 +289,8 @@ def main(argv=None):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     rank = dist.get_rank()
+    if args.compile_fused_ops:
+        ascend_patches.configure(compile_ops=True)  # a clear error off the CPU
     on_cpu = ascend_patches.settings().backend == "cpu"
     heap_note = cpu_heap.keep_freed_memory() if on_cpu else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -384,7 +389,8 @@ def main(argv=None):
               f"PP={args.pipeline_model_parallel_size}{f' VPP={vpp}' if vpp else ''} DP={dp_size}; "
               f"{args.num_microbatches} micro-batches of {args.micro_batch_size} x {args.seq_length}; "
               f"{'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; gradient accumulation fusion "
-              f"{'on' if grad_accum_fusion else 'off'}", flush=True)
+              f"{'on' if grad_accum_fusion else 'off'}; compiled CPU ops {'on' if args.compile_fused_ops else 'off'}",
+              flush=True)
     peak, peak_src = throughput.peak_tflops(ascend_patches.settings().backend, dtype, args.peak_tflops)
     meter = throughput.Meter(throughput.train_flops_per_token(args.shape, args.seq_length, args.padded_vocab),
                              peak, dist.get_world_size())

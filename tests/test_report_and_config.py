@@ -46,6 +46,15 @@ def test_unsupported_backend_is_an_error():
     assert out.returncode != 0 and "torch_npu does not import" in out.stderr
 
 
+def test_compile_ops_is_cpu_only_and_reported():
+    out = _run("-m", "ascend_patches", env={"ASCEND_PATCHES_COMPILE_OPS": "1"})
+    assert out.returncode == 0 and "compile_ops: on" in out.stdout, out.stderr
+    from ascend_patches.settings import check_compile_ops
+
+    with pytest.raises(ValueError, match="compile_ops covers the CPU backend only"):
+        check_compile_ops("npu", True)  # configure() and the env path both call it
+
+
 def test_megatron_version_outside_range_warns(monkeypatch):
     monkeypatch.setattr(versions, "version_of", lambda d: "0.19.2" if d == "megatron-core" else "1.0")
     with pytest.warns(UserWarning, match=r"megatron-core 0.19.2 is outside the range .*>=0.16.0,<0.17.0"):

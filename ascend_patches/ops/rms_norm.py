@@ -1,5 +1,7 @@
 """RMSNorm: ``torch_npu.npu_rms_norm`` on NPU, ``torch.nn.functional.rms_norm`` elsewhere
-(one fused kernel in torch >= 2.4 on CUDA and CPU).
+(one fused kernel in torch >= 2.4 on CUDA and CPU).  On the CPU with ``compile_ops``, an
+autograd function whose forward and backward are each one compiled kernel
+(``compiled.py``): eager CPU autograd takes the norm apart into ~10 passes.
 
 Math: ``y = x * rsqrt(mean(x^2, -1) + eps) * weight``, computed in float32.
 """
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _state
+from . import compiled
 
 
 def rms_norm_npu(x, weight, eps):
@@ -18,7 +21,37 @@ def rms_norm_npu(x, weight, eps):
     return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0]
 
 
+def _rms_norm_math(x, weight, eps: float):
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd).to(x.dtype) * weight.to(x.dtype), rstd
+
+
+def _rms_norm_grad_math(g, x, weight, rstd):
+    xhat = x.float() * rstd
+    gw = g.float() * weight.float()
+    grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+    grad_w = (g.float() * xhat).reshape(-1, x.shape[-1]).sum(0)
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype)
+
+
+class _RMSNormCompiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = compiled.kernel(_rms_norm_math)(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_w = compiled.kernel(_rms_norm_grad_math)(g, x, weight, rstd)
+        return grad_x, grad_w, None
+
+
 def rms_norm_torch(x, weight, eps):
+    if compiled.on():
+        return _RMSNormCompiled.apply(x, weight, eps)
     if x.dtype in (torch.float16, torch.bfloat16):
         y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
         return y * weight.to(x.dtype)

@@ -6,6 +6,8 @@
 - CUDA and CPU: an autograd function that saves only cos/sin (not x); cos/sin are computed
   once per ``freqs`` tensor (megatron passes the same one to every layer, for q and k)
   instead of twice per layer.
+- CPU with ``compile_ops``: the same function, its forward and backward each one compiled
+  kernel (``compiled.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _state
+from . import compiled
 from ..registry import warn_once
 
 _cache = {"freqs": None, "version": None, "dtype": None, "cos": None, "sin": None}
@@ -49,6 +52,26 @@ class _RotaryHalf(torch.autograd.Function):
         return g * cos + _rotate_half_transposed(g * sin), None, None
 
 
+def _rope_math(x, cos, sin):
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rope_grad_math(g, cos, sin):
+    return g * cos + _rotate_half_transposed(g * sin)
+
+
+class _RotaryHalfCompiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return compiled.kernel(_rope_math)(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return compiled.kernel(_rope_grad_math)(g, cos, sin), None, None
+
+
 def rotary_npu(x, cos, sin):
     import torch_npu
 
@@ -56,7 +79,7 @@ def rotary_npu(x, cos, sin):
 
 
 def rotary_torch(x, cos, sin):
-    return _RotaryHalf.apply(x, cos, sin)
+    return (_RotaryHalfCompiled if compiled.on() else _RotaryHalf).apply(x, cos, sin)
 
 
 def apply_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

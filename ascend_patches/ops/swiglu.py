@@ -6,6 +6,8 @@ linear_fc1 output is [gate | up] on each tensor-parallel rank, the layout npu_sw
   also keeps silu(a)) and writes both gradient halves straight into one [gate | up]
   buffer, the gate half by aten's one-kernel ``silu_backward`` (measured ~0.93x stock's
   time on this CPU, `bench/bench_step.py`).
+- CPU with ``compile_ops``: the same function, its forward and backward each one compiled
+  kernel (``compiled.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _state
+from . import compiled
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -34,6 +37,31 @@ class _SwiGLU(torch.autograd.Function):
         return grad
 
 
+def _swiglu_math(x):
+    a, b = x.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+def _swiglu_grad_math(g, x):
+    a, b = x.chunk(2, dim=-1)
+    af, gf = a.float(), g.float()
+    s = torch.sigmoid(af)
+    grad_a = gf * b.float() * s * (1 + af * (1 - s))
+    return torch.cat((grad_a.to(g.dtype), (gf * af * s).to(g.dtype)), dim=-1)
+
+
+class _SwiGLUCompiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return compiled.kernel(_swiglu_math)(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return compiled.kernel(_swiglu_grad_math)(g, x)
+
+
 def swiglu_npu(x):
     import torch_npu
 
@@ -41,7 +69,7 @@ def swiglu_npu(x):
 
 
 def swiglu_torch(x):
-    return _SwiGLU.apply(x)
+    return _SwiGLUCompiled.apply(x) if compiled.on() else _SwiGLU.apply(x)
 
 
 def swiglu(x):
