@@ -79,7 +79,7 @@ class _EmbeddingIntoMainGrad(torch.autograd.Function):
         return None, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
-def _fusable(emb, input_) -> bool:
+def _fusable(emb) -> bool:
     w = emb.weight
     return (torch.is_grad_enabled() and w.requires_grad and getattr(w, "main_grad", None) is not None
             and hasattr(w, "grad_added_to_main_grad") and not emb.deterministic_mode
@@ -93,7 +93,7 @@ def vocab_embedding_forward(original):
     stock code runs."""
 
     def forward(self, input_):
-        if not _fusable(self, input_):
+        if not _fusable(self):
             return original(self, input_)
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 

@@ -6,8 +6,8 @@
 - CUDA and CPU: an autograd function that saves only cos/sin (not x); cos/sin are computed
   once per ``freqs`` tensor (megatron passes the same one to every layer, for q and k)
   instead of twice per layer.
-- CPU with ``compile_ops``: the same function, its forward and backward each one compiled
-  kernel (``compiled.py``).
+- CPU with ``compile_ops``: the same function's forward and backward each run as one
+  compiled kernel (``compiled.py``).
 """
 
 from __future__ import annotations
@@ -40,18 +40,6 @@ def _rotate_half_transposed(x):
     return torch.cat((x2, -x1), dim=-1)
 
 
-class _RotaryHalf(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return x * cos + _rotate_half(x) * sin
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return g * cos + _rotate_half_transposed(g * sin), None, None
-
-
 def _rope_math(x, cos, sin):
     return x * cos + _rotate_half(x) * sin
 
@@ -60,16 +48,16 @@ def _rope_grad_math(g, cos, sin):
     return g * cos + _rotate_half_transposed(g * sin)
 
 
-class _RotaryHalfCompiled(torch.autograd.Function):
+class _RotaryHalf(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return compiled.kernel(_rope_math)(x, cos, sin)
+        return compiled.run(_rope_math)(x, cos, sin)
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return compiled.kernel(_rope_grad_math)(g, cos, sin), None, None
+        return compiled.run(_rope_grad_math)(g, cos, sin), None, None
 
 
 def rotary_npu(x, cos, sin):
@@ -79,7 +67,7 @@ def rotary_npu(x, cos, sin):
 
 
 def rotary_torch(x, cos, sin):
-    return (_RotaryHalfCompiled if compiled.on() else _RotaryHalf).apply(x, cos, sin)
+    return _RotaryHalf.apply(x, cos, sin)
 
 
 def apply_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

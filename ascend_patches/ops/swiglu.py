@@ -6,8 +6,8 @@ linear_fc1 output is [gate | up] on each tensor-parallel rank, the layout npu_sw
   also keeps silu(a)) and writes both gradient halves straight into one [gate | up]
   buffer, the gate half by aten's one-kernel ``silu_backward`` (measured ~0.93x stock's
   time on this CPU, `bench/bench_step.py`).
-- CPU with ``compile_ops``: the same function, its forward and backward each one compiled
-  kernel (``compiled.py``).
+- CPU with ``compile_ops``: the same function's forward and backward each run as one
+  compiled kernel (``compiled.py``).
 """
 
 from __future__ import annotations
@@ -19,30 +19,13 @@ from .. import _state
 from . import compiled
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        a, b = x.chunk(2, dim=-1)
-        ctx.save_for_backward(a, b)  # views of x: nothing beyond the input is kept
-        return F.silu(a) * b
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        grad = torch.empty(a.shape[:-1] + (2 * a.shape[-1],), dtype=g.dtype, device=g.device)
-        grad_a, grad_b = grad.chunk(2, dim=-1)
-        torch.mul(g, b, out=grad_b)  # scratch space for g*b, overwritten below
-        torch.ops.aten.silu_backward.grad_input(grad_b, a, grad_input=grad_a)  # one kernel
-        torch.mul(F.silu(a), g, out=grad_b)
-        return grad
-
-
 def _swiglu_math(x):
     a, b = x.chunk(2, dim=-1)
     return F.silu(a) * b
 
 
 def _swiglu_grad_math(g, x):
+    """The compiled backward: one kernel writes both halves."""
     a, b = x.chunk(2, dim=-1)
     af, gf = a.float(), g.float()
     s = torch.sigmoid(af)
@@ -50,16 +33,26 @@ def _swiglu_grad_math(g, x):
     return torch.cat((grad_a.to(g.dtype), (gf * af * s).to(g.dtype)), dim=-1)
 
 
-class _SwiGLUCompiled(torch.autograd.Function):
+def _swiglu_grad_eager(g, x):
+    a, b = x.chunk(2, dim=-1)
+    grad = torch.empty(a.shape[:-1] + (2 * a.shape[-1],), dtype=g.dtype, device=g.device)
+    grad_a, grad_b = grad.chunk(2, dim=-1)
+    torch.mul(g, b, out=grad_b)  # scratch space for g*b, overwritten below
+    torch.ops.aten.silu_backward.grad_input(grad_b, a, grad_input=grad_a)  # one kernel
+    torch.mul(F.silu(a), g, out=grad_b)
+    return grad
+
+
+class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return compiled.kernel(_swiglu_math)(x)
+        ctx.save_for_backward(x)  # nothing beyond the input is kept
+        return compiled.run(_swiglu_math)(x)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return compiled.kernel(_swiglu_grad_math)(g, x)
+        return compiled.kernel(_swiglu_grad_math)(g, x) if compiled.on() else _swiglu_grad_eager(g, x)
 
 
 def swiglu_npu(x):
@@ -69,7 +62,7 @@ def swiglu_npu(x):
 
 
 def swiglu_torch(x):
-    return _SwiGLUCompiled.apply(x) if compiled.on() else _SwiGLU.apply(x)
+    return _SwiGLU.apply(x)
 
 
 def swiglu(x):
