@@ -38,11 +38,7 @@ def main():
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = llama2.build_model(shape, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
                                gradient_accumulation_fusion=True)
-    if bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(model.config, model)
-    model = training.wrap_ddp(model)
+    model = training.wrap_ddp(training.wrap_float16(model))
     optimizer = training.build_optimizer([model], lr=1e-4, bf16=bf16)
     training.attach_grad_sync([model], optimizer)
     linears = [m for m in model.modules() if hasattr(m, "gradient_accumulation_fusion")]

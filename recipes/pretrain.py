@@ -215,11 +215,7 @@ def build_models(args, config):
                                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
                                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw),
                                    vp_stage=v if vpp else None)
-        if args.bf16 or args.fp16:
-            from megatron.core.transformer.module import Float16Module
-
-            model = Float16Module(config, model)
-        chunks.append(model)
+        chunks.append(training.wrap_float16(model))
     return chunks
 
 

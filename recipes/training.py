@@ -19,6 +19,17 @@ def wrap_ddp(model, use_distributed_optimizer: bool = False, bucket_size: Option
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+def wrap_float16(model):
+    """Megatron's ``Float16Module`` where the model's config trains in bf16 or fp16 (what
+    Megatron-LM does for --bf16/--fp16: weights in that dtype, fp32 at the edges); an fp32
+    model is returned as it is."""
+    if not (model.config.bf16 or model.config.fp16):
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)
+
+
 def attach_grad_sync(models: List, optimizer=None) -> None:
     """What Megatron-LM's training loop sets on the config so the schedule all-reduces (or
     reduce-scatters) data-parallel gradients, all-reduces sequence-parallel norm gradients

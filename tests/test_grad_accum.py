@@ -12,15 +12,11 @@ SHAPE = llama2.LlamaShape(2, 64, 176, 4, 2, vocab_size=256, seq_length=32)
 
 def _grads(fusion: bool, bf16: bool, batches):
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.module import Float16Module
-
     torch.manual_seed(0)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = llama2.build_model(SHAPE, gradient_accumulation_fusion=fusion, bf16=bf16, params_dtype=dtype,
                                pipeline_dtype=dtype)
-    if bf16:
-        model = Float16Module(model.config, model)
-    model = training.wrap_ddp(model)
+    model = training.wrap_ddp(training.wrap_float16(model))
     model.zero_grad_buffer()
     get_forward_backward_func()(forward_step_func=training.make_forward_step(), data_iterator=iter(batches),
                                 model=model, num_microbatches=len(batches), seq_length=32, micro_batch_size=2)

@@ -31,11 +31,7 @@ def _model(shape, state, **overrides):
     m = llama2.build_model(shape, **overrides)
     missing, unexpected = m.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-    if overrides.get("bf16"):
-        from megatron.core.transformer.module import Float16Module
-
-        m = Float16Module(m.config, m)  # what Megatron-LM does for --bf16: every weight in bf16
-    return m
+    return training.wrap_float16(m)  # with bf16: what Megatron-LM does for --bf16, every weight in bf16
 
 
 def _final_norm(m):
