@@ -1,5 +1,11 @@
-"""Collectives that gloo lacks, so Megatron's distributed optimizer and sequence
-parallelism run over CPU processes.
+"""Collectives that gloo lacks or restricts, so Megatron's distributed optimizer, sequence
+parallelism and tensor-parallel utilities run over CPU processes.
+
+gloo's all-gather into one tensor insists that the output be the inputs concatenated on
+dim 0 (shape [world * d0, ...]); NCCL and HCCL take any output with the right number of
+elements, and megatron passes flat 1-D outputs (``gather_split_1d_tensor``, the timers).
+The wrapper views such an output in the shape gloo wants - the same memory, so the result
+lands exactly where the caller expects it.
 
 gloo has all-reduce and all-gather but no reduce-scatter.  Reduce-scatter is emulated as
 an all-reduce into a scratch copy followed by taking this rank's slice: the result is
@@ -51,26 +57,34 @@ def _is_gloo(group) -> bool:
     return dist.get_backend(group) == "gloo"
 
 
-def reduce_scatter_tensor_wrapper(original):
-    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+def reduce_scatter_wrapper(original):
+    """``reduce_scatter_tensor`` and the older ``_reduce_scatter_base`` share one signature."""
+
+    def reduce_scatter(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
         if not _is_gloo(group):
             return original(output, input, op=op, group=group, async_op=async_op)
         _reduce_scatter_via_all_reduce(output, input, op, group)
         return _DoneWork() if async_op else None
 
-    reduce_scatter_tensor.__wrapped__ = original
-    return reduce_scatter_tensor
+    reduce_scatter.__wrapped__ = original
+    reduce_scatter.__name__ = original.__name__
+    return reduce_scatter
 
 
-def reduce_scatter_base_wrapper(original):
-    def _reduce_scatter_base(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        if not _is_gloo(group):
-            return original(output, input, op=op, group=group, async_op=async_op)
-        _reduce_scatter_via_all_reduce(output, input, op, group)
-        return _DoneWork() if async_op else None
+def all_gather_into_tensor_wrapper(original):
+    """``all_gather_into_tensor`` and the older ``_all_gather_base`` share one signature."""
 
-    _reduce_scatter_base.__wrapped__ = original
-    return _reduce_scatter_base
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if output_tensor.dim() != max(1, input_tensor.dim()) and output_tensor.is_contiguous() and _is_gloo(group):
+            world = dist.get_world_size(group)
+            if output_tensor.numel() == world * input_tensor.numel():
+                rows = world * (input_tensor.shape[0] if input_tensor.dim() else 1)
+                output_tensor = output_tensor.view(rows, *input_tensor.shape[1:])
+        return original(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    all_gather_into_tensor.__wrapped__ = original
+    all_gather_into_tensor.__name__ = original.__name__
+    return all_gather_into_tensor
 
 
 def backend_name_wrapper(original, accelerator_backend: str):

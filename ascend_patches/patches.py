@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from .collectives import backend_name_wrapper, reduce_scatter_base_wrapper, reduce_scatter_tensor_wrapper
+from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
 from .device import cpu, rng
 from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
@@ -38,11 +38,15 @@ _(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper,
         why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))
 
 _(Patch("collectives.reduce_scatter_tensor", "torch.distributed:reduce_scatter_tensor",
-        wrapper=reduce_scatter_tensor_wrapper, backends=CPU, group="collectives",
+        wrapper=reduce_scatter_wrapper, backends=CPU, group="collectives",
         why="gloo has no reduce-scatter (distributed optimizer, sequence parallelism)"))
 _(Patch("collectives.reduce_scatter_base", "torch.distributed:_reduce_scatter_base",
-        wrapper=reduce_scatter_base_wrapper, backends=CPU, group="collectives",
+        wrapper=reduce_scatter_wrapper, backends=CPU, group="collectives",
         why="gloo has no reduce-scatter (older megatron code path)"))
+for _fn in ("all_gather_into_tensor", "_all_gather_base"):
+    _(Patch(f"collectives.{_fn.lstrip('_')}", f"torch.distributed:{_fn}", wrapper=all_gather_into_tensor_wrapper,
+            group="collectives", why="gloo wants the output shaped [world * d0, ...]; megatron passes flat 1-D "
+                                      "outputs (NCCL and HCCL take any)"))
 _(Patch("collectives.init_process_group", "torch.distributed:init_process_group",
         wrapper=partial(backend_name_wrapper, accelerator_backend="gloo"), backends=CPU,
         group="collectives", why="Megatron-LM scripts ask for 'nccl'; the CPU needs 'gloo'"))
@@ -64,8 +68,7 @@ _(Patch("rope", "megatron.core.models.common.embeddings.rope_utils:_apply_rotary
 _(Patch("adamw", "megatron.core.optimizer:Adam", replacement=adamw.FusedAdamW, sweep=False,
         why="NpuFusedAdamW / torch AdamW(fused=True) where megatron builds its optimizer"))
 _(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", replacement=False, sweep=False,
-        condition=lambda s: "disabled with 'adamw'" if "adamw" in s.disabled else None,
-        why="makes megatron take its Apex-style Adam slot, which 'adamw' fills"))
+        requires=("adamw",), why="makes megatron take its Apex-style Adam slot, which 'adamw' fills"))
 _(Patch("multi_tensor_l2norm", "megatron.core.utils:local_multi_tensor_l2_norm",
         replacement=multi_tensor.multi_tensor_l2_norm,
         why="torch._foreach_norm instead of one torch.norm per tensor (grad clipping without Apex)"))
@@ -77,8 +80,7 @@ _(Patch("grad_accum_fusion.kernel", "megatron.core.tensor_parallel.layers:fused_
         replacement=grad_accum.CpuWgradAccum, backends=CPU, create=True, sweep=False,
         why="gradient_accumulation_fusion's wgrad GEMM is Apex CUDA-only; on the CPU it accumulates into main_grad"))
 _(Patch("grad_accum_fusion.available", "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available",
-        replacement=True, backends=CPU, sweep=False,
-        condition=lambda s: "disabled with 'grad_accum_fusion.kernel'" if "grad_accum_fusion.kernel" in s.disabled else None,
+        replacement=True, backends=CPU, sweep=False, requires=("grad_accum_fusion.kernel",),
         why="lets megatron accept gradient_accumulation_fusion=True, which the kernel above serves"))
 _(Patch("grad_accum_fusion.embedding_init", "megatron.core.tensor_parallel.layers:VocabParallelEmbedding.__init__",
         wrapper=grad_accum.vocab_embedding_init,

@@ -39,7 +39,7 @@ class Patch:
     backends: FrozenSet[str] = ALL_BACKENDS
     group: str = "ops"
     sweep: bool = True  # rebind `from x import f` copies of a module-level target
-    condition: Optional[Callable[[Any], Optional[str]]] = None  # settings -> reason to skip
+    requires: Tuple[str, ...] = ()  # patches this one only makes sense with; skipped when any of them is
     create: bool = False  # the target may be absent (an optional extension that failed to import)
 
     def __post_init__(self):
@@ -49,6 +49,8 @@ class Patch:
             raise ValueError(f"patch {self.name}: target must be 'module:attr', got {self.target!r}")
         if not self.backends <= ALL_BACKENDS:
             raise ValueError(f"patch {self.name}: unknown backends {set(self.backends) - ALL_BACKENDS}")
+        if isinstance(self.requires, str):
+            raise ValueError(f"patch {self.name}: requires= takes a tuple of patch names, got {self.requires!r}")
 
     @property
     def kind(self) -> str:
@@ -87,6 +89,9 @@ class Registry:
     def declare(self, patch: Patch) -> Patch:
         if patch.name in self.patches:
             raise ValueError(f"patch {patch.name!r} declared twice")
+        unknown = [r for r in patch.requires if r not in self.patches]
+        if unknown:
+            raise ValueError(f"patch {patch.name!r} requires {unknown}, which are not declared before it")
         self.patches[patch.name] = patch
         return patch
 
@@ -120,8 +125,10 @@ class Registry:
             return "disabled by configuration"
         if settings.backend not in patch.backends:
             return f"not for backend {settings.backend} (only {'/'.join(sorted(patch.backends))})"
-        if patch.condition is not None:
-            return patch.condition(settings)
+        for name in patch.requires:
+            why = self._skip_reason(self.patches[name], settings)
+            if why:
+                return f"needs {name!r}, which is skipped: {why}"
         return None
 
     def _hook(self, module_name: str) -> None:
@@ -136,7 +143,11 @@ class Registry:
                 return
             for patch in self.patches.values():
                 if patch.module == module.__name__ and self.status.get(patch.name, ("",))[0] == "pending":
-                    self._apply_one(patch)
+                    try:
+                        self._apply_one(patch)
+                    except PatchTargetError:
+                        self.revert()  # as apply() does: all or nothing, never half-patched
+                        raise
 
     def _apply_one(self, patch: Patch) -> None:
         owner, attr = _resolve_owner(patch)

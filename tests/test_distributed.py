@@ -7,7 +7,11 @@ floating-point sums (measured ~1e-7)."""
 
 import json
 
-from conftest import run_torchrun
+import pytest
+
+from tests.helpers.launch import run_torchrun
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 
 def test_tp_pp_dp_distopt_match_reference():
@@ -20,3 +24,13 @@ def test_tp_pp_dp_distopt_match_reference():
         rel = max(abs(a - b) / abs(b) for a, b in zip(result[run], ref))
         assert len(result[run]) == len(ref) and rel < 1e-6, (run, rel, result[run], ref)
     assert "gloo" in result["report"]
+
+
+def test_gloo_all_gather_into_flat_output():
+    """gloo refuses a flat output of the right size (``invalid tensor size``) where NCCL and
+    HCCL accept it; megatron's ``gather_split_1d_tensor`` passes one."""
+    out = run_torchrun("collectives_checks.py")
+    results = [json.loads(l[len("RESULT "):]) for l in out.splitlines() if l.startswith("RESULT ")]
+    assert len(results) == 2
+    for r in results:
+        assert r["all_gather_into_tensor"] and r["_all_gather_base"] and r["gather_split_1d_tensor"], r

@@ -150,3 +150,34 @@ def test_declaration_errors():
     r = _registry(Patch("x", "m:a", replacement=1, why="t"))
     with pytest.raises(ValueError, match="declared twice"):
         r.declare(Patch("x", "m:b", replacement=1, why="t"))
+
+
+def test_post_import_hook_rolls_back_like_apply(fake_lib, tmp_path, monkeypatch):
+    """A target renamed upstream in a module imported after apply(): the import fails loudly
+    and what was patched before (here fake_lib_ap.f) is put back, as apply() does."""
+    lib, _, f, _ = fake_lib
+    (tmp_path / "late_renamed_ap.py").write_text("def new_name():\n    return 'stock'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = _registry(Patch("early", "fake_lib_ap:f", replacement=lambda x: 0, why="t"),
+                  Patch("late", "late_renamed_ap:old_name", replacement=lambda: "patched", why="t"))
+    r.apply(CPU)
+    assert lib.f is not f and r.status["late"][0] == "pending"
+    with pytest.raises(PatchTargetError, match="late_renamed_ap:old_name"):
+        import late_renamed_ap  # noqa: F401
+    sys.modules.pop("late_renamed_ap", None)
+    assert lib.f is f and not r.applied and not r.active
+
+
+def test_requires_skips_a_patch_whose_dependency_is_skipped(fake_lib):
+    lib, _, f, _ = fake_lib
+    r = _registry(Patch("kernel", "fake_lib_ap:f", replacement=lambda x: 0, why="t"),
+                  Patch("switch", "fake_lib_ap:FLAG", replacement=False, requires=("kernel",), why="t"))
+    r.apply(Settings(backend="cpu", disabled=frozenset({"kernel"})))
+    assert lib.FLAG is True and lib.f is f
+    assert r.status["switch"] == ("skipped", "needs 'kernel', which is skipped: disabled by configuration")
+    r.revert()
+    r.apply(CPU)
+    assert lib.FLAG is False and r.status["switch"][0] == "applied"
+    r.revert()
+    with pytest.raises(ValueError, match="not declared before it"):
+        _registry(Patch("a", "m:a", replacement=1, requires=("b",), why="t"))
