@@ -3,16 +3,13 @@ llama2.c greedy output byte for byte, HF ``generate`` token for token (greedy an
 search, including EOS-finished hypotheses), reproducible sampling, batching, and the chat."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from converters import hf_to_megatron
-from tests.conftest import ROOT, free_port, run_torchrun
+from tests.helpers.launch import free_port, run_module, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +26,7 @@ def _result(out):
 COMPILE = {"ASCEND_PATCHES_COMPILE_DECODE": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,nproc,env", [(1, 1, 1, None), (2, 1, 2, None), (1, 2, 2, None), (1, 1, 1, COMPILE)],
                          ids=["tp1", "tp2", "pp2", "tp1-compiled"])
 def test_greedy_from_bos_reproduces_llama2c(stories_ckpt, fixtures_dir, tp, pp, nproc, env):
@@ -39,6 +37,7 @@ def test_greedy_from_bos_reproduces_llama2c(stories_ckpt, fixtures_dir, tp, pp, 
     assert (r["compiled_steps"] == 199) if env else (r["compiled_steps"] == 0)  # every cached step, or none
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,nproc,env", [(1, 1, None), (2, 2, None), (1, 1, COMPILE)],
                          ids=["tp1", "tp2", "tp1-compiled"])
 def test_greedy_and_beam_search_equal_hf_generate(stories_ckpt, fixtures_dir, tp, nproc, env):
@@ -54,9 +53,8 @@ def test_greedy_and_beam_search_equal_hf_generate(stories_ckpt, fixtures_dir, tp
 
 
 def _generate(ckpt, *flags, stdin=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, "-m", "recipes.generate", "--load", str(ckpt), *map(str, flags)],
-                          input=stdin, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    proc = run_module("recipes.generate", "--load", ckpt, *flags, input=stdin, timeout=timeout,
+                      env={"MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -90,12 +88,13 @@ def test_batched_prompts_equal_one_at_a_time(stories_ckpt, single_process_group)
         decoding.generate(lm, [[1]], 600, decoding.SamplingParams(), 2)
 
 
+@pytest.mark.slow  # compiles the decode step
 def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_group):
     """ascend_patches' fused decode step (per layer, and for the whole one-stage GPTModel): the
     same logits as megatron's own modules, bit for bit, over prefill + cached steps, two sequences;
     the torch.compile'd step (compile_decode) the same within rounding."""
     import ascend_patches
-    from ascend_patches.ops import decode_layer
+    from ascend_patches.ops import decode_compiled, decode_layer
     from recipes import decoding, inference
 
     lm = inference.load(stories_ckpt, 1, 1)
@@ -121,17 +120,20 @@ def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_grou
     assert len(calls) == 2 * 4 * 5  # every decode step of every layer took the fused path, twice
     assert torch.equal(fused, stock) and torch.equal(layers_only, stock)
 
-    before = decode_layer.COMPILED_STEPS[0]
+    compiled_steps = []
+    original_step = decode_compiled.model_step
+    decode_compiled.model_step = lambda *a: compiled_steps.append(1) or original_step(*a)
     ascend_patches.configure(compile_decode=True)
     try:
         assert "compile_decode: on" in ascend_patches.report()
         compiled = run()
     finally:
         ascend_patches.configure(compile_decode=False)
-    assert decode_layer.COMPILED_STEPS[0] - before == 4
-    assert decode_layer.compile_unavailable(lm.model) == ""
+        decode_compiled.model_step = original_step
+    assert len(compiled_steps) == 4
+    assert decode_compiled.compile_unavailable(lm.model) == ""
     with ascend_patches.disabled("decode_model"):  # --compile-decode then refuses, naming why
-        assert "decode_model patch is not applied" in decode_layer.compile_unavailable(lm.model)
+        assert "decode_model patch is not applied" in decode_compiled.compile_unavailable(lm.model)
     # torch.compile fuses and reorders fp32 sums (and the compiled attention is two matmuls
     # rather than SDPA's kernel), so equality is to rounding: logits reach |19| (ulp 2e-6),
     # measured 6e-6; 1e-4 is the converters' logit tolerance
@@ -168,14 +170,9 @@ def test_chat_loop_keeps_history_and_obeys_commands(stories_ckpt):
     assert out.count("tokens in") == 3  # elapsed time per reply; 'quit' ended it before the last line
 
 
+@pytest.mark.slow
 def test_chat_under_torchrun_rank0_reads(stories_ckpt):
     """Two ranks at TP=2: rank 0 reads stdin and the other follows; EOF quits."""
-    from tests.conftest import ROOT as root
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "recipes.generate", "--load", str(stories_ckpt), "--interactive", "--max-new-tokens", "8"]
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, input="Once upon a time\nnew\nThe cat\n", capture_output=True, text=True,
-                          cwd=root, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("tokens in") == 2 and "TP=2" in proc.stdout
+    out = run_torchrun("recipes.generate", "--load", stories_ckpt, "--interactive", "--max-new-tokens", 8,
+                       input="Once upon a time\nnew\nThe cat\n")
+    assert out.count("tokens in") == 2 and "TP=2" in out

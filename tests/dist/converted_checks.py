@@ -11,13 +11,24 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ascend_patches.ops import decode_layer
+from ascend_patches.ops import decode_compiled
 from recipes import decoding, inference
+
+_steps = [0]
+_model_step = decode_compiled.model_step
+
+
+def _counting_model_step(*args):
+    _steps[0] += 1
+    return _model_step(*args)
+
+
+decode_compiled.model_step = _counting_model_step  # the fused GPTModel forward calls it by module attribute
 
 
 def compiled_steps() -> int:
     """How many decode steps ran through torch.compile (ASCEND_PATCHES_COMPILE_DECODE=1)."""
-    return decode_layer.COMPILED_STEPS[0]
+    return _steps[0]
 
 
 tp, pp, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
