@@ -1,1 +1,4 @@
-"""Checkpoint converters (HuggingFace <-> Megatron, TP/PP resharding): see issue 4."""
+"""Checkpoint converters: HuggingFace <-> Megatron, TP/PP resharding, LoRA merging.
+
+Converters build on the recipes' shape and checkpoint pieces (``recipes.llama2``,
+``recipes.checkpointing``, ``recipes.lora``); the recipes never import converters."""

@@ -1,4 +1,4 @@
-"""Flags the converters share, named as in the seed (both ``--num_heads`` and ``--num-heads``)."""
+"""Flags the converters share, named as in AscendSpeed (both ``--num_heads`` and ``--num-heads``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 
 from converters.layout import ModelShape
+from recipes import llama2
 
 TYPES = {"7B": "llama2-7b", "13B": "llama2-13b", "34B": "llama2-34b", "70B": "llama2-70b", "tiny": "llama2-tiny"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
                "num_kv_heads": "num_query_groups", "ffn_hidden_size": "ffn_hidden_size", "vocab_size": "vocab_size"}
 
@@ -23,18 +23,16 @@ def add_shape_flags(p: argparse.ArgumentParser):
 
 
 def add_dtype_flag(p: argparse.ArgumentParser):
-    p.add_argument("--params-dtype", choices=list(DTYPES), default=None, help="default: the input's dtype")
+    p.add_argument("--params-dtype", choices=list(llama2.DTYPES), default=None, help="default: the input's dtype")
 
 
 def dtype_of(args) -> Optional[torch.dtype]:
-    return DTYPES[args.params_dtype] if args.params_dtype else None
+    return llama2.DTYPES[args.params_dtype] if args.params_dtype else None
 
 
 def type_shape(args) -> Optional[ModelShape]:
     if not args.type:
         return None
-    from recipes import llama2
-
     return llama2.shape(TYPES.get(args.type, args.type))
 
 

@@ -7,7 +7,7 @@
 
 The output is ``<dir>/release`` in dist_checkpointing's torch_dist format plus the tracker
 file; it loads at the TP/PP given here and at any other that divides heads, kv groups and
-layers (megatron reshards on load).  ``--merge-mlp`` is accepted for the seed's scripts:
+layers (megatron reshards on load).  ``--merge-mlp`` is accepted for AscendSpeed's scripts:
 Megatron-Core always keeps gate and up merged in ``linear_fc1`` ([gate_r ; up_r] per rank).
 """
 

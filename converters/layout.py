@@ -2,8 +2,8 @@
 
 Converters pass tensors through a *canonical* form: Megatron-Core's global (TP-independent)
 tensor for each parameter, one layer at a time.  That is what ``dist_checkpointing`` stores,
-so every reader (HF, torch_dist, the seed's legacy per-rank files) turns into it and every
-writer starts from it.  The facts (``shared/reference/llama2.md``):
+so every reader (HF, torch_dist, AscendSpeed's legacy per-rank files) turns into it and every
+writer starts from it.  The facts (``docs/layouts.md``):
 
 - ``qkv``: per kv group, the group's query heads, then its key head, then its value head.
   Tensor parallelism splits whole groups, so rank r's rows are the r-th equal slice.
@@ -58,36 +58,11 @@ def expected(shape: ModelShape, name: str, padded_vocab: Optional[int]) -> Tuple
             "fc1": (2 * f, h), "fc2": (h, f)}[name]
 
 
-def shape_from_hf_config(cfg: dict) -> ModelShape:
-    return ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
-                      cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                      cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
-                      float(cfg.get("rope_theta", 10000.0)), cfg.get("rms_norm_eps", 1e-5))
-
-
 def hf_config(shape: ModelShape, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
     """config.json for ``transformers.LlamaForCausalLM``."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape.hf_config(),
             "head_dim": shape.kv_channels, "hidden_act": "silu", "bos_token_id": bos_id, "eos_token_id": eos_id,
             "initializer_range": 0.02, "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True}
-
-
-def check_parallel(shape: ModelShape, tp: int, pp: int, flag_prefix: str = "") -> None:
-    problems = []
-    if shape.num_attention_heads % tp:
-        problems.append(f"--{flag_prefix}tensor-model-parallel-size {tp} does not divide "
-                        f"{shape.num_attention_heads} attention heads")
-    if shape.num_query_groups % tp:
-        problems.append(f"--{flag_prefix}tensor-model-parallel-size {tp} does not divide "
-                        f"{shape.num_query_groups} kv groups")
-    if pp > shape.num_layers:
-        problems.append(f"--{flag_prefix}pipeline-model-parallel-size {pp} is more than the {shape.num_layers} "
-                        "layers")
-    if shape.ffn_hidden_size % tp:
-        problems.append(f"--{flag_prefix}tensor-model-parallel-size {tp} does not divide ffn size "
-                        f"{shape.ffn_hidden_size}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def hf_to_qkv(q, k, v, shape: ModelShape):

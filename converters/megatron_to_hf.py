@@ -1,4 +1,4 @@
-"""Megatron checkpoint (torch_dist from the recipes, or the seed's legacy per-rank layout)
+"""Megatron checkpoint (torch_dist from the recipes, or AscendSpeed's legacy per-rank layout)
 -> HuggingFace folder (sharded safetensors + index + config.json) that transformers loads.
 
     python -m converters.megatron_to_hf --input-model-dir ./ckpt --output-model-dir ./hf-out \\
@@ -13,6 +13,7 @@ import argparse
 import time
 
 from converters import cli
+from converters.layout import ModelShape
 from converters.sources import open_megatron
 from converters.writers import write_hf
 
@@ -36,11 +37,9 @@ def legacy_shape(args):
 
     from dataclasses import replace
 
-    from converters.layout import shape_from_hf_config
-
     shape = None
     if args.hf_config:
-        shape = shape_from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
+        shape = ModelShape.from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
     shape = shape or cli.type_shape(args)
     return None if shape is None else replace(shape, **cli.overrides(args))
 

@@ -20,6 +20,7 @@ import torch
 from converters.layout import tp_merge
 from converters.sources import ConversionError, open_megatron
 from converters.writers import write_dist, write_hf
+from recipes import llama2
 
 ADAPTER = re.compile(r"decoder\.layers\.(\d+)\.(self_attention|mlp)\.(linear_\w+)\.lora_([AB])$")
 COLUMN = {"linear_qkv", "linear_fc1"}
@@ -36,7 +37,7 @@ def read_lora(folder) -> Tuple[dict, Dict[Tuple[str, int], torch.Tensor], Dict[s
     per_rank = {}
     for t in range(tp):
         for p in range(pp):
-            path = it_dir / lora._rank_file(t, p)
+            path = it_dir / lora.rank_file(t, p)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} missing (LoRA saved at TP={tp} PP={pp})")
             for name, tensor in torch.load(path, map_location="cpu", weights_only=False)["adapters"].items():
@@ -104,6 +105,13 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     base = open_megatron(args.base)
+    b_args = getattr(base, "args", {})
+    tp = args.tensor_model_parallel_size or b_args.get("tensor_model_parallel_size", 1)
+    pp = args.pipeline_model_parallel_size or b_args.get("pipeline_model_parallel_size", 1)
+    divisible = b_args.get("make_vocab_size_divisible_by", 128)
+    if not args.to_hf:  # before reading any adapter: a layout that cannot be written is refused at once
+        llama2.check_layout(base.shape, tp, pp, padded_vocab=llama2.padded_vocab_size(base.shape.vocab_size,
+                                                                                      divisible, tp))
     cfg, deltas, saved = read_lora(args.lora)
     layers = {layer for _, layer in deltas}
     if layers and max(layers) >= base.shape.num_layers:
@@ -112,11 +120,7 @@ def main(argv=None):
     if args.to_hf:
         out = write_hf(src, args.output_model_dir, args.max_shard_size, None, base.meta.get("tokenizer_name_or_path"))
     else:
-        b_args = getattr(base, "args", {})
-        out = write_dist(src, args.output_model_dir,
-                         args.tensor_model_parallel_size or b_args.get("tensor_model_parallel_size", 1),
-                         args.pipeline_model_parallel_size or b_args.get("pipeline_model_parallel_size", 1),
-                         b_args.get("make_vocab_size_divisible_by", 128), None, b_args.get("model"),
+        out = write_dist(src, args.output_model_dir, tp, pp, divisible, None, b_args.get("model"),
                          {"merged_lora": str(args.lora), "merged_base": str(args.base)})
     print(f"merged {len(deltas)} adapters (r={cfg['r']}, alpha={cfg['alpha']}) into {out}", flush=True)
     return out

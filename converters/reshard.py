@@ -1,4 +1,4 @@
-"""Change a Megatron checkpoint's tensor/pipeline parallel sizes, and carry the seed's legacy
+"""Change a Megatron checkpoint's tensor/pipeline parallel sizes, and carry AscendSpeed's legacy
 per-rank checkpoints (``mp_rank_XX[_YYY]/model_optim_rng.pt``) over to torch_dist.
 
     python -m converters.reshard --input-model-dir ./load_ckpt --output-model-dir ./tp8pp1 \\
@@ -59,7 +59,7 @@ def main(argv=None):
     model = cli.TYPES.get(args.type, args.type) if args.type else (
         src.args.get("model") if isinstance(src, DistSource) else None)
     out = write_dist(src, args.output_model_dir, tgt_tp, tgt_pp, divisible, cli.dtype_of(args), model,
-                     {"converted_from": str(args.input_model_dir)})
+                     {"converted_from": str(args.input_model_dir)}, flag_prefix="tgt-")
     print(f"wrote {out}: TP {tp}->{tgt_tp}, PP {pp}->{tgt_pp}", flush=True)
     return out
 

@@ -8,7 +8,7 @@ the whole model.  Formats:
   ``pytorch_model*.bin``, loaded with ``weights_only=True`` and memory-mapped).
 - ``DistSource``: a ``dist_checkpointing`` torch_dist folder (what ``recipes.pretrain``
   saves and ``hf_to_megatron`` writes); chunks are read straight from the ``.distcp`` files.
-- ``LegacySource``: the seed's (AscendSpeed 2023) ``mp_rank_XX[_YYY]/model_optim_rng.pt``.
+- ``LegacySource``: AscendSpeed's (2023) ``mp_rank_XX[_YYY]/model_optim_rng.pt``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from dataclasses import replace
 
 from converters.layout import (DIST_KEYS, GLOBAL_PARAMS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, ModelShape, expected,
-                               hf_to_qkv, shape_from_hf_config, tp_merge)
+                               hf_to_qkv, tp_merge)
 
 
 class ConversionError(ValueError):
@@ -46,7 +46,7 @@ class HFSource:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path} not found: --input-model-dir must be a HuggingFace model folder")
         self.config = json.loads(cfg_path.read_text())
-        self.shape = replace(shape_from_hf_config(self.config), **(shape_overrides or {}))
+        self.shape = replace(ModelShape.from_hf_config(self.config), **(shape_overrides or {}))
         self.weight_map = self._weight_map()
         self._open_name, self._open = None, None
         self._check_names()
@@ -220,7 +220,7 @@ class DistSource:
 
 
 class LegacySource:
-    """The seed's per-rank files; TP/PP sizes are read off the folder names."""
+    """AscendSpeed's per-rank files; TP/PP sizes are read off the folder names."""
 
     PATTERN = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
 

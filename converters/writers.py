@@ -27,10 +27,10 @@ from typing import Optional
 
 import torch
 
-from converters.layout import DIST_KEYS, HF_GLOBAL, hf_config, HF_LAYER, LAYER_PARAMS, check_parallel, \
+from recipes import checkpointing, llama2
+from converters.layout import DIST_KEYS, HF_GLOBAL, hf_config, HF_LAYER, LAYER_PARAMS, \
     pad_vocab, qkv_to_hf
 
-TRACKER = "latest_checkpointed_iteration.txt"
 EXTRA_STATE_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
@@ -54,53 +54,83 @@ def _ordered_tensors(shape):
     yield "output", None
 
 
-def write_dist(source, out_root, tp: int, pp: int, divisible_by: int = 128, dtype: Optional[torch.dtype] = None,
-               model_name: Optional[str] = None, extra_args: Optional[dict] = None) -> Path:
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
+class _DistcpFile:
+    """One ``.distcp`` file that tensors are appended to, and the torch.distributed.checkpoint
+    metadata that indexes them, written last."""
 
-    from recipes.llama2 import padded_vocab_size
+    NAME = "__0_0.distcp"
 
+    def __init__(self, folder: Path):
+        from torch.distributed.checkpoint.metadata import Metadata  # noqa: F401  (fail early if absent)
+
+        self.folder, self.state_md, self.storage = folder, {}, {}
+        self.f = open(folder / self.NAME, "wb")
+
+    def _append(self, obj, index):
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        start = self.f.tell()
+        torch.save(obj, self.f)
+        self.storage[index] = _StorageInfo(self.NAME, start, self.f.tell() - start)
+
+    def add_tensor(self, key: str, t: torch.Tensor, layer: Optional[int], num_layers: int):
+        """A global tensor, or one layer of a layer-stacked one."""
+        from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
+                                                           TensorStorageMetadata)
+
+        if layer is not None:
+            offsets, t = (layer,) + (0,) * t.dim(), t.unsqueeze(0)
+            global_size = (num_layers,) + tuple(t.shape[1:])
+        else:
+            offsets, global_size = (0,) * t.dim(), tuple(t.shape)
+        md = self.state_md.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=t.dtype),
+                                                                  torch.Size(global_size), []))
+        md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape))
+        self._append(t.contiguous(), MetadataIndex(key, torch.Size(offsets), len(md.chunks) - 1))
+
+    def add_bytes(self, key: str, obj):
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+        self.state_md[key] = BytesStorageMetadata()
+        self._append(obj, MetadataIndex(key))
+
+    def close(self):
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        self.f.close()
+        with open(self.folder / ".metadata", "wb") as f:
+            pickle.dump(Metadata(state_dict_metadata=self.state_md, storage_data=self.storage), f)
+
+
+def _stream_model(source, out: _DistcpFile, dtype, padded: int):
     shape = source.shape
-    check_parallel(shape, tp, pp)
-    out_root = Path(out_root)
-    refuse_existing(out_root, "--output-model-dir")
-    padded = padded_vocab_size(shape.vocab_size, divisible_by, tp)
-    dtype = dtype or source.dtype
-    tmp = out_root / "release.tmp"
-    tmp.mkdir(parents=True)
-    state_md, storage = {}, {}
-    data_file = "__0_0.distcp"
-    with open(tmp / data_file, "wb") as f, _progress(shape.num_layers * len(LAYER_PARAMS) + 3, "convert") as bar:
+    with _progress(shape.num_layers * len(LAYER_PARAMS) + 3, "convert") as bar:
         for name, layer in _ordered_tensors(shape):
             t = source.get(name, layer).to(dtype)
             if name in ("embedding", "output"):
                 t = pad_vocab(t, padded, name)
-            key = DIST_KEYS[name]
-            if layer is not None:
-                offsets, t = (layer,) + (0,) * t.dim(), t.unsqueeze(0)
-                global_size = (shape.num_layers,) + tuple(t.shape[1:])
-            else:
-                offsets, global_size = (0,) * t.dim(), tuple(t.shape)
-            md = state_md.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(global_size), []))
-            md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape))
-            start = f.tell()
-            torch.save(t.contiguous(), f)
-            storage[MetadataIndex(key, torch.Size(offsets), len(md.chunks) - 1)] = _StorageInfo(
-                data_file, start, f.tell() - start)
+            out.add_tensor(DIST_KEYS[name], t, layer, shape.num_layers)
             bar.update(1)
-        # the linear layers' (empty) extra states, as megatron saves them: torch.save([None])
-        for linear in EXTRA_STATE_LINEARS:
-            for layer in range(shape.num_layers):
-                key = f"decoder.layers.{linear}._extra_state/shard_{layer}_{shape.num_layers}"
-                state_md[key] = BytesStorageMetadata()
-                start = f.tell()
-                torch.save([None], f)
-                storage[MetadataIndex(key)] = _StorageInfo(data_file, start, f.tell() - start)
+    # the linear layers' (empty) extra states, as megatron saves them: torch.save([None])
+    for linear in EXTRA_STATE_LINEARS:
+        for layer in range(shape.num_layers):
+            out.add_bytes(f"decoder.layers.{linear}._extra_state/shard_{layer}_{shape.num_layers}", [None])
     source.close()
-    with open(tmp / ".metadata", "wb") as f:
-        pickle.dump(Metadata(state_dict_metadata=state_md, storage_data=storage), f)
+
+
+def write_dist(source, out_root, tp: int, pp: int, divisible_by: int = 128, dtype: Optional[torch.dtype] = None,
+               model_name: Optional[str] = None, extra_args: Optional[dict] = None, flag_prefix: str = "") -> Path:
+    shape = source.shape
+    padded = llama2.padded_vocab_size(shape.vocab_size, divisible_by, tp)
+    llama2.check_layout(shape, tp, pp, padded_vocab=padded, flag_prefix=flag_prefix)
+    out_root = Path(out_root)
+    refuse_existing(out_root, "--output-model-dir")
+    dtype = dtype or source.dtype
+    tmp = out_root / "release.tmp"
+    tmp.mkdir(parents=True)
+    out = _DistcpFile(tmp)
+    _stream_model(source, out, dtype, padded)
+    out.close()
     torch.save({}, tmp / "common.pt")
     (tmp / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                    "common_backend": "torch", "common_backend_version": 1}))
@@ -111,8 +141,7 @@ def write_dist(source, out_root, tp: int, pp: int, divisible_by: int = 128, dtyp
             "make_vocab_size_divisible_by": divisible_by, **(extra_args or {})}
     (tmp / "args.json").write_text(json.dumps(args, indent=1, sort_keys=True))
     os.replace(tmp, out_root / "release")
-    (out_root / (TRACKER + ".tmp")).write_text("release")
-    os.replace(out_root / (TRACKER + ".tmp"), out_root / TRACKER)
+    checkpointing.write_tracker(out_root, "release")
     return out_root / "release"
 
 
@@ -144,30 +173,21 @@ def parse_size(text) -> int:
     return int(text)
 
 
-def write_hf(source, out_dir, max_shard_size="5GB", dtype: Optional[torch.dtype] = None,
-             tokenizer_dir: Optional[str] = None) -> Path:
+def _write_shards(source, folder: Path, limit: int, dtype) -> dict:
+    """The HF tensors as safetensors shards of at most ``limit`` bytes; {tensor: file} and total bytes."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    refuse_existing(out, "--output-model-dir")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    limit = parse_size(max_shard_size)
-    dtype = dtype or source.dtype
     shards, current, size, total = [], {}, 0, 0
 
     def flush():
         nonlocal current, size
         if current:
             name = f"part-{len(shards):05d}.safetensors"
-            save_file(current, str(tmp / name), metadata={"format": "pt"})
+            save_file(current, str(folder / name), metadata={"format": "pt"})
             shards.append((name, list(current)))
             current, size = {}, 0
 
-    n = source.shape.num_layers * 9 + 3
-    with _progress(n, "export") as bar:
+    with _progress(source.shape.num_layers * 9 + 3, "export") as bar:
         for name, t in _hf_tensors(source):
             t = t.to(dtype).contiguous()
             nbytes = t.numel() * t.element_size()
@@ -182,11 +202,24 @@ def write_hf(source, out_dir, max_shard_size="5GB", dtype: Optional[torch.dtype]
     weight_map = {}
     for i, (name, names) in enumerate(shards):
         final = (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors")
-        os.replace(tmp / name, tmp / final)
+        os.replace(folder / name, folder / final)
         weight_map.update({n: final for n in names})
     if len(shards) > 1:
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return weight_map
+
+
+def write_hf(source, out_dir, max_shard_size="5GB", dtype: Optional[torch.dtype] = None,
+             tokenizer_dir: Optional[str] = None) -> Path:
+    out = Path(out_dir)
+    refuse_existing(out, "--output-model-dir")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    dtype = dtype or source.dtype
+    _write_shards(source, tmp, parse_size(max_shard_size), dtype)
     bos, eos = 1, 2
     if tokenizer_dir:
         bos, eos = _copy_tokenizer(tokenizer_dir, tmp)

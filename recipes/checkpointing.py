@@ -43,7 +43,8 @@ def latest_iteration(root) -> Optional[int]:
         raise ValueError(f"{tracker}: expected an iteration number or 'release', got {text!r}") from None
 
 
-def _rng_state():
+def rng_state() -> dict:
+    """Every RNG a resumed run must continue: python, numpy, torch and megatron's tracker."""
     return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
             "tracker": _tracker_states()}
 
@@ -54,7 +55,7 @@ def _tracker_states():
     return get_cuda_rng_tracker().get_states()
 
 
-def _set_rng_state(state):
+def set_rng_state(state) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["random"])
@@ -92,7 +93,7 @@ def _sharded(models, optimizer, scheduler, is_loading: bool):
         state["opt_param_scheduler"] = scheduler.state_dict()
     pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
     state["rng_state"] = ShardedObject(
-        "rng_state", _rng_state(), (pp, tp), (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        "rng_state", rng_state(), (pp, tp), (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
     return state
 
@@ -118,11 +119,16 @@ def atomic_save(root, iteration: int, write, json_files: dict) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        tracker_tmp = root / (TRACKER + ".tmp")
-        tracker_tmp.write_text(str(iteration))
-        os.replace(tracker_tmp, root / TRACKER)
+        write_tracker(root, iteration)
     dist.barrier()
     return final
+
+
+def write_tracker(root, iteration) -> None:
+    """Point "latest" at ``iteration`` (a number or "release") atomically."""
+    tracker_tmp = Path(root) / (TRACKER + ".tmp")
+    tracker_tmp.write_text(str(iteration))
+    os.replace(tracker_tmp, Path(root) / TRACKER)
 
 
 def save(root, iteration: int, models, optimizer, scheduler, progress: dict, args: dict) -> Path:
@@ -166,5 +172,5 @@ def load(root, models, optimizer=None, scheduler=None, restore_rng: bool = True)
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if restore_rng:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     return loaded.get("progress") or {"iteration": 0 if it == "release" else it, "consumed_samples": 0}

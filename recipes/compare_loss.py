@@ -1,4 +1,4 @@
-"""Compare two runs' loss curves the way the seed judged NPU against GPU: mean and max
+"""Compare two runs' loss curves the way AscendSpeed judged NPU against GPU: mean and max
 relative and absolute error over the iterations both runs logged; pass when the mean
 relative error is within ``--rel-threshold`` (2 %) and the mean absolute error within
 ``--abs-threshold`` (0.005).

@@ -127,6 +127,15 @@ def generate(lm, prompts: List[List[int]], max_new_tokens: int, params: Sampling
     return out
 
 
+def _candidates(acc: torch.Tensor, keep: int, do_sample: bool, generator) -> tuple:
+    """The ``keep`` best (or, sampling, drawn) flat beam x token candidates, best first."""
+    if not do_sample:
+        return torch.topk(acc, keep)
+    idx = torch.multinomial(acc.softmax(-1), keep, generator=generator)
+    top, order = acc[idx].sort(descending=True)
+    return top, idx[order]
+
+
 def beam_search(lm, prompt: List[int], max_new_tokens: int, num_beams: int, eos_id: Optional[int],
                 length_penalty: float = 1.0, early_stopping=False, do_sample: bool = False,
                 params: Optional[SamplingParams] = None, num_return_sequences: int = 1,
@@ -150,13 +159,7 @@ def beam_search(lm, prompt: List[int], max_new_tokens: int, num_beams: int, eos_
         scores = logp if params is None else params.warp(logp)
         acc = (scores + running_score[:, None]).reshape(-1)
         vocab = logits.shape[-1]
-        if do_sample:
-            idx = torch.multinomial(acc.softmax(-1), keep, generator=generator)
-            top = acc[idx]
-            top, order = top.sort(descending=True)
-            idx = idx[order]
-        else:
-            top, idx = torch.topk(acc, keep)
+        top, idx = _candidates(acc, keep, do_sample, generator)
         beams, toks = (idx // vocab).tolist(), (idx % vocab).tolist()
         hits = [t == eos_id or cur + 1 >= max_len for t in toks]
         # finished candidates: only among the top nb, and only while improvement is possible

@@ -8,86 +8,96 @@
 5. evaluate the model before and after LoRA on MMLU (4 subjects) and BoolQ.
 
     torchrun --nproc-per-node 2 -m recipes.demo [--train-iters 60] [--out demo_out]
+
+The converters run as the commands a user types (``python -m converters...``), printed
+before they run: the recipes never import the converters.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 import ascend_patches
-from recipes import evaluate, generate, pretrain, preprocess_data
+from recipes import checkpointing, evaluate, generate, pretrain, preprocess_data
 
 HERE = Path(__file__).resolve().parent / "demo_data"
+TOKENIZER = HERE / "tokenizer_stories260K.model"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--train-iters", type=int, default=60)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=2)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    dist.init_process_group(backend=ascend_patches.dist_backend())
-    rank = dist.get_rank()
-    prefix = out / "data" / "alpaca"
-    tokenizer = HERE / "tokenizer_stories260K.model"
+def _say(rank: int, text: str) -> None:
     if rank == 0:
-        print(ascend_patches.report(import_targets=True), flush=True)
-        print("\n== 1. preprocess the shipped Alpaca sample (responses as pretraining text)", flush=True)
-        preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
-                              str(tokenizer), "--output-prefix", str(prefix), "--json-keys", "output",
-                              "--append-eod", "--workers", "2", "--log-interval", "100000"])
-        preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
-                              str(HERE / "stories260K"), "--output-prefix", str(out / "data" / "alpaca_sft"),
-                              "--handler-name", "GeneralInstructionHandler", "--seq-length", "256",
-                              "--workers", "2", "--log-interval", "100000"])
-        for stale in (out / "lora", out / "stories260K_lora_merged_hf"):
-            if stale.exists():
-                import shutil
+        print(text, flush=True)
 
-                shutil.rmtree(stale)  # a fresh fine-tune each run, not a resume
-        converted = out / "stories260K_megatron"
-        if not (converted / "latest_checkpointed_iteration.txt").exists():
-            from converters import hf_to_megatron
 
-            hf_to_megatron.main(["--input-model-dir", str(HERE / "stories260K"), "--output-model-dir",
-                                 str(converted), "--tensor-model-parallel-size", str(args.tensor_model_parallel_size)])
-        print(f"\n== 2. pretrain llama2-tiny, TP={args.tensor_model_parallel_size}, "
-              f"{args.train_iters} iterations", flush=True)
-    dist.barrier()
-    ckpt = out / "ckpt"
-    if rank == 0 and (ckpt / "metrics.jsonl").exists():
-        (ckpt / "metrics.jsonl").unlink()  # a fresh run's curve, not appended to an old one
-    dist.barrier()
-    pretrain.main(["--model", "llama2-tiny", "--data-path", f"{prefix}_output_document",
-                   "--tokenizer-name-or-path", str(tokenizer), "--train-iters", str(args.train_iters),
-                   "--tensor-model-parallel-size", str(args.tensor_model_parallel_size),
-                   "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
-                   "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "5",
+def _command(*argv) -> None:
+    """Run a converter as its command line (rank 0 only)."""
+    cmd = [sys.executable, "-m", *map(str, argv)]
+    print("$ python -m " + " ".join(shlex.quote(str(a)) for a in argv), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def prepare(args, out: Path) -> None:
+    """Step 1 and the stories260K conversion (rank 0)."""
+    print(ascend_patches.report(import_targets=True), flush=True)
+    print("\n== 1. preprocess the shipped Alpaca sample (responses as pretraining text)", flush=True)
+    preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
+                          str(TOKENIZER), "--output-prefix", str(out / "data" / "alpaca"), "--json-keys", "output",
+                          "--append-eod", "--workers", "2", "--log-interval", "100000"])
+    preprocess_data.main(["--input", str(HERE / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
+                          str(HERE / "stories260K"), "--output-prefix", str(out / "data" / "alpaca_sft"),
+                          "--handler-name", "GeneralInstructionHandler", "--seq-length", "256",
+                          "--workers", "2", "--log-interval", "100000"])
+    for stale in (out / "lora", out / "stories260K_lora_merged_hf"):
+        if stale.exists():
+            shutil.rmtree(stale)  # a fresh fine-tune each run, not a resume
+    converted = out / "stories260K_megatron"
+    if checkpointing.latest_iteration(converted) is None:
+        _command("converters.hf_to_megatron", "--input-model-dir", HERE / "stories260K", "--output-model-dir",
+                 converted, "--tensor-model-parallel-size", args.tensor_model_parallel_size)
+    ckpt_metrics = out / "ckpt" / "metrics.jsonl"
+    if ckpt_metrics.exists():
+        ckpt_metrics.unlink()  # a fresh run's curve, not appended to an old one
+
+
+def pretrain_tiny(args, out: Path, rank: int) -> None:
+    tp, ckpt = str(args.tensor_model_parallel_size), out / "ckpt"
+    _say(rank, f"\n== 2. pretrain llama2-tiny, TP={tp}, {args.train_iters} iterations")
+    pretrain.main(["--model", "llama2-tiny", "--data-path", str(out / "data" / "alpaca_output_document"),
+                   "--tokenizer-name-or-path", str(TOKENIZER), "--train-iters", str(args.train_iters),
+                   "--tensor-model-parallel-size", tp, "--seq-length", "128", "--micro-batch-size", "4",
+                   "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "5",
                    "--save", str(ckpt), "--save-interval", str(max(1, args.train_iters // 2)),
-                   "--eval-interval", str(max(1, args.train_iters // 3)), "--eval-iters", "2",
-                   "--log-interval", "10"])
+                   "--eval-interval", str(max(1, args.train_iters // 3)), "--eval-iters", "2", "--log-interval", "10"])
     if rank == 0:
-        recs = [json.loads(l) for l in open(ckpt / "metrics.jsonl")]
+        recs = [json.loads(line) for line in open(ckpt / "metrics.jsonl")]
         first, last = recs[0]["loss"], recs[-1]["loss"]
-        verdict = "fell" if last < first else "DID NOT FALL"
-        print(f"\nloss {first:.4f} -> {last:.4f}: {verdict}; checkpoint {ckpt}, metrics {ckpt / 'metrics.jsonl'}",
-              flush=True)
+        print(f"\nloss {first:.4f} -> {last:.4f}: {'fell' if last < first else 'DID NOT FALL'}; checkpoint {ckpt}, "
+              f"metrics {ckpt / 'metrics.jsonl'}", flush=True)
         if not last < first:
             raise SystemExit(1)
-        print(f"\n== 3. generate with stories260K (converted from HF to Megatron, TP="
-              f"{args.tensor_model_parallel_size}): greedy, then beam search", flush=True)
-    generate.main(["--load", str(out / "stories260K_megatron"), "--prompt", "Once upon a time",
-                   "--prompt", "The little dog", "--max-new-tokens", "60", "--greedy"])
-    generate.main(["--load", str(out / "stories260K_megatron"), "--prompt", "Lily saw a bird", "--num-beams", "4",
-                   "--max-new-tokens", "40", "--return-log-probs"])
+
+
+def generate_stories(args, out: Path, rank: int) -> None:
+    _say(rank, f"\n== 3. generate with stories260K (converted from HF to Megatron, TP="
+               f"{args.tensor_model_parallel_size}): greedy, then beam search")
+    load = str(out / "stories260K_megatron")
+    generate.main(["--load", load, "--prompt", "Once upon a time", "--prompt", "The little dog", "--max-new-tokens",
+                   "60", "--greedy"])
+    generate.main(["--load", load, "--prompt", "Lily saw a bird", "--num-beams", "4", "--max-new-tokens", "40",
+                   "--return-log-probs"])
+
+
+def lora_finetune(args, out: Path, rank: int) -> None:
     tp = str(args.tensor_model_parallel_size)
-    if rank == 0:
-        print(f"\n== 4. LoRA fine-tune of stories260K on the Alpaca sample (responses only), TP={tp}", flush=True)
+    _say(rank, f"\n== 4. LoRA fine-tune of stories260K on the Alpaca sample (responses only), TP={tp}")
     pretrain.main(["--load", str(out / "stories260K_megatron"), "--data-path", str(out / "data" / "alpaca_sft"),
                    "--is-instruction-dataset", "--train-iters", "20", "--seq-length", "256",
                    "--tensor-model-parallel-size", tp, "--micro-batch-size", "4", "--global-batch-size", "8",
@@ -95,17 +105,35 @@ def main(argv=None):
                    "gate_proj", "up_proj", "down_proj", "--lora-r", "8", "--lora-alpha", "16",
                    "--save", str(out / "lora"), "--log-interval", "5"])
     if rank == 0:
-        from converters import merge_lora
+        _command("converters.merge_lora", "--base", out / "stories260K_megatron", "--lora", out / "lora",
+                 "--output-model-dir", out / "stories260K_lora_merged_hf", "--to-hf")
 
-        merge_lora.main(["--base", str(out / "stories260K_megatron"), "--lora", str(out / "lora"),
-                         "--output-model-dir", str(out / "stories260K_lora_merged_hf"), "--to-hf"])
-        print("\n== 5. evaluate before and after LoRA: MMLU (0-shot, 50 questions per subject), BoolQ", flush=True)
+
+def evaluate_before_after(out: Path, rank: int) -> None:
+    _say(rank, "\n== 5. evaluate before and after LoRA: MMLU (0-shot, 50 questions per subject), BoolQ")
     for label, extra in (("base", []), ("after LoRA", ["--lora-load", str(out / "lora")])):
         for task, path, more in (("mmlu", HERE / "mmlu" / "test", ["--limit", "50"]), ("boolq", HERE / "boolq", [])):
-            if rank == 0:
-                print(f"\n-- {label}", flush=True)
+            _say(rank, f"\n-- {label}")
             evaluate.main(["--task", task, "--task-data-path", str(path), "--load", str(out / "stories260K_megatron"),
                            "--micro-batch-size", "16", *more, *extra])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo_out", help="where everything is written (default demo_out)")
+    p.add_argument("--train-iters", type=int, default=60, help="pretraining iterations (default 60)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=2, help="default 2")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    dist.init_process_group(backend=ascend_patches.dist_backend())
+    rank = dist.get_rank()
+    if rank == 0:
+        prepare(args, out)
+    dist.barrier()
+    pretrain_tiny(args, out, rank)
+    generate_stories(args, out, rank)
+    lora_finetune(args, out, rank)
+    evaluate_before_after(out, rank)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
         --load ./llama2-7b-tp8pp1 --tokenizer-name-or-path ./llama-2-7b-hf [--num-fewshot 5] [--output-json out.json]
     ... --task boolq --task-data-path ./boolq_dev(.jsonl or a folder of them)
 
-Prompts (the seed's, and lm-evaluation-harness's, so scores can be checked against it):
+Prompts (AscendSpeed's, and lm-evaluation-harness's, so scores can be checked against it):
 - MMLU: "The following are multiple choice questions (with answers) about {subject}.\\n\\n",
   then k examples from ``{subject}_dev.csv`` (the ``dev`` folder beside the test folder, or
   the same folder), each "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: {letter}\\n\\n",
@@ -33,8 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from recipes import checkpointing, inference, parallel
-from recipes.tokenizer import load_tokenizer
+from recipes import inference, parallel
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -211,39 +210,30 @@ def table(results) -> Tuple[str, dict]:
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=("mmlu", "boolq"), required=True)
-    p.add_argument("--task-data-path", required=True)
-    p.add_argument("--load", required=True)
-    p.add_argument("--lora-load", default=None, help="a LoRA checkpoint applied on top of --load (unmerged)")
-    p.add_argument("--tokenizer-name-or-path", default=None, help="default: the one the checkpoint records")
-    p.add_argument("--tokenizer-type", default=None)
-    p.add_argument("--num-fewshot", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="at most N questions per subject / file")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--task", choices=("mmlu", "boolq"), required=True, help="the benchmark")
+    p.add_argument("--task-data-path", required=True,
+                   help="MMLU: the folder of {subject}_test.csv; BoolQ: a .jsonl file or a folder of them")
+    inference.add_checkpoint_flags(p)
+    p.add_argument("--num-fewshot", type=int, default=0, help="MMLU examples from {subject}_dev.csv (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="at most N questions per subject / file (default: all)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--seq-length", type=int, default=None, help="default: the model's positions")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world / PP")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--output-json", default=None, help="accuracies and per-question predictions")
     return p
 
 
+def read_questions(args) -> List[Question]:
+    if args.task == "mmlu":
+        return mmlu_questions(args.task_data_path, args.num_fewshot, args.limit)
+    if args.num_fewshot:
+        raise ValueError("--num-fewshot is for MMLU; BoolQ is scored zero-shot")
+    return boolq_questions(args.task_data_path, args.limit)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    saved = checkpointing.load_args(args.load)
-    tok_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
-    if not tok_path:
-        raise ValueError(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
-    tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
-    if args.task == "mmlu":
-        questions = mmlu_questions(args.task_data_path, args.num_fewshot, args.limit)
-    else:
-        if args.num_fewshot:
-            raise ValueError("--num-fewshot is for MMLU; BoolQ is scored zero-shot")
-        questions = boolq_questions(args.task_data_path, args.limit)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    pp = args.pipeline_model_parallel_size
-    lm = inference.load(args.load, args.tensor_model_parallel_size or max(1, world // pp), pp,
-                        lora_load=args.lora_load)
+    questions = read_questions(args)  # bad task data is refused before any model loads
+    lm, tokenizer = inference.open_checkpoint(args)
     rank = dist.get_rank()
     max_len = min(args.seq_length or lm.shape.seq_length, lm.shape.seq_length)
     t0 = time.time()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import List, Optional
@@ -25,45 +24,40 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from recipes import checkpointing, decoding, inference, parallel
-from recipes.tokenizer import load_tokenizer
+from recipes import decoding, inference, parallel
 
 QUIT_WORDS = {"q", "quit", "exit"}
 CLEAR_WORDS = {"clear", "new"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--load", required=True)
-    p.add_argument("--lora-load", default=None, help="a LoRA checkpoint applied on top of --load (unmerged)")
-    p.add_argument("--tokenizer-name-or-path", default=None, help="default: the one the checkpoint records")
-    p.add_argument("--tokenizer-type", default=None)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world / PP")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--params-dtype", choices=list(DTYPES), default=None, help="default: the checkpoint's")
-    p.add_argument("--prompt", action="append", default=None, help="repeat for a batch of prompts")
-    p.add_argument("--prompt-file", default=None, help="one prompt per line")
-    p.add_argument("--interactive", action="store_true")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--show-prompt", action="store_true", help="chat: print the full templated prompt each turn")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--early-stopping", default="false", choices=("true", "false", "never"))
-    p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--return-log-probs", action="store_true")
-    p.add_argument("--output-json", default=None, help="write prompts, outputs (and log-probs) here")
-    p.add_argument("--compile-decode", action="store_true",
-                   help="run the cached decode step through torch.compile (TP=1, CPU/CUDA): tens of seconds to "
-                        "compile once per batch size, then steps ~1.4-1.7x faster on the CPU; pays off over long generations")
+    inference.add_checkpoint_flags(p)
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append", default=None, help="repeat for a batch of prompts (default: BOS alone)")
+    g.add_argument("--prompt-file", default=None, help="one prompt per line")
+    g.add_argument("--interactive", action="store_true", help="chat in the LLaMA-2-chat template")
+    g.add_argument("--system-prompt", default=None, help="chat: the <<SYS>> block of the first turn")
+    g.add_argument("--show-prompt", action="store_true", help="chat: print the full templated prompt each turn")
+    g.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    g.add_argument("--greedy", action="store_true", help="argmax even if sampling flags are given")
+    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy unless a sampling flag is given)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens (default: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default 1: off)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**this (default 1.0)")
+    g.add_argument("--early-stopping", default="false", choices=("true", "false", "never"),
+                   help="beam search stopping rule, as HF generate's (default false)")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="outputs per prompt (default 1)")
+    g.add_argument("--return-log-probs", action="store_true", help="print and save each token's log-probability")
+    g.add_argument("--output-json", default=None, help="write prompts, outputs (and log-probs) here")
+    g.add_argument("--compile-decode", action="store_true",
+                   help="run the cached decode step through torch.compile (TP=1, CPU/CUDA): it compiles once per "
+                        "batch size, then steps faster; pays off over long generations")
     return p
 
 
@@ -184,44 +178,25 @@ def interactive(lm, tokenizer, args, rank: int):
         history.append((text, answer))
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    saved = checkpointing.load_args(args.load)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    pp = args.pipeline_model_parallel_size
-    tp = args.tensor_model_parallel_size or max(1, world // pp)
-    dtype = DTYPES[args.params_dtype] if args.params_dtype else None
-    tok_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
-    if not tok_path:
-        raise ValueError(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
-    tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
-    if not args.interactive and not args.prompt and not args.prompt_file:
-        args.prompt = [""]  # unconditional: BOS alone
-    lm = inference.load(args.load, tp, pp, dtype, lora_load=args.lora_load)
-    if args.compile_decode:
-        import ascend_patches
-        from ascend_patches.ops import decode_layer
+def _enable_compiled_decode(lm) -> None:
+    import ascend_patches
+    from ascend_patches.ops import decode_compiled
 
-        why_not = decode_layer.compile_unavailable(lm.model)
-        if why_not:
-            raise ValueError(f"--compile-decode: {why_not}")
-        ascend_patches.configure(compile_decode=True)
-    rank = dist.get_rank()
-    if rank == 0:
-        print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={tp} PP={pp}, {lm.dtype}", flush=True)
-    if args.interactive:
-        interactive(lm, tokenizer, args, rank)
-        parallel.destroy()
-        return None
+    why_not = decode_compiled.compile_unavailable(lm.model)
+    if why_not:
+        raise ValueError(f"--compile-decode: {why_not}")
+    ascend_patches.configure(compile_decode=True)
+
+
+def _prompts(args) -> List[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        prompts += [l.rstrip("\n") for l in open(args.prompt_file, encoding="utf-8") if l.strip()]
-    bos = [] if args.no_bos else [tokenizer.bos_id]
-    prompts_ids = [bos + tokenizer.encode(p) for p in prompts]
-    t0 = time.time()
-    results = run_generation(lm, tokenizer, args, prompts_ids)
-    elapsed = time.time() - t0
-    n_tokens = sum(len(g.tokens) for group in results for g in group)
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    return prompts or [""]  # nothing given: unconditional, from BOS alone
+
+
+def _records(args, tokenizer, prompts, prompts_ids, results, rank: int) -> List[dict]:
     records = []
     for prompt, ids, group in zip(prompts, prompts_ids, results):
         for g in group:
@@ -236,7 +211,33 @@ def main(argv=None):
                 print(f"\n=== prompt: {prompt!r}\n{prompt}{text}", flush=True)
                 if args.return_log_probs:
                     print(f"log-probs: {[round(x, 4) for x in g.log_probs]}", flush=True)
+    return records
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    lm, tokenizer = inference.open_checkpoint(args)
+    if args.compile_decode:
+        _enable_compiled_decode(lm)
+    from megatron.core import parallel_state as ps
+
+    rank = dist.get_rank()
     if rank == 0:
+        print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={ps.get_tensor_model_parallel_world_size()} "
+              f"PP={ps.get_pipeline_model_parallel_world_size()}, {lm.dtype}", flush=True)
+    if args.interactive:
+        interactive(lm, tokenizer, args, rank)
+        parallel.destroy()
+        return None
+    prompts = _prompts(args)
+    bos = [] if args.no_bos else [tokenizer.bos_id]
+    prompts_ids = [bos + tokenizer.encode(p) for p in prompts]
+    t0 = time.time()
+    results = run_generation(lm, tokenizer, args, prompts_ids)
+    elapsed = time.time() - t0
+    records = _records(args, tokenizer, prompts, prompts_ids, results, rank)
+    if rank == 0:
+        n_tokens = sum(len(r["tokens"]) for r in records)
         print(f"\n{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)", flush=True)
         if args.output_json:
             with open(args.output_json, "w") as f:

@@ -1,5 +1,9 @@
 """A loaded Megatron GPTModel for inference at any TP/PP, shared by generate and evaluate.
 
+``add_checkpoint_flags`` + ``open_checkpoint`` are the one front end from command-line flags
+(``--load``, ``--lora-load``, the tokenizer, TP/PP, ``--params-dtype``) to a loaded model and
+its tokenizer, so every inference command reads them the same way.
+
 Every rank calls the same methods in lockstep.  Pipeline stages pass hidden states forward
 with point-to-point sends; the last stage gathers the tensor-parallel logits and broadcasts
 what the caller needs (logits or chosen tokens) back along the pipeline, so every rank
@@ -8,8 +12,9 @@ returns the same answer.  Decoding keeps K/V in megatron's ``StaticInferenceCont
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,26 +33,17 @@ class Loaded:
 
 
 def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None, seed: int = 1234,
-         lora_load=None) -> Loaded:
+         lora_load=None, saved: Optional[dict] = None) -> Loaded:
     """Initialise the process groups and load the latest checkpoint of ``load_dir`` (plus, with
-    ``lora_load``, a LoRA checkpoint's adapters on top, unmerged)."""
+    ``lora_load``, a LoRA checkpoint's adapters on top, unmerged).  ``saved``: its
+    ``args.json`` when the caller has read it already."""
     from megatron.core import parallel_state as ps
 
-    saved = checkpointing.load_args(load_dir)
+    saved = saved or checkpointing.load_args(load_dir)
     shape = llama2.LlamaShape(**saved["shape"])
     padded = saved.get("padded_vocab_size") or shape.vocab_size
     vocab = saved.get("vocab_size") or shape.vocab_size
-    problems = []
-    if shape.num_attention_heads % tp or shape.num_query_groups % tp:
-        problems.append(f"--tensor-model-parallel-size {tp} does not divide {shape.num_attention_heads} heads / "
-                        f"{shape.num_query_groups} kv groups")
-    if padded % tp:
-        problems.append(f"--tensor-model-parallel-size {tp} does not divide the checkpoint's padded vocabulary "
-                        f"{padded}; reshard it with converters.reshard --tgt-tensor-model-parallel-size {tp}")
-    if pp > shape.num_layers:
-        problems.append(f"--pipeline-model-parallel-size {pp} is more than the {shape.num_layers} layers")
-    if problems:
-        raise ValueError(f"{load_dir}: " + "; ".join(problems))
+    llama2.check_layout(shape, tp, pp, padded_vocab=padded)  # the world size: init_distributed checks it
     parallel.init_distributed(tp, pp, seed=seed)
     if dtype is None:
         dtype = torch.bfloat16 if saved.get("bf16") else torch.float16 if saved.get("fp16") else torch.float32
@@ -68,12 +64,48 @@ def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None
     return Loaded(model, shape, vocab, padded, dtype, saved)
 
 
-def stage_info():
+def add_checkpoint_flags(p) -> None:
+    """The flags every inference command takes to open a checkpoint."""
+    p.add_argument("--load", required=True, help="a checkpoint folder (recipes.pretrain's, or a converter's)")
+    p.add_argument("--lora-load", default=None, help="a LoRA checkpoint applied on top of --load (unmerged)")
+    p.add_argument("--tokenizer-name-or-path", default=None, help="default: the one the checkpoint records")
+    p.add_argument("--tokenizer-type", default=None, help="PretrainedFromHF or SentencePiece (default: by path)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world size / PP")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="default 1")
+    p.add_argument("--params-dtype", choices=list(llama2.DTYPES), default=None, help="default: the checkpoint's")
+
+
+def open_checkpoint(args):
+    """(``Loaded``, tokenizer) from the flags of ``add_checkpoint_flags``."""
+    from recipes.tokenizer import load_tokenizer
+
+    saved = checkpointing.load_args(args.load)
+    tok_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
+    if not tok_path:
+        raise ValueError(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
+    tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
+    pp = args.pipeline_model_parallel_size
+    tp = args.tensor_model_parallel_size or max(1, int(os.environ.get("WORLD_SIZE", "1")) // pp)
+    dtype = llama2.DTYPES[args.params_dtype] if args.params_dtype else None
+    return load(args.load, tp, pp, dtype, lora_load=args.lora_load, saved=saved), tokenizer
+
+
+class StageInfo(NamedTuple):
+    """This rank's place in the pipeline, kept by callers that step many times."""
+    first: bool
+    last: bool
+    group: object
+    prev_rank: int
+    next_rank: int
+    last_rank: int
+
+
+def stage_info() -> StageInfo:
     from megatron.core import parallel_state as ps
 
-    return (ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(), ps.get_pipeline_model_parallel_group(),
-            ps.get_pipeline_model_parallel_prev_rank(), ps.get_pipeline_model_parallel_next_rank(),
-            ps.get_pipeline_model_parallel_last_rank())
+    return StageInfo(ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(), ps.get_pipeline_model_parallel_group(),
+                     ps.get_pipeline_model_parallel_prev_rank(), ps.get_pipeline_model_parallel_next_rank(),
+                     ps.get_pipeline_model_parallel_last_rank())
 
 
 @torch.no_grad()
@@ -82,29 +114,29 @@ def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, contex
     """Run the pipeline; the last stage returns full-vocabulary fp32 logits [b, s, vocab]
     (only the last position when ``context`` materialises only the last token), others None.
     ``stage``: ``stage_info()`` kept by a caller that steps many times."""
-    first, last, _, prev, nxt, _ = stage or stage_info()
+    stage = stage or stage_info()
     b, s = tokens.shape
-    if not first:
+    if not stage.first:
         hidden = torch.empty(s, b, lm.shape.hidden_size, dtype=lm.dtype)
-        dist.recv(hidden, src=prev)
+        dist.recv(hidden, src=stage.prev_rank)
         lm.model.set_input_tensor(hidden)
     out = lm.model(tokens, position_ids, attention_mask=None, inference_context=context,
                    runtime_gather_output=True)  # full-vocabulary logits on every TP rank
-    if not last:
-        dist.send(out.contiguous(), dst=nxt)
+    if not stage.last:
+        dist.send(out.contiguous(), dst=stage.next_rank)
         return None
     return out[..., :lm.vocab_size].float()
 
 
 def broadcast_from_last_stage(t: Optional[torch.Tensor], like_shape, dtype, stage=None) -> torch.Tensor:
     """The last pipeline stage's tensor on every stage."""
-    _, last, group, _, _, last_rank = stage or stage_info()
-    if dist.get_world_size(group) == 1:
+    stage = stage or stage_info()
+    if dist.get_world_size(stage.group) == 1:
         return t
-    if not last:
+    if not stage.last:
         t = torch.empty(like_shape, dtype=dtype)
     t = t.contiguous()
-    dist.broadcast(t, src=last_rank, group=group)
+    dist.broadcast(t, src=stage.last_rank, group=stage.group)
     return t
 
 

@@ -1,14 +1,20 @@
 """LLaMA-2 sizes as data, and the stock ``GPTModel`` each one builds.
 
-Shapes are from ``shared/reference/llama2.md`` (HF config names): RMSNorm eps 1e-5,
-rotate-half RoPE theta 1e4 (1e6 for 34B, which uses CodeLlama-34B weights), SwiGLU, no
-biases, untied embeddings, vocab 32000.  ``tiny`` is a CPU-sized GQA shape for tests.
+Shapes are the published HF configs (``docs/llama2.md``): RMSNorm eps 1e-5, rotate-half
+RoPE theta 1e4 (1e6 for 34B, which uses CodeLlama-34B weights), SwiGLU, no biases, untied
+embeddings, vocab 32000.  ``tiny`` is a CPU-sized GQA shape for tests.  ``RECIPE_DEFAULTS``
+holds each size's training defaults (AscendSpeed's LLaMA-2 scripts); every engine of the
+pretrain recipe reads this one table.
+
+``check_layout`` is the one rule set for whether a TP/PP layout fits a shape: pretraining,
+inference, the converters and the LoRA merge all call it, so a checkpoint that one command
+accepts is not refused by the next.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,18 @@ class LlamaShape:
     def kv_channels(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def describe(self) -> str:
+        return (f"{self.num_layers} layers, hidden {self.hidden_size}, ffn {self.ffn_hidden_size}, "
+                f"{self.num_attention_heads} heads, {self.num_query_groups} kv groups, vocab {self.vocab_size}")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "LlamaShape":
+        """The inverse of ``hf_config``: a shape from an HF ``config.json``."""
+        return cls(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+                   cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                   cfg["vocab_size"], cfg.get("max_position_embeddings", 4096),
+                   float(cfg.get("rope_theta", 10000.0)), cfg.get("rms_norm_eps", 1e-5))
+
     def hf_config(self) -> dict:
         """The same shape as HF LlamaConfig kwargs."""
         return dict(
@@ -49,6 +67,63 @@ SIZES: Dict[str, LlamaShape] = {
     "llama2-70b": LlamaShape(80, 8192, 28672, 64, 8),
     "llama2-tiny": LlamaShape(2, 64, 176, 8, 4, vocab_size=512, seq_length=128),
 }
+
+
+# Per-size training defaults (AscendSpeed's LLaMA-2 scripts); flags override them.
+RECIPE_DEFAULTS = {
+    "llama2-7b": dict(tensor_model_parallel_size=8, pipeline_model_parallel_size=1, micro_batch_size=4,
+                      global_batch_size=16, lr=1.25e-6, min_lr=1.25e-7, seq_length=4096, bf16=True),
+    "llama2-13b": dict(tensor_model_parallel_size=8, pipeline_model_parallel_size=1, micro_batch_size=2,
+                       global_batch_size=16, lr=1e-6, min_lr=1e-7, seq_length=4096, bf16=True),
+    "llama2-34b": dict(tensor_model_parallel_size=8, pipeline_model_parallel_size=2, micro_batch_size=2,
+                       global_batch_size=32, lr=1e-6, min_lr=1e-7, seq_length=4096, bf16=True),
+    "llama2-70b": dict(tensor_model_parallel_size=8, pipeline_model_parallel_size=8, micro_batch_size=1,
+                       global_batch_size=32, lr=1e-6, min_lr=1e-7, seq_length=4096, bf16=True),
+    "llama2-tiny": dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, micro_batch_size=4,
+                        global_batch_size=8, lr=3e-3, min_lr=3e-4, seq_length=128, bf16=False),
+}
+# A shape given by flags, --hf-config or a checkpoint, with no --model
+CUSTOM_DEFAULTS = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, micro_batch_size=1,
+                       global_batch_size=8, lr=1e-4, min_lr=1e-5, seq_length=None, bf16=False)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+class LayoutError(ValueError):
+    """A TP/PP layout that does not fit the model (every failing rule in one message)."""
+
+
+def check_layout(shape: "LlamaShape", tp: int, pp: int, *, padded_vocab: Optional[int] = None,
+                 world: Optional[int] = None, layers_per_virtual_stage: Optional[int] = None,
+                 flag_prefix: str = "") -> None:
+    """Raise ``LayoutError`` naming every rule the layout breaks: TP must divide the attention
+    heads, kv groups, ffn size and (padded) vocabulary; PP may not exceed the layers (the
+    first stage takes the remainder of an uneven split); virtual pipeline stages need an even
+    split; the world size must be a multiple of TP x PP."""
+    tp_flag, pp_flag = f"--{flag_prefix}tensor-model-parallel-size", f"--{flag_prefix}pipeline-model-parallel-size"
+    problems = []
+    for n, what in ((shape.num_attention_heads, f"{shape.num_attention_heads} attention heads"),
+                    (shape.num_query_groups, f"{shape.num_query_groups} kv groups"),
+                    (shape.ffn_hidden_size, f"ffn size {shape.ffn_hidden_size}"),
+                    (padded_vocab, f"the padded vocabulary {padded_vocab}")):
+        if n is not None and n % tp:
+            problems.append(f"{tp_flag} {tp} does not divide {what}")
+    if pp > shape.num_layers:
+        problems.append(f"{pp_flag} {pp} is more than the {shape.num_layers} layers")
+    elif layers_per_virtual_stage:
+        if shape.num_layers % pp:
+            problems.append(f"virtual pipeline stages need {pp_flag} {pp} to divide the {shape.num_layers} layers")
+        elif (shape.num_layers // pp) % layers_per_virtual_stage:
+            problems.append(f"--num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} does not divide "
+                            f"the {shape.num_layers // pp} layers per pipeline stage")
+    if world is not None and world % (tp * pp):
+        problems.append(f"the world size {world} is not a multiple of TP {tp} x PP {pp}")
+    if problems:
+        raise LayoutError(f"TP={tp} PP={pp} does not fit the model ({shape.describe()}): " + "; ".join(problems))
 
 
 def shape(name: str) -> LlamaShape:

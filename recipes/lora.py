@@ -1,7 +1,7 @@
 """LoRA on Megatron-Core's tensor-parallel linear layers, and its adapter-only checkpoints.
 
-Why not peft: the issue asked for peft's Megatron support (``LoraConfig(megatron_config=...,
-megatron_core=...)``).  With peft 0.21.2 and megatron-core 0.16 it does not run:
+Why not peft: peft's Megatron support (``LoraConfig(megatron_config=..., megatron_core=...)``)
+does not run with peft 0.21.2 and megatron-core 0.16:
 ``dispatch_megatron`` raises ``KeyError: 'fan_in_fan_out'`` (peft no longer passes that key);
 past it, ``LoraParallelLinear.update_layer`` raises ``KeyError`` on ``lora_bias``; past that,
 its forward multiplies the ``(output, bias)`` tuple megatron's parallel linears return by
@@ -14,7 +14,7 @@ the scaling (``TypeError``).  So this module holds the same design in ~100 lines
   columns, its output all-reduced; B [out, r] replicated.
 - B starts at zero, A Kaiming-uniform (peft's default), scaling alpha / r.
 
-The seed's target names map to Megatron-Core modules: query_key_value -> linear_qkv,
+AscendSpeed's target names map to Megatron-Core modules: query_key_value -> linear_qkv,
 dense -> linear_proj, gate_proj / up_proj / dense_h_to_4h -> linear_fc1 (one adapter on the
 merged [gate; up] weight), down_proj / dense_4h_to_h -> linear_fc2.  Modules to save:
 word_embeddings -> embedding.word_embeddings, lm_head / output_layer -> output_layer.
@@ -196,7 +196,7 @@ def load_adapter_state(model: nn.Module, wrapped: Dict[str, nn.Module], sd: dict
         raise ValueError(f"{where}: no saved adapter for {sorted(params)[:3]} ...")
 
 
-def _rank_file(tp_rank: int, pp_rank: int) -> str:
+def rank_file(tp_rank: int, pp_rank: int) -> str:
     return f"adapter_mp_rank_{tp_rank:02d}_{pp_rank:03d}.pt"
 
 
@@ -208,13 +208,13 @@ def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, sched
     from recipes import checkpointing
 
     state = {"adapters": adapter_state(model, wrapped, modules_to_save), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "progress": progress, "rng": checkpointing._rng_state()}
+             "scheduler": scheduler.state_dict(), "progress": progress, "rng": checkpointing.rng_state()}
     meta = {**config, "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
 
     def write(tmp: Path):
         if ps.get_data_parallel_rank() == 0:
-            torch.save(state, tmp / _rank_file(ps.get_tensor_model_parallel_rank(),
+            torch.save(state, tmp / rank_file(ps.get_tensor_model_parallel_rank(),
                                                ps.get_pipeline_model_parallel_rank()))
 
     return checkpointing.atomic_save(root, iteration, write, {"lora_config.json": meta, "args.json": args})
@@ -244,7 +244,7 @@ def load(root, model, wrapped, optimizer=None, scheduler=None, restore_rng: bool
                          f"PP={cfg['pipeline_model_parallel_size']}; resume at the same sizes (now TP={tp} PP={pp}), "
                          "or merge it with converters.merge_lora")
     it = checkpointing.latest_iteration(root)
-    path = checkpointing.iter_dir(root, it) / _rank_file(ps.get_tensor_model_parallel_rank(),
+    path = checkpointing.iter_dir(root, it) / rank_file(ps.get_tensor_model_parallel_rank(),
                                                          ps.get_pipeline_model_parallel_rank())
     state = torch.load(path, map_location="cpu", weights_only=False)
     load_adapter_state(model, wrapped, state["adapters"], str(path))
@@ -253,5 +253,5 @@ def load(root, model, wrapped, optimizer=None, scheduler=None, restore_rng: bool
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        checkpointing._set_rng_state(state["rng"])
+        checkpointing.set_rng_state(state["rng"])
     return state["progress"]

@@ -1,4 +1,4 @@
-"""Model FLOPs, tokens/s, TFLOP/s and MFU, by the convention in shared/reference/llama2.md:
+"""Model FLOPs, tokens/s, TFLOP/s and MFU, by the convention in docs/llama2.md:
 training FLOPs per token = 6 * N_dense + 12 * L * d_head * n_heads * seq, where N_dense
 counts every matrix the token passes through (the output layer included, the embedding
 lookup not).  MFU = achieved model FLOP/s / the device's peak.

@@ -111,3 +111,59 @@ def train_step(models: List, optimizer, data_iterator, num_microbatches: int, se
         if not ok:
             raise FloatingPointError("optimizer step skipped: gradients overflowed (fp16 loss scale)")
     return loss, grad_norm
+
+
+def build_scheduler(optimizer, optim, train_iters: int, global_batch: int):
+    """Megatron's ``OptimizerParamScheduler`` in samples, as Megatron-LM steps it: linear
+    warm-up from 0 (if any), then the decay style down to min_lr; constant weight decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.warmup_iters else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_iters * global_batch, lr_decay_steps=optim.decay_iters * global_batch,
+        lr_decay_style=optim.decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=train_iters * global_batch, wd_incr_style="constant")
+
+
+def build_data(s, dp_rank: int, dp_size: int, consumed_samples: int, num_chunks: int):
+    """(this rank's micro-batch iterator - one per model chunk, as each virtual pipeline stage
+    draws the same batches -, the validation dataset or None)."""
+    from recipes.data import datasets
+
+    b, log = s.batches, s.logging
+    n_train = s.train_iters * b.global_batch
+    n_eval = (s.train_iters // log.eval_interval + 1) * log.eval_iters * b.global_batch if log.eval_interval else 0
+    if s.data.instruction:
+        if len(s.data.paths) != 1:
+            raise ValueError("--is-instruction-dataset takes one --data-path prefix")
+        train, valid, _ = datasets.split_instruction_dataset(s.data.paths[0], b.seq_length, s.tokenizer.eos_id,
+                                                             s.data.split, s.seed)
+    else:
+        train, valid, _ = datasets.build_pretrain_datasets(list(s.data.paths), s.data.split, b.seq_length, s.seed,
+                                                           [n_train, n_eval, 0], s.tokenizer, s.data.cache_path)
+    if train is None or len(train) == 0:
+        raise ValueError(f"--split {s.data.split} leaves no training data in {' '.join(s.data.paths)}")
+    its = [datasets.microbatches(train, consumed_samples, b.global_batch, b.micro, dp_rank, dp_size, s.seed)
+           for _ in range(num_chunks)]
+    return (its if len(its) > 1 else its[0]), valid
+
+
+def evaluate(s, models: List, valid, dp_rank: int, dp_size: int) -> Optional[float]:
+    """Mean loss over --eval-iters global batches of the validation split (last stage), or None."""
+    from recipes.data import datasets
+
+    if valid is None or len(valid) == 0:
+        return None
+    b = s.batches
+    its = [datasets.microbatches(valid, 0, b.global_batch, b.micro, dp_rank, dp_size, s.seed + 1) for _ in models]
+    it = its if len(its) > 1 else its[0]
+    for m in models:
+        m.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(s.logging.eval_iters):
+            loss, _ = train_step(models, None, it, b.num_microbatches, b.seq_length, b.micro, forward_only=True)
+            losses.append(loss)
+    for m in models:
+        m.train()
+    return None if losses[0] is None else sum(losses) / len(losses)

@@ -104,7 +104,7 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 
 def split_instruction_dataset(prefix: str, seq_length: int, pad_id: int, split: str, seed: int):
-    """Documents shuffled once with the seed, then cut by --split weights (train, valid, test)."""
+    """Documents shuffled once with --seed, then cut by --split weights (train, valid, test)."""
     n = len(InstructionDataset(prefix, seq_length, pad_id))  # also checks both files exist
     weights = [float(x) for x in split.replace("/", ",").split(",")]
     weights += [0.0] * (3 - len(weights))
@@ -118,7 +118,7 @@ def split_instruction_dataset(prefix: str, seq_length: int, pad_id: int, split: 
 def microbatches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, seed: int = 0) -> Iterator[dict]:
     """Endless stream of this DP rank's micro-batches, starting after consumed_samples.
-    Sample k of the run is dataset[perm_epoch(k % len)]: epochs reshuffle with the seed."""
+    Sample k of the run is dataset[perm_epoch(k % len)]: epochs reshuffle with --seed."""
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty")

@@ -1,4 +1,4 @@
-"""Handlers turn one raw row into token sequences (the seed's ``--handler-name`` values).
+"""Handlers turn one raw row into token sequences (AscendSpeed's ``--handler-name`` values).
 
 - ``GeneralPretrainHandler``: plain text under ``--json-keys`` (default ``text``), one
   document per key; ``--append-eod`` ends each with EOS.

@@ -1,0 +1,277 @@
+"""The pretrain recipe's settings, derived once from the command line and the checkpoint it
+resumes, into frozen typed objects.  Every engine (the built-in loop, stock Megatron-LM,
+DeepSpeed) reads the same ``RunSettings``; nothing later adds fields to ``args``.
+
+Precedence for the model shape: shape flags > ``--hf-config`` > the ``--load`` checkpoint's
+``args.json`` > ``--model``.  Training defaults come from ``llama2.RECIPE_DEFAULTS`` for the
+size (or ``CUSTOM_DEFAULTS``); any flag given overrides them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import torch
+
+from recipes import checkpointing, llama2
+
+SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    world: int
+    vpp: Optional[int] = None  # virtual pipeline stages per pipeline stage (the interleaved schedule)
+    layers_per_virtual_stage: Optional[int] = None
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+
+@dataclass(frozen=True)
+class Batches:
+    micro: int
+    global_batch: int
+    seq_length: int
+    num_microbatches: int  # per data-parallel rank and iteration
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr: float
+    min_lr: float
+    decay_style: str
+    warmup_iters: int
+    decay_iters: int
+    weight_decay: float
+    clip_grad: float
+    betas: Tuple[float, float]
+    eps: float
+    initial_loss_scale: float
+
+
+@dataclass(frozen=True)
+class Data:
+    paths: Tuple[str, ...]
+    split: str
+    instruction: bool
+    cache_path: Optional[str]
+
+
+@dataclass(frozen=True)
+class Lora:
+    targets: Tuple[str, ...]
+    r: int
+    alpha: float
+    dropout: float
+    modules_to_save: Tuple[str, ...]
+    load: Optional[str]  # a LoRA checkpoint to resume
+
+    def config(self, base: Optional[str]) -> dict:
+        """``lora_config.json``."""
+        return {"target_modules": list(self.targets), "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+                "modules_to_save": list(self.modules_to_save), "base": base}
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The one decision of what ``--load`` brings: ``fresh`` (nothing), ``full`` (weights,
+    optimizer, scheduler, RNG, data position) or ``weights`` (``--finetune``, a converter's
+    ``release`` checkpoint, or the frozen base of a LoRA run)."""
+
+    kind: str
+    path: Optional[str] = None
+    iteration: Any = None  # int or "release"
+
+    @property
+    def loads_weights(self) -> bool:
+        return self.kind != "fresh"
+
+
+@dataclass(frozen=True)
+class Logging:
+    log_interval: int
+    eval_interval: Optional[int]
+    eval_iters: int
+    metrics_file: Optional[str]
+    peak_tflops: Optional[float]
+    measure_peak_every: int
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    model_name: Optional[str]
+    shape: llama2.LlamaShape
+    vocab_size: int
+    padded_vocab: int
+    dtype: torch.dtype
+    layout: Layout
+    batches: Batches
+    optim: Optim
+    data: Data
+    resume: Resume
+    logging: Logging
+    train_iters: int
+    stop_at: int  # --exit-after-iters, else train_iters
+    save: Optional[str]
+    save_interval: Optional[int]
+    seed: int
+    hidden_dropout: float
+    attention_dropout: float
+    gradient_accumulation_fusion: bool
+    compile_fused_ops: bool
+    tokenizer_path: Optional[str]
+    tokenizer_type: Optional[str]
+    make_vocab_size_divisible_by: int
+    lora: Optional[Lora] = None
+    engine: str = "builtin"
+    tokenizer: Any = field(default=None, compare=False, repr=False)  # the loaded tokenizer, or None
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    @property
+    def fp16(self) -> bool:
+        return self.dtype == torch.float16
+
+    def checkpoint_args(self) -> dict:
+        """``args.json`` of every checkpoint this run writes: what later commands need to
+        rebuild the model from ``--load`` alone."""
+        return {"model": self.model_name, "shape": asdict(self.shape), "tokenizer_name_or_path": self.tokenizer_path,
+                "padded_vocab_size": self.padded_vocab, "vocab_size": self.vocab_size,
+                "tensor_model_parallel_size": self.layout.tp, "pipeline_model_parallel_size": self.layout.pp,
+                "bf16": self.bf16, "fp16": self.fp16}
+
+    def describe(self) -> str:
+        L, b = self.layout, self.batches
+        vpp = f" VPP={L.vpp}" if L.vpp else ""
+        return (f"{self.model_name or 'custom'} {self.shape}; TP={L.tp} PP={L.pp}{vpp} DP={L.dp}; "
+                f"{b.num_microbatches} micro-batches of {b.micro} x {b.seq_length}; {llama2.dtype_name(self.dtype)}")
+
+
+def _resume(args, lora: bool) -> Resume:
+    if not args.load:
+        return Resume("fresh")
+    it = checkpointing.latest_iteration(args.load)
+    if it is None:
+        raise FileNotFoundError(f"--load {args.load}: no checkpoint there")
+    weights_only = args.finetune or lora or it == "release"
+    return Resume("weights" if weights_only else "full", args.load, it)
+
+
+def _shape(args, saved: dict) -> llama2.LlamaShape:
+    shape = llama2.LlamaShape(**saved["shape"]) if saved.get("shape") else None
+    if args.hf_config:
+        config = Path(args.hf_config) / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"--hf-config {args.hf_config}: no config.json there")
+        shape = llama2.LlamaShape.from_hf_config(json.loads(config.read_text()))
+    if shape is None:
+        if not args.model and not all(getattr(args, f) for f in SHAPE_FLAGS[:4]):
+            raise ValueError("give --model, --hf-config, a --load checkpoint, or the shape flags "
+                             "--num-layers --hidden-size --ffn-hidden-size --num-attention-heads")
+        shape = llama2.shape(args.model) if args.model else llama2.LlamaShape(
+            args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
+            args.num_query_groups or args.num_attention_heads)
+    over = {f: getattr(args, f) for f in SHAPE_FLAGS if getattr(args, f) is not None}
+    if args.num_attention_heads and not args.num_query_groups:
+        over["num_query_groups"] = args.num_attention_heads
+    for flag, name in (("vocab_size", "vocab_size"), ("max_position_embeddings", "seq_length"),
+                       ("rotary_base", "rope_theta"), ("norm_epsilon", "norm_epsilon")):
+        if getattr(args, flag) is not None:
+            over[name] = getattr(args, flag)
+    return replace(shape, **over)
+
+
+def _defaults(args, size: Optional[str]) -> dict:
+    """Each training flag's value: the flag if given, else the size's recipe default."""
+    defaults = dict(llama2.RECIPE_DEFAULTS[size]) if size else dict(llama2.CUSTOM_DEFAULTS)
+    if args.lr is not None and args.min_lr is None:
+        defaults["min_lr"] = args.lr / 10
+    out = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
+    if args.fp32 or args.fp16:
+        out["bf16"] = False
+    if out["min_lr"] > out["lr"]:
+        raise ValueError(f"--min-lr {out['min_lr']} is above --lr {out['lr']}")
+    return out
+
+
+def _vocab(args, shape, saved, tokenizer, tp: int) -> Tuple[int, int]:
+    """(true vocabulary, padded rows): the checkpoint's padding wins when its vocabulary is ours."""
+    vocab = args.vocab_size or (tokenizer.vocab_size if tokenizer is not None else shape.vocab_size)
+    padded = llama2.padded_vocab_size(vocab, args.make_vocab_size_divisible_by, tp)
+    if saved.get("padded_vocab_size") and saved.get("vocab_size", vocab) == vocab:
+        padded = saved["padded_vocab_size"]
+    return vocab, padded
+
+
+def _lora(args) -> Optional[Lora]:
+    if not args.lora_target_modules:
+        return None
+    from recipes import lora
+
+    return Lora(tuple(lora.resolve_targets(args.lora_target_modules)), args.lora_r, args.lora_alpha, args.lora_dropout,
+                tuple(lora.resolve_modules_to_save(args.lora_modules_to_save)), args.lora_load)
+
+
+def resolve(args, world: Optional[int] = None) -> RunSettings:
+    """Every setting of a run, from the parsed flags (and what ``--load`` records)."""
+    from recipes.tokenizer import load_tokenizer
+
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    lora = _lora(args)
+    resume = _resume(args, lora is not None)
+    saved = checkpointing.load_args(args.load) if resume.loads_weights else {}
+    size = args.model or saved.get("model")
+    d = _defaults(args, size)
+    shape = _shape(args, saved)
+    seq_length = d["seq_length"] or shape.seq_length
+    if seq_length > shape.seq_length:
+        shape = replace(shape, seq_length=seq_length)
+    tokenizer_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
+    tokenizer = load_tokenizer(tokenizer_path, args.tokenizer_type) if tokenizer_path else None
+    tp, pp = d["tensor_model_parallel_size"], d["pipeline_model_parallel_size"]
+    vocab, padded = _vocab(args, shape, saved, tokenizer, tp)
+    llama2.check_layout(shape, tp, pp, padded_vocab=padded, world=world,
+                        layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
+    dp = world // (tp * pp)
+    per_stage = args.num_layers_per_virtual_pipeline_stage
+    vpp = shape.num_layers // pp // per_stage if per_stage else None
+    micro, global_batch = d["micro_batch_size"], d["global_batch_size"]
+    if global_batch % (micro * dp):
+        raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {micro} x "
+                         f"data-parallel size {dp}")
+    return _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
+                     Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel, args.use_distributed_optimizer),
+                     Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
+
+
+def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora, layout, batches):
+    from ascend_patches.ops import grad_accum
+
+    dtype = torch.bfloat16 if d["bf16"] else torch.float16 if args.fp16 else torch.float32
+    warmup = args.lr_warmup_iters or int((args.lr_warmup_fraction or 0) * args.train_iters)
+    optim = Optim(d["lr"], d["min_lr"], args.lr_decay_style, warmup, args.lr_decay_iters or args.train_iters,
+                  args.weight_decay, args.clip_grad, (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                  args.initial_loss_scale)
+    logging = Logging(args.log_interval, args.eval_interval, args.eval_iters,
+                      args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None),
+                      args.peak_tflops, args.measure_peak_every)
+    stop_at = args.train_iters if args.exit_after_iters is None else min(args.train_iters, args.exit_after_iters)
+    return RunSettings(
+        model_name=size, shape=shape, vocab_size=vocab, padded_vocab=padded, dtype=dtype, layout=layout,
+        batches=batches, optim=optim,
+        data=Data(tuple(args.data_path), args.split, args.is_instruction_dataset, args.data_cache_path),
+        resume=resume, logging=logging, train_iters=args.train_iters, stop_at=stop_at, save=args.save,
+        save_interval=args.save_interval, seed=args.seed, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion and lora is None and grad_accum.available(),
+        compile_fused_ops=args.compile_fused_ops, tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer)

@@ -1,0 +1,195 @@
+"""The built-in engine of the pretrain recipe: stock megatron.core parts in a short loop.
+
+``GPTModel`` chunks -> megatron ``DistributedDataParallel`` -> ``get_megatron_optimizer`` +
+``OptimizerParamScheduler`` -> ``get_forward_backward_func`` (1F1B / interleaved pipeline
+schedules) each step, checkpoints through ``dist_checkpointing`` (``recipes.checkpointing``).
+The other engines (stock Megatron-LM's ``pretrain()``, DeepSpeed) take the same
+``RunSettings`` and replace ``Trainer`` as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+import ascend_patches
+from ascend_patches.device import cpu_heap
+from recipes import checkpointing, llama2, parallel, throughput, training, weights
+from recipes.run_settings import RunSettings
+
+
+class MetricsLog:
+    """The JSONL metrics file, one record per iteration, written by one rank."""
+
+    def __init__(self, path: Optional[str], enabled: bool):
+        self.path, self.enabled, self.file = path, enabled and bool(path), None
+
+    def __enter__(self):
+        if self.enabled:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")
+        return self
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+        return False
+
+
+def _dp_mean(value, group) -> float:
+    t = torch.tensor([0.0 if value is None else value], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.item() / dist.get_world_size(group)
+
+
+class Trainer:
+    """``run()`` = ``setup()`` -> ``resume()`` -> ``train()``; ``train()`` repeats ``step()``
+    with ``evaluate()`` and ``save()`` where their intervals fall."""
+
+    def __init__(self, s: RunSettings):
+        self.s = s
+        self.weights = weights.for_run(s)
+
+    def run(self):
+        self.setup()
+        self.resume()
+        self.train()
+        parallel.destroy()
+        return self.models
+
+    # -- building ----------------------------------------------------------------------
+    def setup(self) -> None:
+        s, L = self.s, self.s.layout
+        parallel.init_distributed(L.tp, L.pp, L.vpp, seed=s.seed)
+        if s.compile_fused_ops:
+            ascend_patches.configure(compile_ops=True)  # a clear error off the CPU
+        self.on_cpu = ascend_patches.settings().backend == "cpu"
+        self.heap_note = cpu_heap.keep_freed_memory() if self.on_cpu else None
+        chunks = self.weights.prepare(self._model_chunks())
+        self.models = [training.wrap_ddp(m, use_distributed_optimizer=L.distributed_optimizer) for m in chunks]
+        o = s.optim
+        self.optimizer = training.build_optimizer(
+            self.models, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad, bf16=s.bf16, fp16=s.fp16,
+            betas=o.betas, eps=o.eps, use_distributed_optimizer=L.distributed_optimizer,
+            initial_loss_scale=o.initial_loss_scale, min_lr=o.min_lr)
+        training.attach_grad_sync(self.models, self.optimizer)
+        self.scheduler = training.build_scheduler(self.optimizer, o, s.train_iters, s.batches.global_batch)
+
+    def _model_chunks(self):
+        """One model chunk per virtual pipeline stage (interleaved schedule), or just one."""
+        from megatron.core import parallel_state as ps
+
+        s, L = self.s, self.s.layout
+        config = llama2.transformer_config(
+            s.shape, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
+            virtual_pipeline_model_parallel_size=L.vpp, sequence_parallel=L.sequence_parallel,
+            pipeline_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16, params_dtype=s.dtype,
+            hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
+            gradient_accumulation_fusion=s.gradient_accumulation_fusion,
+            **llama2.pipeline_split(s.shape.num_layers, L.pp))
+        chunks = []
+        for v in range(L.vpp or 1):
+            kw = {"vp_stage": v} if L.vpp else {}
+            model = llama2.build_model(s.shape, config=config, vocab_size=s.padded_vocab,
+                                       pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
+                                       post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw),
+                                       vp_stage=v if L.vpp else None)
+            chunks.append(training.wrap_float16(model))
+        return chunks
+
+    def resume(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.progress = self.weights.load(self.models, self.optimizer, self.scheduler)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.data, self.valid = training.build_data(self.s, self.dp_rank, self.dp_size,
+                                                    self.progress["consumed_samples"], len(self.models))
+
+    # -- the loop ----------------------------------------------------------------------
+    def train(self) -> None:
+        s = self.s
+        self.rank, self.last_rank = dist.get_rank(), dist.get_world_size() - 1
+        self._announce()
+        peak, self.peak_src = throughput.peak_tflops(ascend_patches.settings().backend, s.dtype, s.logging.peak_tflops)
+        self.meter = throughput.Meter(throughput.train_flops_per_token(s.shape, s.batches.seq_length, s.padded_vocab),
+                                      peak, dist.get_world_size())
+        with MetricsLog(s.logging.metrics_file, self.rank == self.last_rank) as log:
+            while self.progress["iteration"] < s.stop_at:
+                record = self.step()
+                record.update(self.evaluate())
+                self._log(record, log)
+                self.save()
+                self.meter.reset()  # evaluation and saving are not training throughput
+
+    def step(self) -> dict:
+        from megatron.core import parallel_state as ps
+
+        s, it = self.s, self.progress["iteration"] + 1
+        every = s.logging.measure_peak_every if self.on_cpu and not s.logging.peak_tflops else 0
+        if every and it > 1 and (it - 1) % every == 0:
+            self.meter.peak = throughput.measured_gemm_tflops(s.dtype)
+            self.meter.reset()
+        try:
+            loss, grad_norm = training.train_step(self.models, self.optimizer, self.data, s.batches.num_microbatches,
+                                                  s.batches.seq_length, s.batches.micro)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"iteration {it}: {e}; the last checkpoint is untouched") from None
+        self.scheduler.step(increment=s.batches.global_batch)
+        self.progress = {"iteration": it, "consumed_samples": self.progress["consumed_samples"] + s.batches.global_batch}
+        m = self.meter.step(s.batches.global_batch * s.batches.seq_length)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            loss = _dp_mean(loss, ps.get_data_parallel_group())
+        return {"iteration": it, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": None if grad_norm is None else float(grad_norm), **m, "peak_tflops": self.meter.peak,
+                "consumed_samples": self.progress["consumed_samples"]}
+
+    def evaluate(self) -> dict:
+        """{"val_loss": ...} on the iterations --eval-interval names (last pipeline stage), else {}."""
+        from megatron.core import parallel_state as ps
+
+        s, it = self.s, self.progress["iteration"]
+        if not (s.logging.eval_interval and it % s.logging.eval_interval == 0):
+            return {}
+        val = training.evaluate(self.s, self.models, self.valid, self.dp_rank, self.dp_size)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and val is not None:
+            return {"val_loss": _dp_mean(val, ps.get_data_parallel_group())}
+        return {}
+
+    def save(self) -> None:
+        s, it = self.s, self.progress["iteration"]
+        if s.save and ((s.save_interval and it % s.save_interval == 0) or it == s.stop_at):
+            self.weights.save(it, self.models, self.optimizer, self.scheduler, self.progress)
+            if self.rank == 0:
+                print(f"saved {checkpointing.iter_dir(s.save, it)}", flush=True)
+
+    # -- output ------------------------------------------------------------------------
+    def _announce(self) -> None:
+        if self.rank != 0:
+            return
+        s = self.s
+        print(ascend_patches.report().splitlines()[1], flush=True)
+        if self.heap_note:
+            print(f"CPU allocator: {self.heap_note}", flush=True)
+        print(f"{s.describe()}; gradient accumulation fusion {'on' if s.gradient_accumulation_fusion else 'off'}; "
+              f"compiled CPU ops {'on' if s.compile_fused_ops else 'off'}", flush=True)
+
+    def _log(self, record: dict, log: MetricsLog) -> None:
+        if self.rank != self.last_rank:
+            return
+        it, s = record["iteration"], self.s
+        if it % s.logging.log_interval == 0 or it == 1:
+            val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            print(f"iteration {it:6d}/{s.train_iters} | loss {record['loss']:.6f}{val} | lr {record['lr']:.3e} | "
+                  f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s_per_device']:,.0f} tokens/s/device | "
+                  f"{record['tflops_per_device']:.4f} TFLOP/s/device | MFU {100 * record['mfu']:.2f}% "
+                  f"({self.peak_src})", flush=True)
+        log.write(record)
