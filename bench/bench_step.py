@@ -5,7 +5,7 @@ this machine's measured GEMM GFLOP/s.
 
     OMP_NUM_THREADS=2 python bench/bench_step.py [--shape cpu|tiny] [--steps 3]
 
-The "cpu" shape is the brief's CPU-sized LLaMA-2: 8 layers, hidden 1024, ffn 2816,
+The "cpu" shape is the project's CPU-sized LLaMA-2: 8 layers, hidden 1024, ffn 2816,
 16 heads, vocab 32000, seq 512, batch 2, fp32.
 """
 

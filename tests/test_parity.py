@@ -4,7 +4,7 @@ optimizer; on the CPU path and on the emulated NPU path.
 
 Tolerances, fp32: the fused kernels change only the order of floating-point sums
 (flash attention's online softmax, one-pass SwiGLU), measured at ~1e-7 relative; we
-assert 1e-5 relative on logits/loss/gradients, and the brief's 1e-5 max relative loss
+assert 1e-5 relative on logits/loss/gradients, and a 1e-5 max relative loss
 difference over 30 steps.  bf16: every op rounds to 8 mantissa bits (2^-8 = 0.4 %), and
 the two paths round at different places (SDPA keeps probabilities in fp32, stock casts
 them to bf16 before P@V), so we assert 2e-2 relative on logits/gradients and 1e-2 on the

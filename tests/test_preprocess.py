@@ -13,14 +13,14 @@ from recipes import preprocess_data
 from recipes.data.datasets import InstructionDataset, build_pretrain_datasets
 from recipes.data.handlers import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from recipes.tokenizer import load_tokenizer
-from conftest import ROOT
+from tests.helpers.launch import ROOT
 
 IGNORE = -100
 
 
 @pytest.fixture(scope="module")
 def alpaca_parquet(tmp_path_factory, fixtures_dir):
-    """The seed's users start from Alpaca's parquet release (instruction, input, output, text)."""
+    """AscendSpeed's users start from Alpaca's parquet release (instruction, input, output, text)."""
     rows = json.loads((fixtures_dir / "alpaca" / "alpaca_data_sample.json").read_text())
     for r in rows:
         r["text"] = "\n".join(x for x in (r["instruction"], r["input"], r["output"]) if x)

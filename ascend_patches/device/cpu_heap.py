@@ -3,11 +3,10 @@
 glibc's malloc serves large blocks with a fresh ``mmap`` and returns them with ``munmap`` on
 free.  A training step allocates and frees the same big tensors every step (logits and their
 fp32 copies, activations, gradients, optimizer temporaries), so every step faults each of
-their pages in again: measured 170k-300k minor page faults per step of the CPU-sized LLaMA
-(8 x 1024, vocab 32000, seq 512, batch 2), about 1.4 us each (``bench/bench_pretrain.py``).
-With ``mmap`` and heap trimming off, freed blocks stay in the heap and later steps reuse
-pages already mapped: measured ~10 faults per step after the first, and bf16 steps ~15 %
-shorter.  The price: the process keeps its peak heap (plus what fragmentation adds while
+their pages in again: hundreds of thousands of minor page faults per step at the CPU-sized
+LLaMA shape (``bench/bench_pretrain.py`` counts them).  With ``mmap`` and heap trimming off,
+freed blocks stay in the heap and later steps reuse pages already mapped, so after the
+first step almost none fault.  The price: the process keeps its peak heap (plus what fragmentation adds while
 it settles in the first step) instead of returning freed memory to the system.
 
 Not applied on import (a converter streaming shards wants its memory back): the pretrain

@@ -1,7 +1,7 @@
 """Kernels that ``torch.compile`` generates for the CPU: each op's forward or backward math
 becomes one C++ loop over memory (inductor fuses the pointwise work, casts and reductions)
-instead of the 4-10 eager passes the same math takes.  On this 2-core machine those eager
-passes, not the FLOPs, are what RMSNorm, SwiGLU and RoPE cost in a training step.
+instead of the 4-10 eager passes the same math takes.  On a CPU those eager passes over
+memory, not the FLOPs, are what RMSNorm, SwiGLU and RoPE cost in a training step.
 
 Each op file keeps its compiled math next to its NPU and eager implementations; this
 module only builds and caches the compiled callables, once per function.

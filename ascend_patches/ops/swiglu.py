@@ -4,8 +4,8 @@ linear_fc1 output is [gate | up] on each tensor-parallel rank, the layout npu_sw
 - NPU: ``torch_npu.npu_swiglu``.
 - CUDA and CPU: one autograd function that keeps only views of its input (stock autograd
   also keeps silu(a)) and writes both gradient halves straight into one [gate | up]
-  buffer, the gate half by aten's one-kernel ``silu_backward`` (measured ~0.93x stock's
-  time on this CPU, `bench/bench_step.py`).
+  buffer, the gate half by aten's one-kernel ``silu_backward`` (``bench/bench_step.py``
+  times it against stock).
 - CPU with ``compile_ops``: the same function's forward and backward each run as one
   compiled kernel (``compiled.py``).
 """

@@ -1,7 +1,7 @@
 """A strict plain-torch emulation of the torch_npu ops ascend_patches calls.  TESTS ONLY.
 
 It lives under tests/ and is put into ``sys.modules['torch_npu']`` by a test fixture; it is
-never shipped.  It follows ``shared/reference/torch_npu_ops.md``: signatures, return
+never shipped.  It follows ``docs/torch_npu_ops.md``: signatures, return
 tuples, layouts and the argument checks the real ops make, so that a wrong call from the
 NPU code path fails here as it would on an Ascend machine.  The emulated "NPU" is the CPU.
 """
