@@ -1,25 +1,23 @@
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.helpers.launch import FIXTURES, free_port  # noqa: E402
+
 EMULATION = Path(__file__).resolve().parent / "npu_emulation"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or compiling tests; `pytest -m \"not slow\"` skips them")
 
 
 @pytest.fixture(scope="session")
@@ -81,18 +79,3 @@ def npu_emulated(single_process_group):
             del sys.modules[name]
         sys.path.remove(str(EMULATION))
         ascend_patches.configure(backend="cpu", disable=before.disabled)
-
-
-def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, env=None, check=True):
-    """Run tests/dist/<script>.py, or a module such as recipes.pretrain, under torchrun with
-    gloo; return its stdout (the CompletedProcess with check=False), fail with its log."""
-    target = [str(ROOT / "tests" / "dist" / script)] if script.endswith(".py") else ["-m", script]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", *target, *map(str, args)]
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
-    if not check:
-        return proc
-    if proc.returncode != 0:
-        pytest.fail(f"{script} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout

@@ -9,8 +9,10 @@ import pytest
 
 from converters import hf_to_megatron, megatron_to_hf
 from recipes import evaluate
-from tests.conftest import run_torchrun
+from tests.helpers.launch import run_torchrun
 from tests.helpers import lm_eval_reference as ref  # needs lm-eval: the [test] extra installs it
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 
 @pytest.fixture(scope="module")

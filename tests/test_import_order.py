@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from tests.helpers.launch import ROOT
 
 
 @pytest.mark.parametrize("order", ["megatron_first", "patches_first"])

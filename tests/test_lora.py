@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from converters import merge_lora
-from tests.conftest import run_torchrun
+from tests.helpers.launch import run_torchrun
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 import ascend_patches
 from ascend_patches import versions
-from conftest import ROOT
+from tests.helpers.launch import ROOT
 
 
 def _run(*args, env=None):

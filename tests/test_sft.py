@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
+from tests.helpers.launch import run_torchrun
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 
 @pytest.fixture
