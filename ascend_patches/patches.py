@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
-from .device import cpu, rng
+from .device import cpu, megatron_lm, rng
 from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
@@ -33,6 +33,10 @@ _(Patch("device.rng_get_npu", "megatron.core.tensor_parallel.random:_get_cuda_rn
 _(Patch("device.rng_set_npu", "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
         replacement=rng.set_state_npu, backends=NPU, group="device",
         why="transfer_to_npu does not cover megatron's private RNG helpers"))
+_(Patch("device.rng_fork_cpu", "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.fork",
+        replacement=megatron_lm.cpu_fork, backends=CPU, group="device", sweep=False,
+        why="one generator holds the CPU's host and tracker streams: the fork parks the host stream, so it "
+            "cannot change inside (megatron's check compared the generator with itself)"))
 _(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper, backends=NPU,
         group="device", sweep=False,
         why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))
@@ -54,6 +58,31 @@ _(Patch("collectives.new_group", "torch.distributed:new_group",
         wrapper=partial(backend_name_wrapper, accelerator_backend="gloo"), backends=CPU,
         group="collectives", why="Megatron-LM scripts ask for 'nccl'; the CPU needs 'gloo'"))
 
+# Megatron-LM's training package (a checkout's megatron/training, megatron/legacy)
+_(Patch("megatron_lm.cuda_is_available", "torch.cuda:is_available", wrapper=megatron_lm.is_available_wrapper,
+        backends=CPU, group="megatron_lm", sweep=False,
+        why="initialize_megatron asserts CUDA: True for megatron.training.initialize's callers only"))
+_(Patch("megatron_lm.cuda_device_count", "torch.cuda:device_count", wrapper=megatron_lm.device_count_wrapper,
+        backends=CPU, group="megatron_lm", sweep=False,
+        why="Megatron-LM builds model-parallel groups and seeds the TP RNG only if device_count() > 0: "
+            "1 (the CPU) for megatron.training.initialize's callers only"))
+_(Patch("megatron_lm.device_arch_version", "megatron.training.utils:get_device_arch_version",
+        replacement=megatron_lm.no_gpu_arch_version, backends=CPU | NPU, group="megatron_lm",
+        why="reads CUDA device properties; off CUDA there is no GPU architecture (0)"))
+_(Patch("megatron_lm.device_max_connections", "megatron.training.arguments:validate_args",
+        wrapper=megatron_lm.validate_args_wrapper, backends=CPU, group="megatron_lm",
+        why="CUDA_DEVICE_MAX_CONNECTIONS=1 (one in-order queue) is how a CPU runs already: the default"))
+_(Patch("megatron_lm.data_loader_seed", "megatron.training.datasets.data_samplers:build_pretraining_data_loader",
+        wrapper=megatron_lm.data_loader_wrapper, backends=CPU, group="megatron_lm",
+        why="a DataLoader's seed draw would advance dropout's stream (the CPU's one generator) after a "
+            "resume: Megatron-LM's loaders draw from a host generator, as from the CPU's on a GPU"))
+_(Patch("megatron_lm.fused_kernels", "megatron.legacy.fused_kernels:load", replacement=megatron_lm.fused_kernels_load,
+        backends=CPU | NPU, group="megatron_lm",
+        why="builds no kernel in Megatron-LM 0.16, only probes nvcc (absent off CUDA) and writes beside itself"))
+_(Patch("megatron_lm.compile_helpers", "megatron.core.datasets.utils:compile_helpers",
+        wrapper=megatron_lm.compile_helpers_wrapper, group="megatron_lm",
+        why="PyPI's megatron-core ships the built dataset helpers and no Makefile: nothing to make"))
+
 _(Patch("flash_attention", "megatron.core.transformer.dot_product_attention:DotProductAttention.forward",
         wrapper=flash_attention.dot_product_attention_forward,
         why="npu_fusion_attention / SDPA flash kernel instead of baddbmm + softmax + bmm"))
@@ -65,6 +94,9 @@ _(Patch("swiglu", "megatron.core.transformer.mlp:MLP.forward", wrapper=swiglu.ml
 _(Patch("rope", "megatron.core.models.common.embeddings.rope_utils:_apply_rotary_pos_emb_bshd",
         wrapper=rope.apply_rotary_pos_emb_bshd,
         why="npu_rotary_mul / RoPE with cos-sin computed once per forward"))
+_(Patch("rope.fusion", "megatron.core.models.common.embeddings.rope_utils:fused_apply_rotary_pos_emb",
+        wrapper=rope.fused_rope_slot, requires=("rope",), sweep=False,
+        why="fills apply_rope_fusion's kernel slot where Transformer Engine is absent (Megatron-LM turns it on)"))
 _(Patch("adamw", "megatron.core.optimizer:Adam", replacement=adamw.FusedAdamW, sweep=False,
         why="NpuFusedAdamW / torch AdamW(fused=True) where megatron builds its optimizer"))
 _(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", replacement=False, sweep=False,

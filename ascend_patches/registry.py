@@ -164,6 +164,9 @@ class Registry:
         if original is _MISSING and patch.kind == "wrap":
             raise PatchTargetError(f"patch {patch.name}: {patch.target} is absent, so there is nothing to wrap")
         new = patch.replacement if patch.kind == "replace" else patch.wrapper(original)
+        if new is original:  # the wrapper found nothing to change (e.g. a kernel the library already has)
+            self.status[patch.name] = ("skipped", f"{patch.target} already provides it; kept")
+            return
         if isinstance(raw, staticmethod) and attr != "__new__":
             new = staticmethod(new)
         setattr(owner, attr, new)

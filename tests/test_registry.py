@@ -181,3 +181,13 @@ def test_requires_skips_a_patch_whose_dependency_is_skipped(fake_lib):
     r.revert()
     with pytest.raises(ValueError, match="not declared before it"):
         _registry(Patch("a", "m:a", replacement=1, requires=("b",), why="t"))
+
+
+def test_wrapper_that_changes_nothing_is_reported_as_kept(fake_lib):
+    """A slot filled only where the library left it empty (e.g. a TE kernel): when it is not
+    empty, the patch keeps the installed object and says so."""
+    lib, _, f, _ = fake_lib
+    r = _registry(Patch("fill", "fake_lib_ap:f", wrapper=lambda orig: orig, why="t"))
+    r.apply(CPU)
+    assert lib.f is f and "fill" not in r.applied
+    assert r.status["fill"] == ("skipped", "fake_lib_ap:f already provides it; kept")

@@ -21,10 +21,12 @@ def test_module_report_lists_every_patch():
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "backend: cpu" in text and "megatron-core 0.16" in text
-    for name in ascend_patches.REGISTRY.patches:
+    for name, patch in ascend_patches.REGISTRY.patches.items():
         line = next((l for l in text.splitlines() if f"] {name} " in l), None)
         assert line is not None, f"patch {name} missing from the report"
-        assert "[ applied]" in line or "[ skipped]" in line, line
+        # Megatron-LM's training package is not installed here: its patches wait for its import
+        states = ("[ applied]", "[ skipped]", "[ pending]") if patch.group == "megatron_lm" else ("[ applied]", "[ skipped]")
+        assert any(s in line for s in states), line
     assert "[ skipped] device.rng_get_npu" in text and "not for backend cpu" in text
 
 

@@ -98,3 +98,18 @@ def apply_rotary_pos_emb_bshd(original):
         return apply_rope(t, freqs)
 
     return _apply_rotary_pos_emb_bshd
+
+
+def fused_rope_slot(original):
+    """megatron's ``apply_rope_fusion`` slot (``fused_apply_rotary_pos_emb``, Transformer
+    Engine's kernel when TE is installed): where it is empty, this op fills it, so Megatron-LM's
+    default ``--rope-fusion`` runs without TE.  Interleaved RoPE takes megatron's own code."""
+    if original is not None:
+        return original
+
+    def fused_apply_rotary_pos_emb(t, freqs, interleaved=False):
+        from megatron.core.models.common.embeddings import rope_utils
+
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
+
+    return fused_apply_rotary_pos_emb
