@@ -147,10 +147,20 @@ class HFSource:
         return _check(ts[0], expected(s, name, None), names[0])
 
 
+def _tokenizer_vocab(args: dict) -> Optional[int]:
+    """The true vocabulary of a checkpoint that records only its padded rows (Megatron-LM's)."""
+    path = args.get("tokenizer_name_or_path")
+    if not path or not Path(path).exists():
+        return None
+    from recipes.tokenizer import load_tokenizer
+
+    return load_tokenizer(path).vocab_size
+
+
 class DistSource:
     """Reads chunks of a torch_dist checkpoint without building a model or a process group."""
 
-    def __init__(self, ckpt_dir, args: dict):
+    def __init__(self, ckpt_dir, args: dict, vocab_size: Optional[int] = None):
         from torch.distributed.checkpoint import FileSystemReader
 
         self.dir = Path(ckpt_dir)
@@ -159,7 +169,8 @@ class DistSource:
         self.md = FileSystemReader(str(self.dir)).read_metadata()
         self.args = args
         shape = ModelShape(**{k: v for k, v in args["shape"].items() if k in ModelShape.__dataclass_fields__})
-        self.shape = replace(shape, vocab_size=args.get("vocab_size", shape.vocab_size))
+        self.shape = replace(shape, vocab_size=vocab_size or args.get("vocab_size") or _tokenizer_vocab(args)
+                             or shape.vocab_size)
         self._chunks = {}
         for idx, info in self.md.storage_data.items():
             if idx.offset is not None:
@@ -334,10 +345,7 @@ def open_megatron(folder, shape: Optional[ModelShape] = None, vocab_size: Option
         if not it_dir.is_dir():
             raise FileNotFoundError(f"{folder}/{checkpointing.TRACKER} points at {it_dir}, which does not exist")
     if (it_dir / ".metadata").is_file():
-        args_path = it_dir / "args.json"
-        if not args_path.is_file():
-            raise FileNotFoundError(f"{args_path} missing: cannot tell the model's shape")
-        return DistSource(it_dir, json.loads(args_path.read_text()))
+        return DistSource(it_dir, checkpointing.args_of(it_dir), vocab_size)
     if any(LegacySource.PATTERN.match(d.name) for d in it_dir.iterdir()):
         if shape is None:
             raise ConversionError(f"{it_dir} is a legacy per-rank checkpoint, which does not record its shape: "

@@ -8,6 +8,10 @@ atomic), so a crash during a save leaves "latest" pointing at the previous, comp
 Saved: model and optimizer (sharded, so weights reshard across TP/PP on load), the LR
 scheduler, the iteration and consumed samples (the data position), each rank's RNG state,
 and the model arguments (``args.json``) so later commands need only ``--load``.
+
+Checkpoints that stock Megatron-LM wrote (``pretrain_gpt.py``, ``tools/checkpoint``) record
+no ``args.json``; their ``common.pt`` holds Megatron-LM's parsed arguments, which
+``args_of`` reads into the same form, so every command loads them too.
 """
 
 from __future__ import annotations
@@ -144,10 +148,50 @@ def load_args(root) -> dict:
     it = latest_iteration(root)
     if it is None:
         raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint folder)")
-    path = iter_dir(root, it) / "args.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: cannot tell the model's shape")
-    return json.loads(path.read_text())
+    return args_of(iter_dir(root, it))
+
+
+def args_of(folder) -> dict:
+    """The model arguments of one iteration folder: its ``args.json``, or for a checkpoint of
+    stock Megatron-LM the arguments its ``common.pt`` records."""
+    folder = Path(folder)
+    path = folder / "args.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (folder / "common.pt").is_file():
+        common = torch.load(folder / "common.pt", map_location="cpu", weights_only=False)
+        if isinstance(common, dict) and common.get("args") is not None:
+            return args_from_megatron_lm(common["args"], folder)
+    raise FileNotFoundError(f"{path} missing (and no Megatron-LM arguments in common.pt): cannot tell the "
+                            "model's shape")
+
+
+def args_from_megatron_lm(a, where) -> dict:
+    """Megatron-LM's argument namespace as this project's ``args.json``; a model that is not
+    LLaMA-shaped (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings) is refused."""
+    not_llama = [what for what, ok in (
+        ("normalization RMSNorm", getattr(a, "normalization", None) == "RMSNorm"),
+        ("--swiglu", getattr(a, "swiglu", False)),
+        ("--position-embedding-type rope", getattr(a, "position_embedding_type", None) == "rope"),
+        ("--disable-bias-linear", not getattr(a, "add_bias_linear", True)),
+        ("--untie-embeddings-and-output-weights", getattr(a, "untie_embeddings_and_output_weights", False)))
+        if not ok]
+    if not_llama:
+        raise ValueError(f"{where}: a Megatron-LM checkpoint of a model that is not LLaMA-shaped "
+                         f"(it lacks {', '.join(not_llama)})")
+    groups = a.num_query_groups if getattr(a, "group_query_attention", False) else a.num_attention_heads
+    padded = a.padded_vocab_size
+    shape = {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "ffn_hidden_size": a.ffn_hidden_size,
+             "num_attention_heads": a.num_attention_heads, "num_query_groups": groups, "vocab_size": padded,
+             "seq_length": a.max_position_embeddings or a.seq_length, "rope_theta": float(a.rotary_base),
+             "norm_epsilon": a.layernorm_epsilon}
+    tokenizer = getattr(a, "tokenizer_model", None)
+    return {"model": None, "shape": shape, "padded_vocab_size": padded,
+            "vocab_size": None,  # the tokenizer's: Megatron-LM records only the padded rows
+            "tensor_model_parallel_size": a.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": a.pipeline_model_parallel_size, "bf16": bool(a.bf16),
+            "fp16": bool(a.fp16), "tokenizer_name_or_path": str(tokenizer) if tokenizer else None,
+            "make_vocab_size_divisible_by": a.make_vocab_size_divisible_by, "written_by": "Megatron-LM"}
 
 
 def load(root, models, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:

@@ -84,6 +84,8 @@ def open_checkpoint(args):
     if not tok_path:
         raise ValueError(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
     tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
+    if saved.get("vocab_size") is None:  # Megatron-LM records only the padded rows: the rest is the tokenizer's
+        saved = dict(saved, vocab_size=tokenizer.vocab_size)
     pp = args.pipeline_model_parallel_size
     tp = args.tensor_model_parallel_size or max(1, int(os.environ.get("WORLD_SIZE", "1")) // pp)
     dtype = llama2.DTYPES[args.params_dtype] if args.params_dtype else None

@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 
 from recipes import llama2, run_settings
+from recipes.megatron_lm import MegatronLMEngine
 from recipes.trainer import Trainer
 
-ENGINES = {"builtin": Trainer}
+ENGINES = {"builtin": Trainer, "megatron-lm": MegatronLMEngine}
 
 
 def _per_size(key: str) -> str:
@@ -143,15 +144,24 @@ def _lora_flags(p):
     g.add_argument("--lora-load", default=None, help="a LoRA checkpoint to resume (adapters, optimizer, data)")
 
 
+def _engine_flags(p):
+    g = p.add_argument_group("engine")
+    g.add_argument("--megatron-lm", default=None, metavar="DIR",
+                   help="run stock Megatron-LM's pretrain_gpt.py from this checkout (default: $MEGATRON_LM_PATH, "
+                        "else the built-in loop); flags this recipe does not know pass through to it")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="LLaMA-2 pretraining / fine-tuning on stock Megatron-Core")
-    for flags in (_model_flags, _parallel_flags, _training_flags, _data_flags, _checkpoint_flags, _lora_flags):
+    p = argparse.ArgumentParser(description="LLaMA-2 pretraining / fine-tuning on stock Megatron-Core", allow_abbrev=False)
+    for flags in (_model_flags, _parallel_flags, _training_flags, _data_flags, _checkpoint_flags, _lora_flags,
+                  _engine_flags):
         flags(p)
     return p
 
 
 def main(argv=None):
-    settings = run_settings.resolve(build_parser().parse_args(argv))
+    args, unknown = build_parser().parse_known_args(argv)
+    settings = run_settings.resolve(args, passthrough=unknown)
     return ENGINES[settings.engine](settings).run()
 
 

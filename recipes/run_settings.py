@@ -130,7 +130,9 @@ class RunSettings:
     tokenizer_type: Optional[str]
     make_vocab_size_divisible_by: int
     lora: Optional[Lora] = None
-    engine: str = "builtin"
+    engine: str = "builtin"      # "builtin" | "megatron-lm"
+    megatron_lm: Optional[str] = None  # the Megatron-LM checkout the megatron-lm engine runs
+    passthrough: Tuple[str, ...] = ()  # flags for Megatron-LM that this recipe does not know
     tokenizer: Any = field(default=None, compare=False, repr=False)  # the loaded tokenizer, or None
 
     @property
@@ -221,8 +223,9 @@ def _lora(args) -> Optional[Lora]:
                 tuple(lora.resolve_modules_to_save(args.lora_modules_to_save)), args.lora_load)
 
 
-def resolve(args, world: Optional[int] = None) -> RunSettings:
-    """Every setting of a run, from the parsed flags (and what ``--load`` records)."""
+def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
+    """Every setting of a run, from the parsed flags (and what ``--load`` records).
+    ``passthrough``: flags the recipe does not know, for the Megatron-LM engine."""
     from recipes.tokenizer import load_tokenizer
 
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
@@ -248,9 +251,25 @@ def resolve(args, world: Optional[int] = None) -> RunSettings:
     if global_batch % (micro * dp):
         raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {micro} x "
                          f"data-parallel size {dp}")
-    return _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
-                     Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel, args.use_distributed_optimizer),
-                     Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
+    settings = _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
+                         Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel,
+                                args.use_distributed_optimizer),
+                         Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
+    return _with_engine(args, settings, tuple(passthrough))
+
+
+def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSettings:
+    checkout = args.megatron_lm or os.environ.get("MEGATRON_LM_PATH")
+    if not checkout:
+        if passthrough:
+            raise ValueError(f"unrecognized arguments: {' '.join(passthrough)}")
+        return s
+    builtin_only = [f for f, v in (("--metrics-file", args.metrics_file), ("--peak-tflops", args.peak_tflops),
+                                   ("--measure-peak-every", args.measure_peak_every)) if v]
+    if builtin_only:
+        raise ValueError(f"{', '.join(builtin_only)}: the built-in engine's metrics; with --megatron-lm, "
+                         "Megatron-LM logs (and writes tensorboard with --tensorboard-dir)")
+    return replace(s, engine="megatron-lm", megatron_lm=checkout, passthrough=passthrough)
 
 
 def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora, layout, batches):

@@ -181,6 +181,8 @@ class Trainer:
             print(f"CPU allocator: {self.heap_note}", flush=True)
         print(f"{s.describe()}; gradient accumulation fusion {'on' if s.gradient_accumulation_fusion else 'off'}; "
               f"compiled CPU ops {'on' if s.compile_fused_ops else 'off'}", flush=True)
+        on_rank = sum(llama2.count_parameters(checkpointing.unwrap(m)) for m in self.models)
+        print(f"parameters: {on_rank:,} on rank 0 (its tensor and pipeline parallel shard)", flush=True)
 
     def _log(self, record: dict, log: MetricsLog) -> None:
         if self.rank != self.last_rank:

@@ -143,8 +143,8 @@ def build_data(s, dp_rank: int, dp_size: int, consumed_samples: int, num_chunks:
                                                            [n_train, n_eval, 0], s.tokenizer, s.data.cache_path)
     if train is None or len(train) == 0:
         raise ValueError(f"--split {s.data.split} leaves no training data in {' '.join(s.data.paths)}")
-    its = [datasets.microbatches(train, consumed_samples, b.global_batch, b.micro, dp_rank, dp_size, s.seed)
-           for _ in range(num_chunks)]
+    its = [datasets.microbatches(train, consumed_samples, b.global_batch, b.micro, dp_rank, dp_size, s.seed,
+                                 reshuffle_epochs=s.data.instruction) for _ in range(num_chunks)]
     return (its if len(its) > 1 else its[0]), valid
 
 
@@ -155,7 +155,8 @@ def evaluate(s, models: List, valid, dp_rank: int, dp_size: int) -> Optional[flo
     if valid is None or len(valid) == 0:
         return None
     b = s.batches
-    its = [datasets.microbatches(valid, 0, b.global_batch, b.micro, dp_rank, dp_size, s.seed + 1) for _ in models]
+    its = [datasets.microbatches(valid, 0, b.global_batch, b.micro, dp_rank, dp_size, s.seed + 1,
+                                 reshuffle_epochs=s.data.instruction) for _ in models]
     it = its if len(its) > 1 else its[0]
     for m in models:
         m.eval()

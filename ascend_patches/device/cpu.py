@@ -17,6 +17,8 @@ What is redirected (backend ``cpu`` only):
 - ``Tensor.type()`` called *from megatron modules only* answers ``torch.cuda.FloatTensor``
   for a CPU float tensor, because megatron's optimizers and grad clipping compare type
   strings literally (``param.type() == 'torch.cuda.FloatTensor'``).
+- megatron's inference broadcasts (``inference/communication_utils``) assert that every
+  tensor they send is a CUDA tensor; on the CPU backend they check that it is a CPU one.
 """
 
 from __future__ import annotations
@@ -192,6 +194,12 @@ def _manual_seed(seed):
     torch.default_generator.manual_seed(int(seed))
 
 
+def on_this_device(tensor):
+    """What megatron's inference communication asserts (``_is_cuda``), for the CPU backend."""
+    assert tensor is not None
+    assert tensor.device.type == "cpu", f"expected a CPU tensor, got one on {tensor.device}"
+
+
 class _StreamContext:
     def __init__(self, stream=None):
         self.stream = stream
@@ -260,6 +268,9 @@ def patches() -> List[Patch]:
               backends=cpu, group="device", sweep=False, why="Tensor.cuda() keeps the tensor on the CPU"),
         Patch(name="cpu.Tensor.to", target="torch:Tensor.to", wrapper=tensor_to_wrapper,
               backends=cpu, group="device", sweep=False, why='Tensor.to("cuda") keeps the tensor on the CPU'),
+        Patch(name="cpu.inference_tensor_check", target="megatron.core.inference.communication_utils:_is_cuda",
+              replacement=on_this_device, backends=cpu, group="device", sweep=False,
+              why="megatron's inference broadcasts assert CUDA tensors; the CPU backend's are CPU tensors"),
         Patch(name="cpu.Tensor.type", target="torch:Tensor.type", wrapper=tensor_type_wrapper,
               backends=cpu, group="device", sweep=False,
               why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"),

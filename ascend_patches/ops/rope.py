@@ -22,6 +22,8 @@ _cache = {"freqs": None, "version": None, "dtype": None, "cos": None, "sin": Non
 
 
 def cos_sin(freqs: torch.Tensor, dtype: torch.dtype):
+    if freqs.is_inference():  # no version counter to tell an in-place change: computed every call
+        return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
     c = _cache
     if c["freqs"] is freqs and c["version"] == freqs._version and c["dtype"] == dtype:
         return c["cos"], c["sin"]

@@ -116,26 +116,32 @@ def split_instruction_dataset(prefix: str, seq_length: int, pad_id: int, split: 
 
 
 def microbatches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int = 0) -> Iterator[dict]:
-    """Endless stream of this DP rank's micro-batches, starting after consumed_samples.
-    Sample k of the run is dataset[perm_epoch(k % len)]: epochs reshuffle with --seed."""
+                 dp_rank: int, dp_size: int, seed: int = 0, reshuffle_epochs: bool = False) -> Iterator[dict]:
+    """Endless stream of this DP rank's micro-batches, starting after consumed_samples, in
+    Megatron-LM's order (its ``MegatronPretrainingSampler``): micro-step j reads samples
+    consumed + j * mbs * dp onwards and rank r takes the r-th mbs of them, so both engines of
+    the pretrain recipe train on the same batches.  A GPTDataset is shuffled already; with
+    ``reshuffle_epochs`` (instruction data) every pass over the data is a permutation drawn
+    from the seed.  The order is a pure function of (seed, consumed samples): a resumed run
+    draws exactly the batches the uninterrupted run would have."""
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty")
-    per_rank = global_batch_size // dp_size
-    k = consumed_samples
+    step = micro_batch_size * dp_size
     perms = {}
 
     def sample(j):
         epoch, pos = divmod(j, n)
+        if not reshuffle_epochs:
+            return dataset[pos]
         if epoch not in perms:
             perms.clear()
             perms[epoch] = np.random.RandomState(seed + epoch).permutation(n)
         return dataset[int(perms[epoch][pos])]
 
+    k = consumed_samples
     while True:
-        start = k + dp_rank * per_rank
-        for m in range(0, per_rank, micro_batch_size):
-            items = [sample(start + m + i) for i in range(micro_batch_size)]
-            yield {key: torch.stack([it[key] for it in items]) for key in BATCH_KEYS if key in items[0]}
-        k += global_batch_size
+        first = k + dp_rank * micro_batch_size
+        items = [sample(first + i) for i in range(micro_batch_size)]
+        yield {key: torch.stack([it[key] for it in items]) for key in BATCH_KEYS if key in items[0]}
+        k += step

@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 def env_for_ranks(extra=None) -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra or {}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(extra or {})
+    return env
 
 
 def torchrun_command(script: str, *args, nproc: int = 2) -> list:
