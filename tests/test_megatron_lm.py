@@ -90,10 +90,24 @@ def test_pretrain_gpt_trains(checkout, alpaca, layout):
     assert log.count(RNG_WARNING) == 0
 
 
-def test_import_after_megatron_and_pypi_core_match(checkout, training_only, alpaca):
+@pytest.fixture(scope="module")
+def tp2_reference(checkout, alpaca):
+    return mlm.iterations(_pretrain_gpt(checkout, alpaca, *LAYOUTS["tp2"]).stdout)
+
+
+@pytest.mark.parametrize("recompute", [["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                        "--recompute-num-layers", 1], ["--recompute-granularity", "selective"]],
+                         ids=["full", "selective"])
+def test_recompute_repeats_the_losses_and_gradients(checkout, alpaca, tp2_reference, recompute):
+    """Activation recompute with Megatron-LM's default dropout (0.1): the recomputed forward
+    draws the same dropout masks, so every loss and gradient norm equals the run without it."""
+    assert mlm.iterations(_pretrain_gpt(checkout, alpaca, *LAYOUTS["tp2"], *recompute).stdout) == tp2_reference
+
+
+def test_import_after_megatron_and_pypi_core_match(training_only, alpaca, tp2_reference):
     """The import after every megatron import, with PyPI's megatron-core under the checkout's
     megatron/training: the same losses, bit for bit, as the import first on the whole checkout."""
-    first = mlm.iterations(_pretrain_gpt(checkout, alpaca, *LAYOUTS["tp2"]).stdout)
+    first = tp2_reference
     proc = _pretrain_gpt(training_only, alpaca, *LAYOUTS["tp2"])
     assert "site-packages/megatron/core" in proc.stderr  # really PyPI's core (its warnings name the path)
     assert mlm.iterations(proc.stdout) == first
