@@ -1,8 +1,11 @@
 """Tokenizers the recipes accept: a HuggingFace folder (``PretrainedFromHF``, via
 transformers) or a raw sentencepiece ``tokenizer.model`` (``SentencePiece``).
 
-Both are seen through one small interface: ``encode`` (no BOS/EOS added), ``decode``,
-``bos_id``, ``eos_id``, ``vocab_size``.
+Both are seen through one small interface: ``encode`` (no BOS/EOS added), ``encode_batch``
+(many texts in one call into the tokenizer's native code), ``decode``, ``bos_id``, ``eos_id``,
+``vocab_size``.  Megatron-LM's names are accepted too: ``--tokenizer-type Llama2Tokenizer``
+or ``SentencePieceTokenizer`` (a sentencepiece model) and ``HuggingFaceTokenizer`` (an HF
+folder), with the path in ``--tokenizer-model``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import os
 from pathlib import Path
 
 TOKENIZER_TYPES = ("PretrainedFromHF", "SentencePiece")
+# Megatron-LM's --tokenizer-type values for the same two kinds
+MEGATRON_LM_TYPES = {"Llama2Tokenizer": "SentencePiece", "SentencePieceTokenizer": "SentencePiece",
+                     "GPTSentencePieceTokenizer": "SentencePiece", "HuggingFaceTokenizer": "PretrainedFromHF"}
 
 
 class SentencePieceTokenizer:
@@ -23,6 +29,9 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str):
         return self.sp.encode(text)
+
+    def encode_batch(self, texts, threads: int = -1):
+        return self.sp.encode(list(texts), num_threads=threads)
 
     def decode(self, ids):
         return self.sp.decode(list(ids))
@@ -40,30 +49,37 @@ class HFTokenizer:
     def encode(self, text: str):
         return self.tok.encode(text, add_special_tokens=False)
 
+    def encode_batch(self, texts, threads: int = -1):
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
     def decode(self, ids):
         return self.tok.decode(list(ids))
 
 
 def load_tokenizer(path: str, tokenizer_type: str = None):
     """Load a tokenizer; a missing path is a clear error before any work."""
+    from recipes.errors import BadInput, MissingInput
+
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer not found: {path}")
+        raise MissingInput(f"tokenizer not found: {path}")
+    tokenizer_type = MEGATRON_LM_TYPES.get(tokenizer_type, tokenizer_type)
     if tokenizer_type is not None and tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+        raise BadInput(f"--tokenizer-type {tokenizer_type!r}: expected one of "
+                       f"{', '.join(TOKENIZER_TYPES + tuple(MEGATRON_LM_TYPES))}")
     if p.is_file():
         if tokenizer_type == "PretrainedFromHF":
-            raise ValueError(f"--tokenizer-type PretrainedFromHF needs a folder, got the file {path}")
+            raise BadInput(f"--tokenizer-type PretrainedFromHF (HuggingFaceTokenizer) needs a folder, got the file {path}")
         return SentencePieceTokenizer(p)
     if tokenizer_type == "SentencePiece":
         model = p / "tokenizer.model"
         if not model.is_file():
-            raise FileNotFoundError(f"no tokenizer.model in {path}")
+            raise MissingInput(f"no tokenizer.model in {path}")
         return SentencePieceTokenizer(model)
     has_hf = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     if not has_hf:
         if (p / "tokenizer.model").is_file():
             return SentencePieceTokenizer(p / "tokenizer.model")
-        raise FileNotFoundError(f"{path} holds no tokenizer.json, tokenizer_config.json or tokenizer.model")
+        raise MissingInput(f"{path} holds no tokenizer.json, tokenizer_config.json or tokenizer.model")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return HFTokenizer(str(p))

@@ -178,6 +178,10 @@ def test_preprocess_data_tools_agree_and_cross_train(checkout, alpaca, tmp_path)
     a, b = IndexedDataset(f"{theirs}_text_document"), IndexedDataset(alpaca["ours"])
     assert len(a) == len(b) == 1724
     assert all(list(a[i]) == list(b[i]) for i in range(len(a)))
+    assert open(f"{theirs}_text_document.bin", "rb").read() == open(alpaca["ours"] + ".bin", "rb").read()
+    # the index differs only in Megatron-LM's document boundaries for the 3 empty responses,
+    # which hold no sequence (this recipe skips and lists those rows instead)
+    assert len(a.document_indices) == len(b.document_indices) + 3
     run_torchrun("recipes.pretrain", "--model", "llama2-tiny", "--data-path", f"{theirs}_text_document",
                  "--tokenizer-name-or-path", alpaca["tokenizer"], "--train-iters", 10, "--seq-length", 64,
                  "--metrics-file", tmp_path / "m.jsonl")

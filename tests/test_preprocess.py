@@ -91,9 +91,9 @@ def test_instruction_mask_covers_exactly_the_response(alpaca_parquet, llama_tok,
 def test_truncation_that_removes_the_response_is_reported(alpaca_parquet, llama_tok, tmp_path):
     path, rows = alpaca_parquet
     s = run("--input", path, "--tokenizer-name-or-path", llama_tok, "--output-prefix", tmp_path / "t",
-            "--handler-name", "GeneralInstructionHandler", "--seq-length", "40")
+            "--handler-name", "GeneralInstructionHandler", "--seq-length", "64")  # some responses fit, some not
     assert s["skipped_by_reason"].get("no response tokens left after truncation to --seq-length", 0) > 0
-    assert s["rows_read"] == s["rows_written"] + s["rows_skipped"]
+    assert s["rows_read"] == s["rows_written"] + s["rows_skipped"] and s["rows_written"] > 0
 
 
 def test_moss_handler_both_schemas(fixtures_dir, llama_tok, tmp_path):
@@ -158,3 +158,52 @@ def test_missing_paths_fail_before_any_work(tmp_path, fixtures_dir):
                               "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 2 and msg in out.stderr
     assert not list(tmp_path.glob("o*"))
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "recipes.preprocess_data", *map(str, argv)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_a_run_that_writes_no_document_fails_and_leaves_nothing(fixtures_dir, tmp_path):
+    """--json-keys naming a column no row has: every row skipped -> refused (exit 2, one
+    line), no empty .bin, no .bin.tmp, no report."""
+    out = _cli("--input", fixtures_dir / "alpaca" / "alpaca_data_sample.json", "--tokenizer-name-or-path",
+               fixtures_dir / "stories260K" / "tokenizer.model", "--output-prefix", tmp_path / "o", "--json-keys", "textt")
+    assert out.returncode == 2, out.stderr
+    assert "no document to write - all 1727 rows were skipped" in out.stderr and "missing column 'textt'" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("o*")), list(tmp_path.iterdir())
+
+
+def test_corrupt_files_are_named_and_leave_no_debris(alpaca_parquet, fixtures_dir, tmp_path):
+    """A truncated parquet in a folder of several: the message names that file; the good
+    files' partial output and the report are removed."""
+    path, _ = alpaca_parquet
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = path.read_bytes()
+    (folder / "a_good.parquet").write_bytes(data)
+    (folder / "b_truncated.parquet").write_bytes(data[: len(data) // 2])
+    out = _cli("--input", folder, "--tokenizer-name-or-path", fixtures_dir / "stories260K" / "tokenizer.model",
+               "--output-prefix", tmp_path / "o", "--json-keys", "output")
+    assert out.returncode == 2, out.stderr
+    assert f"{folder / 'b_truncated.parquet'}: not a readable parquet file" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not list(tmp_path.glob("o*")), list(tmp_path.iterdir())
+
+
+def test_megatron_lm_tokenizer_flags(fixtures_dir, tmp_path):
+    """Megatron-LM's --tokenizer-type / --tokenizer-model give the same dataset as this recipe's
+    own flags for the same tokenizer (sentencepiece model; HF folder)."""
+    src = fixtures_dir / "alpaca" / "alpaca_data_sample.json"
+    model, folder = fixtures_dir / "stories260K" / "tokenizer.model", fixtures_dir / "stories260K"
+    pairs = {"sp": (["--tokenizer-name-or-path", model], ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", model]),
+             "hf": (["--tokenizer-name-or-path", folder, "--tokenizer-type", "PretrainedFromHF"],
+                    ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", folder])}
+    for kind, (ours, theirs) in pairs.items():
+        for name, flags in (("ours", ours), ("theirs", theirs)):
+            out = _cli("--input", src, *flags, "--output-prefix", tmp_path / f"{kind}_{name}", "--json-keys", "output")
+            assert out.returncode == 0, out.stderr
+        assert (tmp_path / f"{kind}_ours_output_document.bin").read_bytes() == \
+            (tmp_path / f"{kind}_theirs_output_document.bin").read_bytes(), kind

@@ -1,4 +1,4 @@
-"""Handlers turn one raw row into token sequences (AscendSpeed's ``--handler-name`` values).
+"""Handlers turn raw rows into token sequences (AscendSpeed's ``--handler-name`` values).
 
 - ``GeneralPretrainHandler``: plain text under ``--json-keys`` (default ``text``), one
   document per key; ``--append-eod`` ends each with EOS.
@@ -63,26 +63,59 @@ def alpaca_prompt(instruction: str, inp: str, template: str) -> str:
 
 
 class GeneralPretrainHandler:
-    def __init__(self, tokenizer, json_keys=("text",), append_eod=False, **_):
-        self.tok, self.keys, self.append_eod = tokenizer, list(json_keys), append_eod
+    def __init__(self, tokenizer, json_keys=("text",), append_eod=False, threads=-1, **_):
+        # threads: the tokenizer's own threads per batch (-1: all cores; 1 in each of several workers)
+        self.tok, self.keys, self.append_eod, self.threads = tokenizer, list(json_keys), append_eod, threads
 
     def output_names(self) -> List[str]:
         return [f"{k}_document" for k in self.keys]
 
-    def process(self, record: dict) -> Dict[str, Tuple[list, None]]:
-        out = {}
+    def _texts(self, record: dict) -> List[str]:
+        texts = []
         for key in self.keys:
             text = _text_field(record, key)
             if not text.strip():
                 raise SkipRow(f"empty text in column {key!r}")
-            ids = self.tok.encode(text)
-            if self.append_eod:
-                ids = ids + [self.tok.eos_id]
-            out[f"{key}_document"] = (ids, None)
+            texts.append(text)
+        return texts
+
+    def _sample(self, ids_per_key) -> Dict[str, Tuple[list, None]]:
+        eod = [self.tok.eos_id] if self.append_eod else []
+        return {f"{key}_document": (ids + eod, None) for key, ids in zip(self.keys, ids_per_key)}
+
+    def process(self, record: dict) -> Dict[str, Tuple[list, None]]:
+        return self._sample([self.tok.encode(t) for t in self._texts(record)])
+
+    def process_many(self, records: List[dict]) -> List[object]:
+        """``process`` for a chunk of rows, the texts tokenized in one call (the tokenizer's
+        native batch path: per-row calls into sentencepiece cost as much as the work);
+        each entry a sample or the ``SkipRow`` that row raised."""
+        texts, out = [], []
+        for record in records:
+            try:
+                texts.append(self._texts(record))
+                out.append(None)
+            except SkipRow as e:
+                out.append(e)
+        flat = self.tok.encode_batch([t for row in texts for t in row], self.threads)
+        n, k = 0, len(self.keys)
+        for i, entry in enumerate(out):
+            if entry is None:
+                out[i] = self._sample(flat[n:n + k])
+                n += k
         return out
 
 
 class _InstructionBase:
+    def process_many(self, records: List[dict]) -> List[object]:
+        out = []
+        for record in records:
+            try:
+                out.append(self.process(record))
+            except SkipRow as e:
+                out.append(e)
+        return out
+
     def __init__(self, tokenizer, seq_length=None, prompt_template="alpaca", **_):
         if prompt_template not in TEMPLATES:
             raise ValueError(f"--prompt-template {prompt_template!r}: expected one of {', '.join(TEMPLATES)}")

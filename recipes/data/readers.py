@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Tuple, Union
 
+from recipes.errors import BadInput, MissingInput
+
 EXTENSIONS = (".parquet", ".json", ".jsonl", ".csv", ".txt")
 
 
@@ -65,11 +67,11 @@ def _json(path: Path) -> Iterator[Row]:
     try:
         data = json.loads(_decode(raw))
     except ValueError as e:
-        raise ValueError(f"{path}: not a readable JSON document ({e}); use .jsonl for one object per line") from None
+        raise BadInput(f"{path}: not a readable JSON document ({e}); use .jsonl for one object per line") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+        raise BadInput(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
     for i, obj in enumerate(data, start=1):
         yield i, obj if isinstance(obj, dict) else BadRow(f"expected a JSON object, got {type(obj).__name__}")
 
@@ -80,7 +82,7 @@ def _csv(path: Path) -> Iterator[Row]:
     try:
         decoded = _decode(text)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise BadInput(f"{path}: {e}") from None
     reader = csv.DictReader(io.StringIO(decoded, newline=""))
     for i, row in enumerate(reader, start=1):
         if None in row:
@@ -100,25 +102,30 @@ def _txt(path: Path) -> Iterator[Row]:
 
 
 def _parquet(path: Path) -> Iterator[Row]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
     i = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            i += 1
-            yield i, rec
+    try:
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                i += 1
+                yield i, rec
+    except (pyarrow.ArrowException, OSError) as e:  # truncated file, bad compressed pages
+        where = f"after row {i}" if i else "before its first row"
+        raise BadInput(f"{path}: not a readable parquet file ({e}), {where}; re-export or drop it") from None
 
 
 def read_rows(path: Union[str, Path]) -> Iterator[Row]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input not found: {path}")
+        raise MissingInput(f"input not found: {path}")
     readers = {".parquet": _parquet, ".json": _json, ".jsonl": _jsonl, ".csv": _csv, ".txt": _txt}
     try:
         reader = readers[path.suffix.lower()]
     except KeyError:
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}") from None
+        raise BadInput(f"{path}: unsupported extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}") from None
     return reader(path)
 
 
@@ -128,8 +135,8 @@ def input_files(spec: str):
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS)
         if not files:
-            raise FileNotFoundError(f"no {'/'.join(EXTENSIONS)} files in {spec}")
+            raise MissingInput(f"no {'/'.join(EXTENSIONS)} files in {spec}")
         return files
     if not p.is_file():
-        raise FileNotFoundError(f"input not found: {spec}")
+        raise MissingInput(f"input not found: {spec}")
     return [p]
