@@ -42,7 +42,8 @@ def _settings_from_env() -> Settings:
     compile_ops = env_flag("ASCEND_PATCHES_COMPILE_OPS")
     check_compile_ops(backend, compile_ops)
     return Settings(backend=backend, disabled=disabled, backend_reason=why,
-                    compile_decode=env_flag("ASCEND_PATCHES_COMPILE_DECODE"), compile_ops=compile_ops)
+                    compile_decode=env_flag("ASCEND_PATCHES_COMPILE_DECODE"), compile_ops=compile_ops,
+                    answer_cuda_queries=env_flag("ASCEND_PATCHES_ANSWER_CUDA_QUERIES"))
 
 
 def settings() -> Settings:
@@ -84,7 +85,7 @@ def configure(backend: Optional[str] = None, disable: Optional[Iterable[str]] = 
     REGISTRY.revert()
     compile_decode = current.compile_decode if compile_decode is None else bool(compile_decode)
     _state.set_current(Settings(backend=b, disabled=disabled, backend_reason=why, compile_decode=compile_decode,
-                                compile_ops=compile_ops))
+                                compile_ops=compile_ops, answer_cuda_queries=current.answer_cuda_queries))
     if was_active or auto_apply():
         apply()
     return _state.current()
@@ -133,12 +134,19 @@ def report(import_targets: bool = False) -> str:
         f"versions: {installed_versions()}",
     ]
     lines += [f"note: {n}" for n in _notes]
+    from .with_deepspeed import accelerator_note
+
+    if accelerator_note():
+        lines.append(accelerator_note())
     if s.disabled:
         lines.append(f"disabled: {', '.join(sorted(s.disabled))}")
     if s.compile_decode:
         lines.append("compile_decode: on (decode_model's TP=1 step runs through torch.compile)")
     if s.compile_ops:
         lines.append("compile_ops: on (rms_norm, swiglu, rope run torch.compile-generated CPU kernels)")
+    if s.answer_cuda_queries:
+        lines.append("answer_cuda_queries: on (torch.cuda.is_available()/device_count() answered for megatron.* and "
+                     "tests.* callers: a test mode)")
     counts = {}
     by_group = {}
     for name, patch in REGISTRY.patches.items():

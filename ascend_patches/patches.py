@@ -9,7 +9,8 @@ from __future__ import annotations
 from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
-from .device import cpu, megatron_lm, rng
+from . import with_deepspeed
+from .device import cpu, cuda_queries, megatron_lm, rng, transformer_engine
 from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
@@ -58,14 +59,28 @@ _(Patch("collectives.new_group", "torch.distributed:new_group",
         wrapper=partial(backend_name_wrapper, accelerator_backend="gloo"), backends=CPU,
         group="collectives", why="Megatron-LM scripts ask for 'nccl'; the CPU needs 'gloo'"))
 
+_(Patch("device.te_min_version", "megatron.core.utils:is_te_min_version",
+        wrapper=transformer_engine.is_te_min_version_wrapper, group="device",
+        why="without Transformer Engine it raised TypeError (None >= Version); no minimum of an absent TE is met"))
+
+# opt-in test mode: Megatron-Core's unit tests run their CUDA-only tests off CUDA
+_(Patch("device.test_mode.is_available", "torch.cuda:is_available",
+        wrapper=cuda_queries.answer(cuda_queries.TEST_MODE, lambda: True), backends=CPU | NPU, group="device",
+        sweep=False, option="answer_cuda_queries",
+        why="test mode: True for megatron.* and tests.* callers, so their CUDA-only tests run here"))
+_(Patch("device.test_mode.device_count", "torch.cuda:device_count",
+        wrapper=cuda_queries.answer(cuda_queries.TEST_MODE, cuda_queries.local_world_size), backends=CPU | NPU,
+        group="device", sweep=False, option="answer_cuda_queries",
+        why="test mode: one device per local rank for megatron.* and tests.* callers"))
+
 # Megatron-LM's training package (a checkout's megatron/training, megatron/legacy)
-_(Patch("megatron_lm.cuda_is_available", "torch.cuda:is_available", wrapper=megatron_lm.is_available_wrapper,
-        backends=CPU, group="megatron_lm", sweep=False,
-        why="initialize_megatron asserts CUDA: True for megatron.training.initialize's callers only"))
-_(Patch("megatron_lm.cuda_device_count", "torch.cuda:device_count", wrapper=megatron_lm.device_count_wrapper,
-        backends=CPU, group="megatron_lm", sweep=False,
-        why="Megatron-LM builds model-parallel groups and seeds the TP RNG only if device_count() > 0: "
-            "1 (the CPU) for megatron.training.initialize's callers only"))
+_(Patch("megatron_lm.cuda_is_available", "torch.cuda:is_available",
+        wrapper=cuda_queries.answer(cuda_queries.MEGATRON_LM_INIT, lambda: True), backends=CPU, group="megatron_lm",
+        sweep=False, why="initialize_megatron asserts CUDA: True for megatron.training.initialize's callers only"))
+_(Patch("megatron_lm.cuda_device_count", "torch.cuda:device_count",
+        wrapper=cuda_queries.answer(cuda_queries.MEGATRON_LM_INIT, lambda: 1), backends=CPU, group="megatron_lm",
+        sweep=False, why="Megatron-LM builds model-parallel groups and seeds the TP RNG only if device_count() > 0: "
+                         "1 (the CPU) for megatron.training.initialize's callers only"))
 _(Patch("megatron_lm.device_arch_version", "megatron.training.utils:get_device_arch_version",
         replacement=megatron_lm.no_gpu_arch_version, backends=CPU | NPU, group="megatron_lm",
         why="reads CUDA device properties; off CUDA there is no GPU architecture (0)"))
@@ -136,3 +151,13 @@ _(Patch("decode_layer", "megatron.core.transformer.transformer_layer:Transformer
 _(Patch("decode_model", "megatron.core.models.gpt.gpt_model:GPTModel.forward",
         wrapper=decode_layer.gpt_model_forward,
         why="a one-token decode step of a one-stage GPTModel: embedding, fused layers, norm, output"))
+
+# DeepSpeed (applied once deepspeed is imported)
+for _fn in ("get_cuda_rng_tracker", "model_parallel_cuda_manual_seed", "checkpoint"):
+    _(Patch(f"deepspeed.{_fn}", f"megatron.core.tensor_parallel.random:{_fn}", wrapper=with_deepspeed.routed(_fn),
+            group="deepspeed", after="deepspeed",
+            why="while deepspeed.checkpointing is configured, DeepSpeed's: its recompute restores its own RNG "
+                "tracker, so megatron's dropout must draw from that one"))
+_(Patch("deepspeed.npu_saturation_fp16", "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler.__init__",
+        wrapper=with_deepspeed.npu_saturation_check, backends=NPU, group="deepspeed",
+        why="an NPU in saturation mode hides overflows from fp16 loss scaling: refused with the reason"))

@@ -40,6 +40,8 @@ class Patch:
     group: str = "ops"
     sweep: bool = True  # rebind `from x import f` copies of a module-level target
     requires: Tuple[str, ...] = ()  # patches this one only makes sense with; skipped when any of them is
+    option: Optional[str] = None  # a Settings flag that must be on (an opt-in mode)
+    after: Optional[str] = None  # a module that must be imported too (e.g. "deepspeed"): pending until it is
     create: bool = False  # the target may be absent (an optional extension that failed to import)
 
     def __post_init__(self):
@@ -110,21 +112,26 @@ class Registry:
                 if skip:
                     self.status[patch.name] = ("skipped", skip)
                     continue
-                if patch.module in sys.modules:
+                waiting = [m for m in (patch.module, patch.after) if m and m not in sys.modules]
+                if not waiting:
                     try:
                         self._apply_one(patch)
                     except PatchTargetError:
                         self.revert()  # never leave a half-patched state behind
                         raise
                 else:
-                    self.status[patch.name] = ("pending", f"applies when {patch.module} is imported")
-                    self._hook(patch.module)
+                    self.status[patch.name] = ("pending", f"applies when {' and '.join(waiting)} "
+                                                          f"{'is' if len(waiting) == 1 else 'are'} imported")
+                    for m in waiting:
+                        self._hook(m)
 
     def _skip_reason(self, patch: Patch, settings) -> Optional[str]:
         if patch.name in settings.disabled or patch.group in settings.disabled:
             return "disabled by configuration"
         if settings.backend not in patch.backends:
             return f"not for backend {settings.backend} (only {'/'.join(sorted(patch.backends))})"
+        if patch.option and not getattr(settings, patch.option):
+            return f"opt-in, off (settings.{patch.option})"
         for name in patch.requires:
             why = self._skip_reason(self.patches[name], settings)
             if why:
@@ -142,7 +149,10 @@ class Registry:
             if not self.active:
                 return
             for patch in self.patches.values():
-                if patch.module == module.__name__ and self.status.get(patch.name, ("",))[0] == "pending":
+                if self.status.get(patch.name, ("",))[0] != "pending" or module.__name__ not in (patch.module,
+                                                                                             patch.after):
+                    continue
+                if all(m in sys.modules or m == module.__name__ for m in (patch.module, patch.after) if m):
                     try:
                         self._apply_one(patch)
                     except PatchTargetError:

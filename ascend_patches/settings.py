@@ -9,6 +9,13 @@ Environment variables (read when ``ascend_patches`` is imported):
 - ``ASCEND_PATCHES_COMPILE_DECODE=1``: the ``decode_model`` patch runs its TP=1 decode step
   through ``torch.compile`` (CPU and CUDA).  Off by default: the first step of each batch
   size compiles for tens of seconds, which pays off only over long generations.
+- ``ASCEND_PATCHES_ANSWER_CUDA_QUERIES=1``: a test mode for running Megatron-Core's own unit
+  tests off CUDA.  ``torch.cuda.is_available()`` answers True and ``device_count()`` the
+  number of local ranks (one device per process, as on a GPU node) to callers in ``megatron.*``
+  and ``tests.*`` modules only, so their ``skipif(not torch.cuda.is_available())`` tests run
+  on the CPU (or the emulated NPU), where the device layer serves their CUDA calls; torch
+  itself (inductor, autograd, data loaders) keeps the true answers.  On an Ascend host
+  torch_npu's ``transfer_to_npu`` answers the same questions for everyone.
 - ``ASCEND_PATCHES_COMPILE_OPS=1``: on the CPU, the RMSNorm, SwiGLU and RoPE patches run
   their forward and backward as single-pass kernels that ``torch.compile`` (inductor's C++
   backend) generates, instead of several eager passes over memory each.  Off by default:
@@ -31,6 +38,7 @@ class Settings:
     backend_reason: str = ""
     compile_decode: bool = False
     compile_ops: bool = False
+    answer_cuda_queries: bool = False
 
     def with_(self, **kw) -> "Settings":
         return replace(self, **kw)

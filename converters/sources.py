@@ -8,6 +8,8 @@ the whole model.  Formats:
   ``pytorch_model*.bin``, loaded with ``weights_only=True`` and memory-mapped).
 - ``DistSource``: a ``dist_checkpointing`` torch_dist folder (what ``recipes.pretrain``
   saves and ``hf_to_megatron`` writes); chunks are read straight from the ``.distcp`` files.
+- ``DeepSpeedSource``: a DeepSpeed (ZeRO 0-3) checkpoint of ``recipes.pretrain --deepspeed``,
+  consolidated to fp32 by DeepSpeed's own ``zero_to_fp32``.
 - ``LegacySource``: AscendSpeed's (2023) ``mp_rank_XX[_YYY]/model_optim_rng.pt``.
 """
 
@@ -329,6 +331,49 @@ class LegacySource:
                       "fc2": "mlp.dense_4h_to_h.weight"}[name]
             t = tp_merge(name, pieces(suffix), where)
         return _check(t, expected(s, name, None), where + name)
+
+
+class DeepSpeedSource:
+    """A DeepSpeed checkpoint's weights, gathered from every ZeRO partition by DeepSpeed's
+    ``zero_to_fp32`` (one fp32 state dict of the module, in megatron's parameter names)."""
+
+    NAMES = {"embedding": "embedding.word_embeddings.weight", "final_norm": "decoder.final_layernorm.weight",
+             "output": "output_layer.weight", "input_norm": "decoder.layers.{}.input_layernorm.weight",
+             "qkv": "decoder.layers.{}.self_attention.linear_qkv.weight",
+             "proj": "decoder.layers.{}.self_attention.linear_proj.weight",
+             "mlp_norm": "decoder.layers.{}.pre_mlp_layernorm.weight", "fc1": "decoder.layers.{}.mlp.linear_fc1.weight",
+             "fc2": "decoder.layers.{}.mlp.linear_fc2.weight"}
+
+    def __init__(self, root, tag: Optional[str] = None):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from recipes import checkpointing
+
+        self.dir = Path(root)
+        it = checkpointing.latest_iteration(self.dir)
+        tag = tag or (checkpointing.iter_dir(self.dir, it).name if it is not None else None)
+        if tag is None or not (self.dir / tag).is_dir():
+            raise ConversionError(f"{self.dir}: no DeepSpeed checkpoint (no {checkpointing.TRACKER}; give --tag)")
+        self.args = checkpointing.args_of(self.dir / tag)
+        if self.args.get("tensor_model_parallel_size", 1) != 1:
+            raise ConversionError(f"{self.dir / tag}: saved at TP={self.args['tensor_model_parallel_size']}; "
+                                  "zero_to_fp32 gathers data-parallel partitions only, so TP=1 checkpoints convert")
+        self.sd = get_fp32_state_dict_from_zero_checkpoint(str(self.dir), tag=tag)
+        self.shape = ModelShape(**self.args["shape"])
+        if self.args.get("vocab_size"):
+            self.shape = replace(self.shape, vocab_size=self.args["vocab_size"])
+        self.padded_vocab = self.sd[self.NAMES["embedding"]].shape[0]
+        self.dtype = torch.float32
+        self.meta = {"tokenizer_name_or_path": self.args.get("tokenizer_name_or_path")}
+
+    def get(self, name: str, layer: Optional[int] = None) -> torch.Tensor:
+        key = self.NAMES[name].format(layer)
+        if key not in self.sd:
+            raise ConversionError(f"{self.dir}: {key} missing from the DeepSpeed checkpoint")
+        return _check(self.sd[key], expected(self.shape, name, self.padded_vocab), f"{self.dir}: {key}")
+
+    def close(self):
+        pass
 
 
 def open_megatron(folder, shape: Optional[ModelShape] = None, vocab_size: Optional[int] = None):

@@ -153,6 +153,9 @@ class MegatronLMEngine:
         import ascend_patches
         import torch.distributed as dist
 
+        from recipes import parallel
+
+        parallel.default_rendezvous_env()  # Megatron-LM reads torchrun's variables; one plain process works too
         flags = argv(self.s)
         if int(os.environ.get("RANK", "0")) == 0:
             print("Megatron-LM: python " + " ".join([str(self.root / "pretrain_gpt.py"), *flags]), flush=True)

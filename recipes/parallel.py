@@ -15,6 +15,14 @@ import ascend_patches
 _owns_process_group = False  # destroy() leaves a caller's process group alone (recipes.demo chains recipes)
 
 
+def default_rendezvous_env() -> None:
+    """What torchrun would set, for a command started as one plain process."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+
+
 def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeout_s: int = 600):
     """Initialise torch.distributed (if needed) and megatron's parallel state."""
     from megatron.core import parallel_state
@@ -23,8 +31,7 @@ def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeo
     global _owns_process_group
     if not dist.is_initialized():
         _owns_process_group = True
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        default_rendezvous_env()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         if ascend_patches.settings().backend != "cpu":

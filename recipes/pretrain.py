@@ -24,7 +24,14 @@ from recipes import llama2, run_settings
 from recipes.megatron_lm import MegatronLMEngine
 from recipes.trainer import Trainer
 
-ENGINES = {"builtin": Trainer, "megatron-lm": MegatronLMEngine}
+
+def _deepspeed_engine(settings):
+    from recipes.deepspeed_engine import DeepSpeedEngine  # imports deepspeed: only when asked for
+
+    return DeepSpeedEngine(settings)
+
+
+ENGINES = {"builtin": Trainer, "megatron-lm": MegatronLMEngine, "deepspeed": _deepspeed_engine}
 
 
 def _per_size(key: str) -> str:
@@ -83,7 +90,7 @@ def _training_flags(p):
     g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warm-up as a fraction of --train-iters")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.1, help="default 0.1")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (default 1.0)")
+    g.add_argument("--clip-grad", type=float, default=None, help="gradient norm clip (default 1.0)")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="default 0.9")
     g.add_argument("--adam-beta2", type=float, default=0.95, help="default 0.95")
     g.add_argument("--adam-eps", type=float, default=1e-8, help="default 1e-8")
@@ -149,6 +156,20 @@ def _engine_flags(p):
     g.add_argument("--megatron-lm", default=None, metavar="DIR",
                    help="run stock Megatron-LM's pretrain_gpt.py from this checkout (default: $MEGATRON_LM_PATH, "
                         "else the built-in loop); flags this recipe does not know pass through to it")
+    g = p.add_argument_group("DeepSpeed (DeepSpeed's and AscendSpeed's flag names)")
+    g.add_argument("--deepspeed", action="store_true", help="train under deepspeed.initialize (ZeRO, its pipeline)")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="the DeepSpeed config file; flags that contradict it are an error")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="ZeRO stage (default: the config's zero_optimization.stage, else 0)")
+    g.add_argument("--no-pipeline-parallel", action="store_true",
+                   help="no DeepSpeed pipeline (default: a PipelineModule of PP stages when PP > 1)")
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                   help="recompute every layer through deepspeed.checkpointing")
+    g.add_argument("--partition-activations", action="store_true",
+                   help="partition DeepSpeed's activation checkpoints over TP ranks")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by DeepSpeed's launcher (the rank also comes from LOCAL_RANK)")
 
 
 def build_parser():

@@ -9,6 +9,7 @@ size (or ``CUSTOM_DEFAULTS``); any flag given overrides them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +19,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from recipes import checkpointing, llama2
+from recipes.errors import BadInput
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
@@ -80,6 +82,17 @@ class Lora:
 
 
 @dataclass(frozen=True)
+class DeepSpeed:
+    """The DeepSpeed engine's settings; ``config`` is the file's, which the engine completes."""
+    config_path: str
+    config: dict
+    zero_stage: int
+    pipeline_stages: int
+    activation_checkpointing: bool = False
+    partition_activations: bool = False
+
+
+@dataclass(frozen=True)
 class Resume:
     """The one decision of what ``--load`` brings: ``fresh`` (nothing), ``full`` (weights,
     optimizer, scheduler, RNG, data position) or ``weights`` (``--finetune``, a converter's
@@ -130,8 +143,9 @@ class RunSettings:
     tokenizer_type: Optional[str]
     make_vocab_size_divisible_by: int
     lora: Optional[Lora] = None
-    engine: str = "builtin"      # "builtin" | "megatron-lm"
+    engine: str = "builtin"      # "builtin" | "megatron-lm" | "deepspeed"
     megatron_lm: Optional[str] = None  # the Megatron-LM checkout the megatron-lm engine runs
+    deepspeed: Optional[DeepSpeed] = None
     passthrough: Tuple[str, ...] = ()  # flags for Megatron-LM that this recipe does not know
     tokenizer: Any = field(default=None, compare=False, repr=False)  # the loaded tokenizer, or None
 
@@ -229,6 +243,17 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     from recipes.tokenizer import load_tokenizer
 
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = None
+    if args.deepspeed:
+        from recipes import deepspeed_engine
+
+        if not args.deepspeed_config:
+            raise BadInput("--deepspeed needs --deepspeed_config ds_config.json "
+                           "(recipes/deepspeed_configs/ has one per LLaMA-2 size)")
+        ds_config = deepspeed_engine.read_config(args.deepspeed_config)
+        # the file's values for the flags not given (a given flag that contradicts it is an error)
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in deepspeed_engine.check_flags_against_config(
+            args, ds_config, args.deepspeed_config).items() if getattr(args, k, None) in (None, False)}})
     lora = _lora(args)
     resume = _resume(args, lora is not None)
     saved = checkpointing.load_args(args.load) if resume.loads_weights else {}
@@ -255,7 +280,31 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
                          Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel,
                                 args.use_distributed_optimizer),
                          Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
-    return _with_engine(args, settings, tuple(passthrough))
+    settings = _with_engine(args, settings, tuple(passthrough))
+    return _with_deepspeed(args, settings, ds_config) if ds_config is not None else settings
+
+
+def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
+    if s.engine != "builtin":
+        raise BadInput("--deepspeed and --megatron-lm are two engines: give one")
+    stages = 1 if args.no_pipeline_parallel else s.layout.pp
+    if args.no_pipeline_parallel and s.layout.pp > 1:
+        raise BadInput(f"--no-pipeline-parallel with --pipeline-model-parallel-size {s.layout.pp}: drop one")
+    zero = args.zero_stage if args.zero_stage is not None else 0
+    if stages > 1 and zero > 1:
+        raise BadInput(f"ZeRO stage {zero} with DeepSpeed's pipeline ({stages} stages): DeepSpeed's pipeline takes "
+                       "ZeRO-1 at most; use --zero-stage 1, or --no-pipeline-parallel with PP 1")
+    if s.logging.eval_interval:
+        raise BadInput("--eval-interval: validation in the DeepSpeed engine is not built; drop it (or train in the "
+                       "built-in engine)")
+    if s.layout.vpp:
+        raise BadInput("--num-layers-per-virtual-pipeline-stage: DeepSpeed's pipeline has no virtual stages")
+    if args.partition_activations and not args.deepspeed_activation_checkpointing:
+        raise BadInput("--partition-activations partitions DeepSpeed's activation checkpoints: add "
+                       "--deepspeed-activation-checkpointing")
+    return replace(s, engine="deepspeed", deepspeed=DeepSpeed(
+        args.deepspeed_config, config, zero, stages, args.deepspeed_activation_checkpointing,
+        args.partition_activations))
 
 
 def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSettings:
@@ -275,11 +324,11 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
 def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora, layout, batches):
     from ascend_patches.ops import grad_accum
 
-    dtype = torch.bfloat16 if d["bf16"] else torch.float16 if args.fp16 else torch.float32
+    dtype = torch.bfloat16 if d["bf16"] and not args.fp16 else torch.float16 if args.fp16 else torch.float32
     warmup = args.lr_warmup_iters or int((args.lr_warmup_fraction or 0) * args.train_iters)
     optim = Optim(d["lr"], d["min_lr"], args.lr_decay_style, warmup, args.lr_decay_iters or args.train_iters,
-                  args.weight_decay, args.clip_grad, (args.adam_beta1, args.adam_beta2), args.adam_eps,
-                  args.initial_loss_scale)
+                  args.weight_decay, 1.0 if args.clip_grad is None else args.clip_grad,
+                  (args.adam_beta1, args.adam_beta2), args.adam_eps, args.initial_loss_scale)
     logging = Logging(args.log_interval, args.eval_interval, args.eval_iters,
                       args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None),
                       args.peak_tflops, args.measure_peak_every)

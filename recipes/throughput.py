@@ -76,13 +76,26 @@ class Meter:
         return out
 
 
+def process_memory_gib() -> dict:
+    """This process's resident memory now and its high-water mark (Linux /proc), in GiB."""
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["rss_gib" if line.startswith("VmRSS") else "peak_rss_gib"] = int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return out
+
+
 def device_memory() -> dict:
-    """Peak device memory where the device reports it (CUDA, NPU); a CPU has no device pool."""
+    """Peak device memory where the device reports it (CUDA, NPU); on a CPU, where the model
+    lives in host memory, the process's resident memory."""
     import ascend_patches
 
     backend = ascend_patches.settings().backend
     if backend == "cpu":
-        return {}
+        return process_memory_gib()
     mod = torch.npu if backend == "npu" else torch.cuda
     return {"max_memory_allocated_gib": mod.max_memory_allocated() / 2 ** 30,
             "memory_reserved_gib": mod.memory_reserved() / 2 ** 30}

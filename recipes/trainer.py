@@ -45,7 +45,7 @@ class MetricsLog:
         return False
 
 
-def _dp_mean(value, group) -> float:
+def dp_mean(value, group) -> float:
     t = torch.tensor([0.0 if value is None else value], dtype=torch.float64)
     dist.all_reduce(t, group=group)
     return t.item() / dist.get_world_size(group)
@@ -69,6 +69,7 @@ class Trainer:
     # -- building ----------------------------------------------------------------------
     def setup(self) -> None:
         s, L = self.s, self.s.layout
+        self.memory_at_start = throughput.process_memory_gib().get("rss_gib")  # before the model: the baseline
         parallel.init_distributed(L.tp, L.pp, L.vpp, seed=s.seed)
         if s.compile_fused_ops:
             ascend_patches.configure(compile_ops=True)  # a clear error off the CPU
@@ -147,10 +148,13 @@ class Trainer:
         self.progress = {"iteration": it, "consumed_samples": self.progress["consumed_samples"] + s.batches.global_batch}
         m = self.meter.step(s.batches.global_batch * s.batches.seq_length)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
-            loss = _dp_mean(loss, ps.get_data_parallel_group())
+            loss = dp_mean(loss, ps.get_data_parallel_group())
         return {"iteration": it, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": None if grad_norm is None else float(grad_norm), **m, "peak_tflops": self.meter.peak,
-                "consumed_samples": self.progress["consumed_samples"]}
+                "consumed_samples": self.progress["consumed_samples"], **self._baseline()}
+
+    def _baseline(self) -> dict:
+        return {"rss_at_start_gib": self.memory_at_start} if self.memory_at_start is not None else {}
 
     def evaluate(self) -> dict:
         """{"val_loss": ...} on the iterations --eval-interval names (last pipeline stage), else {}."""
@@ -161,7 +165,7 @@ class Trainer:
             return {}
         val = training.evaluate(self.s, self.models, self.valid, self.dp_rank, self.dp_size)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and val is not None:
-            return {"val_loss": _dp_mean(val, ps.get_data_parallel_group())}
+            return {"val_loss": dp_mean(val, ps.get_data_parallel_group())}
         return {}
 
     def save(self) -> None:

@@ -34,32 +34,6 @@ import sys
 
 import torch
 
-# Megatron-LM modules whose CUDA queries get the CPU's answer ("one device per process").
-ANSWERED_FOR = frozenset({"megatron.training.initialize"})
-
-
-def _called_from_answered_module() -> bool:
-    return sys._getframe(2).f_globals.get("__name__", "") in ANSWERED_FOR
-
-
-def is_available_wrapper(original):
-    def is_available():
-        return True if _called_from_answered_module() else original()
-
-    is_available.__wrapped__ = original
-    is_available.__name__ = "is_available"
-    return is_available
-
-
-def device_count_wrapper(original):
-    def device_count():
-        return 1 if _called_from_answered_module() else original()
-
-    device_count.__wrapped__ = original
-    device_count.__name__ = "device_count"
-    return device_count
-
-
 def no_gpu_arch_version():
     """No GPU architecture off CUDA (Megatron-LM: 8 Ampere, 9 Hopper, 10 Blackwell)."""
     return 0

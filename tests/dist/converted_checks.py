@@ -3,6 +3,7 @@
     converted_checks.py TP PP logits LOAD HF_DIR [LOAD HF_DIR ...]
     converted_checks.py TP PP greedy200 LOAD EXPECTED_TXT
     converted_checks.py TP PP hf_generate LOAD HF_DIR   (greedy and beam search vs HF generate)
+    converted_checks.py TP PP logits_of LOAD SAVED.pt   (logits vs {"tokens", "logits"} saved elsewhere)
 """
 
 import json
@@ -46,6 +47,11 @@ for load, ref in pairs:
             theirs = hf(tokens).logits
         assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
         result[load] = [(ours - theirs).abs().max().item(), theirs.abs().max().item()]
+    elif what == "logits_of":
+        saved = torch.load(ref)
+        ours = inference.full_logits(lm, saved["tokens"])
+        v = min(ours.shape[-1], saved["logits"].shape[-1])
+        result = {"max_abs": (ours[..., :v] - saved["logits"][..., :v]).abs().max().item()}
     elif what == "greedy200":
         from recipes.tokenizer import load_tokenizer
 

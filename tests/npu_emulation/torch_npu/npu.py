@@ -33,3 +33,14 @@ def set_rng_state(new_state, device="npu"):
 
 def manual_seed(seed):
     torch.default_generator.manual_seed(int(seed))
+
+
+class utils:
+    """``torch_npu.npu.utils``: ``is_support_inf_nan()`` is False on an NPU in saturation mode
+    (Atlas 910A); tests set ``INF_NAN`` to emulate one."""
+
+    INF_NAN = True
+
+    @staticmethod
+    def is_support_inf_nan():
+        return utils.INF_NAN

@@ -1,0 +1,46 @@
+"""DeepSpeed checkpoint (``recipes.pretrain --deepspeed``, ZeRO 0-3) -> this project's Megatron
+torch_dist checkpoint, which ``recipes.generate`` / ``evaluate`` / ``pretrain --load`` read and
+``converters.megatron_to_hf`` takes on to HF.
+
+    python -m converters.deepspeed_to_megatron --input-model-dir ./ckpt-zero3 --output-model-dir ./mg \\
+        [--tag iter_0000100] [--tensor-model-parallel-size 1] [--params-dtype bf16]
+
+The ZeRO partitions are gathered by DeepSpeed's own ``zero_to_fp32``; TP=1 checkpoints only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from converters import cli
+from converters.sources import DeepSpeedSource
+from converters.writers import write_dist
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
+                   help="the DeepSpeed checkpoint folder (with latest_checkpointed_iteration.txt)")
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
+    p.add_argument("--tag", default=None, help="the iteration folder (default: the latest)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="sets the vocabulary padding (default 1)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="recorded for later commands")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=1, help="default 1 (the checkpoint's rows)")
+    cli.add_dtype_flag(p)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    src = DeepSpeedSource(args.input_model_dir, args.tag)
+    out = write_dist(src, args.output_model_dir, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     args.make_vocab_size_divisible_by, cli.dtype_of(args), src.args.get("model"),
+                     {"converted_from": f"{args.input_model_dir} (DeepSpeed)"})
+    print(f"wrote {out} from {args.input_model_dir} in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Megatron-Core's own unit tests as a compatibility gate: a named list of test files from a
+temp copy of ``shared/third_party/Megatron-LM/tests`` run against the installed megatron-core
+with ascend_patches, each at the world size it was written for (gloo ranks under torchrun),
+and their per-test outcomes compared with ``expected.json``.
+
+    python tests/mcore_gate/run_gate.py --mode cpu [--files tensor_parallel/test_mappings.py ...]
+        [--record] [--table]
+
+Modes: ``cpu`` (ascend_patches on the CPU backend), ``cuda_queries`` (the same, with
+``ASCEND_PATCHES_ANSWER_CUDA_QUERIES=1`` so the tests' ``torch.cuda.is_available()`` skips
+do not skip), ``npu`` (the emulated NPU backend, with the same answers: what torch_npu's
+``transfer_to_npu`` gives on an Ascend host), ``none`` (without ascend_patches).
+
+A test that newly fails (or errors) against the expected outcome fails the gate; one that
+newly passes is listed, so ``expected.json`` is tightened (``--record`` rewrites the mode).
+The harness edits below are made on the temp copy only, and listed in every report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SOURCE = ROOT.parent / "shared" / "third_party" / "Megatron-LM" / "tests"
+EXPECTED = HERE / "expected.json"
+MODES = ("cpu", "cuda_queries", "npu", "none")
+
+# (file under tests/, text, replacement, why, modes it applies to)
+HARNESS_EDITS = [
+    ("unit_tests/conftest.py", "download_and_extract_asset(assets_dir=str(data_path))",
+     'raise ImportError("offline: the gate does not download /opt/data")',
+     "its session fixture downloads test data to /opt/data; no network here (the tests that need the data skip)",
+     MODES),
+    ("unit_tests/test_utilities.py", "torch.cuda.set_device(Utils.rank % torch.cuda.device_count())",
+     "torch.cuda.set_device(Utils.rank % max(1, torch.cuda.device_count()))",
+     "rank % device_count() divides by zero where device_count() is 0 (the CPU, truthfully)",
+     ("cpu", "none")),
+]
+
+
+def load_expected() -> dict:
+    return json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {"files": {}, "modes": {}}
+
+
+def copy_tests(dest: Path, mode: str) -> list:
+    """The third-party tests in a temp folder, with this mode's harness edits; the edits made.
+    The checkout's megatron packages other than megatron/core come along (the tests' helpers
+    import megatron.training): megatron is a namespace package, so they sit beside the
+    installed megatron-core, which is what runs."""
+    shutil.copytree(SOURCE, dest / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in (SOURCE.parent / "megatron").iterdir():
+        if package.is_dir() and package.name != "core":
+            shutil.copytree(package, dest / "megatron" / package.name, ignore=shutil.ignore_patterns("__pycache__"))
+    made = []
+    for rel, old, new, why, modes in HARNESS_EDITS:
+        if mode not in modes:
+            continue
+        path = dest / "tests" / rel
+        text = path.read_text()
+        if old not in text:
+            raise SystemExit(f"harness edit for {rel} no longer applies (upstream changed): {old!r}")
+        path.write_text(text.replace(old, new))
+        made.append(f"{rel}: {why}")
+    return made
+
+
+def mode_env(mode: str, out: Path, work: Path) -> dict:
+    env = dict(os.environ, GATE_MODE=mode, GATE_OUT=str(out), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(work), str(HERE)]))
+    for k in ("ASCEND_PATCHES_BACKEND", "ASCEND_PATCHES_ANSWER_CUDA_QUERIES", "ASCEND_PATCHES_DISABLE"):
+        env.pop(k, None)
+    if mode in ("cuda_queries", "npu"):
+        env["ASCEND_PATCHES_ANSWER_CUDA_QUERIES"] = "1"
+    if mode == "npu":
+        env["ASCEND_PATCHES_BACKEND"] = "npu"
+        env["PYTHONPATH"] += os.pathsep + str(ROOT / "tests" / "npu_emulation")
+    return env
+
+
+def run_group(files, world: int, mode: str, work: Path, timeout_s: int) -> dict:
+    """One torchrun session of pytest over ``files`` at ``world`` ranks; merged outcomes
+    (a test fails if it fails on any rank)."""
+    out = Path(tempfile.mkdtemp(dir=work))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-port",
+           str(_free_port()), "-m", "pytest", "-q", "-p", "gate_plugin", "-p", "no:cacheprovider",
+           "--timeout", "180", "-o", "addopts=", "--continue-on-collection-errors", *[f"tests/unit_tests/{f}" for f in files]]
+    log = ""
+    try:
+        proc = subprocess.run(cmd, cwd=work, env=mode_env(mode, out, work), capture_output=True, text=True,
+                              timeout=timeout_s)
+        log = proc.stdout[-1500:] + proc.stderr[-1500:]
+    except subprocess.TimeoutExpired:
+        log = f"the session ran past {timeout_s} s"  # whatever the ranks wrote is kept; the rest counts as missing
+    merged = {}
+    for rank_file in sorted(out.glob("rank*.json")):
+        for nodeid, r in json.loads(rank_file.read_text()).items():
+            nodeid = nodeid.replace("tests/unit_tests/", "", 1)
+            worst = merged.get(nodeid)
+            if worst is None or _rank(r["outcome"]) > _rank(worst["outcome"]):
+                merged[nodeid] = r
+    for f in files:
+        if not any(k.split("::")[0] == f for k in merged):
+            merged[f + "::<no result>"] = {"outcome": "error", "why": f"no rank reported: {log}"}
+    return merged
+
+
+def _rank(outcome: str) -> int:
+    return {"passed": 0, "skipped": 1, "failed": 2, "error": 3}[outcome]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+REASONS = [  # (pattern in the failure text, the reason recorded in expected.json)
+    (r"TESpecProvider|transformer_engine|Transformer Engine|\bTE\b|te_version|TELinear|TENorm", "needs Transformer Engine"),
+    (r"[Aa]pex", "needs Apex"),
+    (r"[Cc]uda[ _]?[Gg]raph|CUDAGraph|graph capture", "CUDA graphs"),
+    (r"[Ff][Pp]8|fp4|FP4", "FP8/FP4"),
+    (r"memory_allocated|max_memory|memory pool|mem_get_info", "asserts a GPU memory pool > 0"),
+    (r"flash_attn|flashattn|FlashAttention", "needs flash-attn (CUDA)"),
+    (r"world_size .* is not divisible|not divisible by", "layout needs more ranks than the file was written for"),
+    (r"CUDA|cuda|nccl|NCCL", "CUDA-only code path"),
+]
+
+
+def reason_for(why: str) -> str:
+    for pattern, reason in REASONS:
+        if re.search(pattern, why):
+            return reason
+    return "unclassified: " + why[:120]
+
+
+def compare(results: dict, expected: dict) -> tuple:
+    newly_failing, newly_passing = [], []
+    for nodeid, r in sorted(results.items()):
+        want = expected.get(nodeid, {"outcome": "new"})["outcome"]
+        if r["outcome"] in ("failed", "error") and want not in ("failed", "error"):
+            newly_failing.append(f"{nodeid}: {r['outcome']} ({r['why'][:200]}), expected {want}")
+        elif r["outcome"] == "passed" and want != "passed":
+            newly_passing.append(f"{nodeid}: passed, expected {want}")
+    for nodeid, e in sorted(expected.items()):
+        if nodeid not in results and e["outcome"] == "passed":
+            newly_failing.append(f"{nodeid}: not run, expected passed")
+    return newly_failing, newly_passing
+
+
+def table(results: dict, files) -> str:
+    rows = ["| file | collected | passed | failed | skipped |", "|---|---|---|---|---|"]
+    total = Counter()
+    for f in files:
+        c = Counter(r["outcome"] for k, r in results.items() if k.split("::")[0] == f)
+        n = sum(c.values())
+        rows.append(f"| {f} | {n} | {c['passed']} | {c['failed'] + c['error']} | {c['skipped']} |")
+        total.update(c)
+    rows.append(f"| all | {sum(total.values())} | {total['passed']} | {total['failed'] + total['error']} | "
+                f"{total['skipped']} |")
+    return "\n".join(rows)
+
+
+def run(mode: str, files=None, timeout_s: int = 900) -> tuple:
+    """(results, harness edits made) for ``mode`` over ``files`` (default: every listed file)."""
+    spec = load_expected()["files"]
+    files = files or list(spec)
+    groups = {}
+    for f in files:
+        groups.setdefault(spec.get(f, {}).get("world_size", 1), []).append(f)
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        edits = copy_tests(work, mode)
+        results = {}
+        for world, group in sorted(groups.items()):
+            results.update(run_group(group, world, mode, work, timeout_s))
+    return results, edits
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=MODES, default="cpu")
+    p.add_argument("--files", nargs="*", default=None, help="test files under tests/unit_tests (default: all listed)")
+    p.add_argument("--record", action="store_true", help="write these outcomes to expected.json for the mode")
+    p.add_argument("--table", action="store_true", help="print the per-file table")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per torchrun session")
+    args = p.parse_args(argv)
+    results, edits = run(args.mode, args.files, args.timeout)
+    expected = load_expected()
+    files = args.files or list(expected["files"])
+    print("harness edits on the temp copy:\n" + "\n".join(f"  {e}" for e in edits))
+    if args.table:
+        print(table(results, files))
+    if args.record:
+        mode = expected["modes"].setdefault(args.mode, {})
+        for nodeid, r in results.items():
+            mode[nodeid] = ({"outcome": "passed"} if r["outcome"] == "passed" else
+                            {"outcome": r["outcome"], "reason": reason_for(r["why"]), "why": r["why"][:200]})
+        EXPECTED.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+        return 0
+    newly_failing, newly_passing = compare(results, expected["modes"].get(args.mode, {}))
+    for line in newly_passing:
+        print(f"NEWLY PASSING (tighten expected.json): {line}")
+    for line in newly_failing:
+        print(f"NEWLY FAILING: {line}")
+    return 1 if newly_failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""--deepspeed settings, without running DeepSpeed: a flag that contradicts the config file is
+an error naming both, the file fills what the flags leave open, ZeRO 2/3 with DeepSpeed's
+pipeline is refused, the mpu adapter answers from megatron-core's groups, and an emulated
+NPU in saturation mode refuses fp16 loss scaling."""
+
+import json
+import sys
+
+import pytest
+
+from recipes import pretrain, run_settings
+from recipes.errors import BadInput
+
+
+def _resolve(tmp_path, cfg, *flags, world=2):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    args = pretrain.build_parser().parse_args(["--model", "llama2-tiny", "--data-path", "x", "--train-iters", "3",
+                                               "--deepspeed", "--deepspeed_config", str(path), *map(str, flags)])
+    return run_settings.resolve(args, world=world)
+
+
+def test_config_fills_and_flags_must_agree(tmp_path):
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
+           "gradient_clipping": 0.5}
+    s = _resolve(tmp_path, cfg)
+    assert (s.engine, s.batches.micro, s.deepspeed.zero_stage, s.bf16, s.optim.clip_grad) == ("deepspeed", 2, 3, True, 0.5)
+    with pytest.raises(BadInput, match=r"--micro-batch-size 4 contradicts train_micro_batch_size_per_gpu = 2 in .*ds\.json"):
+        _resolve(tmp_path, cfg, "--micro-batch-size", 4)
+    with pytest.raises(BadInput, match=r"--zero-stage 2 contradicts zero_optimization\.stage = 3"):
+        _resolve(tmp_path, cfg, "--zero-stage", 2)
+    from recipes.deepspeed_engine import ds_config
+
+    final = ds_config(s)
+    assert final["train_batch_size"] == 8 and final["gradient_accumulation_steps"] == 2  # tiny: global batch 8, DP 2
+    assert final["optimizer"]["params"]["torch_adam"] is True  # the CPU: torch's AdamW, no JIT-built FusedAdam
+
+
+def test_pipeline_takes_zero1_at_most(tmp_path):
+    with pytest.raises(BadInput, match="DeepSpeed's pipeline takes ZeRO-1 at most"):
+        _resolve(tmp_path, {}, "--zero-stage", 2, "--pipeline-model-parallel-size", 2)
+    s = _resolve(tmp_path, {}, "--zero-stage", 2, "--no-pipeline-parallel")
+    assert s.deepspeed.pipeline_stages == 1
+    with pytest.raises(BadInput, match="--deepspeed needs --deepspeed_config"):
+        run_settings.resolve(pretrain.build_parser().parse_args(["--model", "llama2-tiny", "--data-path", "x",
+                                                                 "--train-iters", "1", "--deepspeed"]))
+
+
+def test_mpu_adapter_answers_from_megatron_groups(single_process_group):
+    from megatron.core import parallel_state as ps
+
+    from ascend_patches.with_deepspeed import mpu
+
+    assert mpu.get_model_parallel_world_size() == ps.get_tensor_model_parallel_world_size() == 1
+    assert mpu.get_model_parallel_group() is ps.get_tensor_model_parallel_group()
+    assert mpu.get_data_parallel_group() is ps.get_data_parallel_group()
+    assert mpu.get_data_parallel_rank() == 0
+
+
+@pytest.fixture
+def deepspeed_on_cpu():
+    """DeepSpeed imported (its accelerator chosen: the CPU's) before the NPU emulation starts;
+    the emulation covers torch_npu's op contract, not all DeepSpeed's NPU accelerator touches."""
+    import deepspeed  # noqa: F401
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator()
+
+
+def test_npu_in_saturation_mode_refuses_fp16_loss_scaling(deepspeed_on_cpu, npu_emulated):
+    import ascend_patches
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    assert ascend_patches.REGISTRY.status["deepspeed.npu_saturation_fp16"][0] == "applied"
+    kw = dict(init_scale=2 ** 16, scale_window=1000, min_scale=1, delayed_shift=2, consecutive_hysteresis=False)
+    DynamicLossScaler(**kw)  # INF_NAN mode: fine
+    npu_emulated.npu.utils.INF_NAN = False
+    try:
+        with pytest.raises(RuntimeError, match="saturation mode"):
+            DynamicLossScaler(**kw)
+    finally:
+        npu_emulated.npu.utils.INF_NAN = True
+    assert "deepspeed" in sys.modules
