@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import sys
 from typing import Iterable, Optional
 
 import torch
@@ -18,21 +19,28 @@ from . import _state
 from .backend import detect, dist_backend as _dist_backend_for
 from .patches import REGISTRY
 from .registry import Patch, PatchTargetError
-from .settings import Settings, auto_apply, check_compile_ops, env_backend, env_disabled, env_flag, parse_disable
+from .settings import (ConfigurationError, Settings, auto_apply, check_compile_ops, env_backend, env_disabled,
+                       env_flag, install_excepthook, parse_disable)
 from .versions import check_megatron_version, installed_versions
 
 __version__ = "0.1.0"
 __all__ = ["apply", "revert", "configure", "disabled", "report", "settings", "dist_backend", "device",
-           "Patch", "PatchTargetError", "REGISTRY"]
+           "Patch", "PatchTargetError", "REGISTRY", "ConfigurationError"]
 
 _notes = []
 
 
 def _validate_disabled(names) -> None:
-    unknown = set(names) - REGISTRY.names_and_groups()
+    known = REGISTRY.names_and_groups()
+    unknown = sorted(set(names) - known)
     if unknown:
-        known = ", ".join(sorted(REGISTRY.names_and_groups()))
-        raise ValueError(f"cannot disable unknown patch(es) {sorted(unknown)}; known: {known}")
+        import difflib
+
+        close = sorted({m for n in unknown for m in difflib.get_close_matches(n, known, n=3, cutoff=0.6)})
+        groups = sorted({p.group for p in REGISTRY.patches.values()})
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigurationError(f"cannot disable unknown patch(es) {unknown}: {hint}give patch names or the groups "
+                                 f"{', '.join(groups)} (python -m ascend_patches --all lists every patch)")
 
 
 def _settings_from_env() -> Settings:
@@ -115,12 +123,70 @@ def device() -> torch.device:
 
 
 def _import_targets() -> None:
-    for name in sorted({p.module for p in REGISTRY.patches.values()}):
+    """Import the libraries the patches target, so the report says what applies; not the
+    modules of patches skipped here, nor ones waiting for a library not in use (deepspeed)."""
+    s = _state.current()
+    wanted = {p.module for p in REGISTRY.patches.values()
+              if not REGISTRY.skip_reason(p, s) and (p.after is None or p.after in sys.modules)}
+    for name in sorted(wanted):
         if importlib.util.find_spec(name.split(".")[0]) is not None:
             try:
                 importlib.import_module(name)
             except ImportError:
                 pass
+
+
+def _states():
+    return {name: REGISTRY.status.get(name, ("not applied", "ascend_patches.apply() not called"))
+            for name in REGISTRY.patches}
+
+
+def summary(import_targets: bool = False) -> dict:
+    """The report as data: backend, versions, notes, and every patch's state and reason."""
+    if import_targets:
+        _import_targets()
+    s = _state.current()
+    return {"version": __version__, "backend": s.backend, "backend_reason": s.backend_reason,
+            "dist_backend": dist_backend(), "versions": installed_versions(), "notes": list(_notes),
+            "disabled": sorted(s.disabled), "patches": {n: {"state": st, "why": why, "group": REGISTRY.patches[n].group,
+                                                            "target": REGISTRY.patches[n].target}
+                                                        for n, (st, why) in _states().items()}}
+
+
+def _setting_lines(s: Settings) -> list:
+    """Notes, and the settings that change what runs, for both reports."""
+    from .with_deepspeed import accelerator_note
+
+    lines = [f"note: {n}" for n in _notes]
+    if accelerator_note():
+        lines.append(accelerator_note())
+    if s.disabled:
+        lines.append(f"disabled: {', '.join(sorted(s.disabled))}")
+    if s.compile_decode:
+        lines.append("compile_decode: on (decode_model's TP=1 step runs through torch.compile)")
+    if s.compile_ops:
+        lines.append("compile_ops: on (rms_norm, swiglu, rope run torch.compile-generated CPU kernels)")
+    if s.answer_cuda_queries:
+        lines.append("answer_cuda_queries: on (torch.cuda.is_available()/device_count() answered for megatron.* and "
+                     "tests.* callers: a test mode)")
+    return lines
+
+
+def short_report(import_targets: bool = False) -> str:
+    """Backend, versions, how many patches are in each state, and the ones not applied with why."""
+    data = summary(import_targets)
+    counts = {}
+    for p in data["patches"].values():
+        counts[p["state"]] = counts.get(p["state"], 0) + 1
+    lines = [f"ascend_patches {data['version']}: backend {data['backend']} ({data['backend_reason']}), "
+             f"torch.distributed {data['dist_backend']}", f"versions: {data['versions']}",
+             "patches: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
+    lines += _setting_lines(_state.current())
+    for name, p in data["patches"].items():
+        if p["state"] != "applied":
+            lines.append(f"  {p['state']:>8}  {name}: {p['why']}")
+    lines.append("(python -m ascend_patches --all: every patch with its target and why; --json: as JSON)")
+    return "\n".join(lines)
 
 
 def report(import_targets: bool = False) -> str:
@@ -133,20 +199,7 @@ def report(import_targets: bool = False) -> str:
         f"backend: {s.backend} ({s.backend_reason}); torch.distributed backend: {dist_backend()}",
         f"versions: {installed_versions()}",
     ]
-    lines += [f"note: {n}" for n in _notes]
-    from .with_deepspeed import accelerator_note
-
-    if accelerator_note():
-        lines.append(accelerator_note())
-    if s.disabled:
-        lines.append(f"disabled: {', '.join(sorted(s.disabled))}")
-    if s.compile_decode:
-        lines.append("compile_decode: on (decode_model's TP=1 step runs through torch.compile)")
-    if s.compile_ops:
-        lines.append("compile_ops: on (rms_norm, swiglu, rope run torch.compile-generated CPU kernels)")
-    if s.answer_cuda_queries:
-        lines.append("answer_cuda_queries: on (torch.cuda.is_available()/device_count() answered for megatron.* and "
-                     "tests.* callers: a test mode)")
+    lines += _setting_lines(s)
     counts = {}
     by_group = {}
     for name, patch in REGISTRY.patches.items():
@@ -161,6 +214,7 @@ def report(import_targets: bool = False) -> str:
     return "\n".join(lines)
 
 
+install_excepthook()
 _version_note = check_megatron_version()
 if _version_note:
     _notes.append(_version_note)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .settings import BACKENDS
+from .settings import BACKENDS, ConfigurationError
 
 DIST_BACKEND = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
@@ -35,11 +35,11 @@ def detect(forced: Optional[str] = None) -> Tuple[str, str]:
     """Return (backend, reason)."""
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"unsupported backend {forced!r}: expected one of {', '.join(BACKENDS)}")
+            raise ConfigurationError(f"unsupported backend {forced!r}: expected one of {', '.join(BACKENDS)}")
         if forced == "npu" and torch_npu_module() is None:
-            raise RuntimeError("backend 'npu' was asked for but torch_npu does not import (CANN missing?)")
+            raise ConfigurationError("backend 'npu' was asked for but torch_npu does not import (CANN missing?)")
         if forced == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("backend 'cuda' was asked for but torch.cuda.is_available() is False")
+            raise ConfigurationError("backend 'cuda' was asked for but torch.cuda.is_available() is False")
         return forced, "forced by configuration"
     if torch_npu_module() is not None:
         return "npu", "torch_npu imported"

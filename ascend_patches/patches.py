@@ -10,7 +10,7 @@ from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
 from . import with_deepspeed
-from .device import cpu, cuda_queries, megatron_lm, rng, transformer_engine
+from .device import checkpoint_writer, cpu, cuda_queries, megatron_lm, rng, transformer_engine
 from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
@@ -59,6 +59,10 @@ _(Patch("collectives.new_group", "torch.distributed:new_group",
         wrapper=partial(backend_name_wrapper, accelerator_backend="gloo"), backends=CPU,
         group="collectives", why="Megatron-LM scripts ask for 'nccl'; the CPU needs 'gloo'"))
 
+_(Patch("device.checkpoint_writer_queue",
+        "megatron.core.dist_checkpointing.strategies.filesystem_async:_get_write_results_queue",
+        wrapper=checkpoint_writer.results_queue_wrapper, group="device",
+        why="the torch_dist writer's manager process outlived a killed rank; started so it dies with it"))
 _(Patch("device.te_min_version", "megatron.core.utils:is_te_min_version",
         wrapper=transformer_engine.is_te_min_version_wrapper, group="device",
         why="without Transformer Engine it raised TypeError (None >= Version); no minimum of an absent TE is met"))

@@ -125,6 +125,10 @@ class Registry:
                     for m in waiting:
                         self._hook(m)
 
+    def skip_reason(self, patch: Patch, settings) -> Optional[str]:
+        """Why ``patch`` does not apply under ``settings`` (None: it does)."""
+        return self._skip_reason(patch, settings)
+
     def _skip_reason(self, patch: Patch, settings) -> Optional[str]:
         if patch.name in settings.disabled or patch.group in settings.disabled:
             return "disabled by configuration"

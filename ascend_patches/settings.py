@@ -25,10 +25,35 @@ Environment variables (read when ``ascend_patches`` is imported):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from typing import FrozenSet, Optional
 
 BACKENDS = ("npu", "cuda", "cpu")
+
+
+class ConfigurationError(ValueError):
+    """A setting (environment variable or ``configure`` argument) that cannot be honoured;
+    the message names it and what it may be."""
+
+
+def excepthook(exc_type, exc, tb, _previous=[]):
+    """A ``ConfigurationError`` that nothing caught (a bad ASCEND_PATCHES_* variable at import)
+    prints as one line on rank 0 and exits with status 2; anything else goes to the hook that
+    was there before."""
+    if issubclass(exc_type, ConfigurationError) and os.environ.get("ASCEND_PATCHES_DEBUG", "") not in ("1", "true"):
+        if int(os.environ.get("RANK", "0")) == 0:
+            sys.stderr.write(f"error: {exc}\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    return _previous[0](exc_type, exc, tb)
+
+
+def install_excepthook() -> None:
+    if sys.excepthook is not excepthook:
+        excepthook.__defaults__[0][:] = [sys.excepthook]
+        sys.excepthook = excepthook
 
 
 @dataclass(frozen=True)
@@ -55,7 +80,7 @@ def parse_disable(value) -> FrozenSet[str]:
 def env_backend() -> Optional[str]:
     value = os.environ.get("ASCEND_PATCHES_BACKEND", "").strip().lower()
     if value and value not in BACKENDS:
-        raise ValueError(f"ASCEND_PATCHES_BACKEND={value!r}: expected one of {', '.join(BACKENDS)}")
+        raise ConfigurationError(f"ASCEND_PATCHES_BACKEND={value!r}: expected one of {', '.join(BACKENDS)}")
     return value or None
 
 
@@ -69,7 +94,7 @@ def env_flag(name: str) -> bool:
 
 def check_compile_ops(backend: str, on: bool) -> None:
     if on and backend != "cpu":
-        raise ValueError(f"compile_ops covers the CPU backend only (backend is {backend}): on NPU the ops are "
+        raise ConfigurationError(f"compile_ops covers the CPU backend only (backend is {backend}): on NPU the ops are "
                          "torch_npu's fused kernels already, and the CUDA path is not built or measured")
 
 

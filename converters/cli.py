@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from recipes.errors import BadInput
 from converters.layout import ModelShape
 from recipes import llama2
 
@@ -19,7 +20,9 @@ def add_shape_flags(p: argparse.ArgumentParser):
     p.add_argument("--type", default=None, help=f"one of {', '.join(TYPES)} (or llama2-7b ...); "
                    "default: the shape in the HF config / checkpoint")
     for flag in SHAPE_FLAGS:
-        p.add_argument("--" + flag, "--" + flag.replace("_", "-"), dest=flag, type=int, default=None)
+        p.add_argument("--" + flag, "--" + flag.replace("_", "-"), dest=flag, type=int, default=None,
+                       help=f"the model's {flag.replace('_', ' ')}, checked against the input "
+                            "(default: read from the input)")
 
 
 def add_dtype_flag(p: argparse.ArgumentParser):
@@ -49,7 +52,7 @@ def check_type(args, shape: ModelShape, where: str):
         if field in overrides(args):
             continue
         if getattr(expected, field) != getattr(shape, field):
-            raise ValueError(f"--type {args.type}: {field} {getattr(expected, field)} but {where} has "
+            raise BadInput(f"--type {args.type}: {field} {getattr(expected, field)} but {where} has "
                              f"{getattr(shape, field)}")
 
 

@@ -10,19 +10,21 @@ The ZeRO partitions are gathered by DeepSpeed's own ``zero_to_fp32``; TP=1 check
 
 from __future__ import annotations
 
-import argparse
+
 import time
 
+from recipes.errors import ArgumentParser
 from converters import cli
 from converters.sources import DeepSpeedSource
 from converters.writers import write_dist
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
                    help="the DeepSpeed checkpoint folder (with latest_checkpointed_iteration.txt)")
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
+                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
     p.add_argument("--tag", default=None, help="the iteration folder (default: the latest)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="sets the vocabulary padding (default 1)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="recorded for later commands")

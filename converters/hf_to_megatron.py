@@ -13,21 +13,24 @@ Megatron-Core always keeps gate and up merged in ``linear_fc1`` ([gate_r ; up_r]
 
 from __future__ import annotations
 
-import argparse
+
 import time
 
+from recipes.errors import ArgumentParser
 from converters import cli
 from converters.sources import HFSource
 from converters.writers import write_dist
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True)
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
+                   help="the source folder (Megatron-LM's --load-dir also works)")
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
+                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of the written checkpoint")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of the written checkpoint")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this x TP, as Megatron-LM does")
     p.add_argument("--merge-mlp", action="store_true", help="accepted; Megatron-Core's linear_fc1 is always merged")
     p.add_argument("--tokenizer-name-or-path", default=None, help="recorded for later commands; "
                    "default: the input folder when it holds a tokenizer")

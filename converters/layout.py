@@ -19,6 +19,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from recipes.errors import BadInput
 from recipes.llama2 import LlamaShape as ModelShape  # converters and recipes share one shape type
 
 LAYER_PARAMS = ("input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
@@ -105,7 +106,7 @@ def tp_merge(name: str, pieces, where: str = "") -> torch.Tensor:
     if dim is None:
         for i, p in enumerate(pieces[1:], 1):
             if not torch.equal(p, pieces[0]):
-                raise ValueError(f"{where}{name}: replicated tensor differs between TP rank 0 and {i}")
+                raise BadInput(f"{where}{name}: replicated tensor differs between TP rank 0 and {i}")
         return pieces[0]
     if name == "fc1":
         halves = [p.chunk(2, dim=0) for p in pieces]

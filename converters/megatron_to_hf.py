@@ -9,9 +9,10 @@ The padded vocabulary rows are trimmed back to the true vocabulary size.
 
 from __future__ import annotations
 
-import argparse
+
 import time
 
+from recipes.errors import ArgumentParser
 from converters import cli
 from converters.layout import ModelShape
 from converters.sources import open_megatron
@@ -19,10 +20,12 @@ from converters.writers import write_hf
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True)
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
-    p.add_argument("--max-shard-size", default="5GB")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
+                   help="the source folder (Megatron-LM's --load-dir also works)")
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
+                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file written, as in HF save_pretrained")
     p.add_argument("--tokenizer-name-or-path", default=None, help="copied into the folder; default: the checkpoint's")
     p.add_argument("--hf-config", default=None, help="shape of a legacy checkpoint from an HF config folder")
     cli.add_shape_flags(p)

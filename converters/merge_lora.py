@@ -11,12 +11,12 @@ becomes W + alpha/r * B @ A, one tensor at a time, at any output TP/PP.
 
 from __future__ import annotations
 
-import argparse
 import re
 from typing import Dict, Tuple
 
 import torch
 
+from recipes.errors import ArgumentParser, MissingInput
 from converters.layout import tp_merge
 from converters.sources import ConversionError, open_megatron
 from converters.writers import write_dist, write_hf
@@ -39,7 +39,7 @@ def read_lora(folder) -> Tuple[dict, Dict[Tuple[str, int], torch.Tensor], Dict[s
         for p in range(pp):
             path = it_dir / lora.rank_file(t, p)
             if not path.is_file():
-                raise FileNotFoundError(f"{path} missing (LoRA saved at TP={tp} PP={pp})")
+                raise MissingInput(f"{path} missing (LoRA saved at TP={tp} PP={pp})")
             for name, tensor in torch.load(path, map_location="cpu", weights_only=False)["adapters"].items():
                 per_rank.setdefault(name, {})[t] = tensor
     scaling = cfg["alpha"] / cfg["r"]
@@ -91,14 +91,14 @@ class MergedSource:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="the base Megatron checkpoint the LoRA was trained on")
-    p.add_argument("--lora", required=True)
-    p.add_argument("--output-model-dir", required=True)
+    p.add_argument("--lora", required=True, help="the LoRA checkpoint folder (recipes.pretrain --save with --lora-target-modules)")
+    p.add_argument("--output-model-dir", required=True, help="a new or empty folder to write")
     p.add_argument("--to-hf", action="store_true", help="write an HF folder instead of a Megatron checkpoint")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: the base's")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="default: the base's")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file written, as in HF save_pretrained")
     return p
 
 

@@ -13,7 +13,7 @@ the target sizes set the vocabulary padding and are recorded for later commands.
 
 from __future__ import annotations
 
-import argparse
+from recipes.errors import ArgumentParser, BadInput
 
 from converters import cli
 from converters.megatron_to_hf import legacy_shape
@@ -22,15 +22,18 @@ from converters.writers import write_dist
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True)
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
+                   help="the source folder (Megatron-LM's --load-dir also works)")
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
+                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
     for side in ("src", "tgt"):
-        p.add_argument(f"--{side}-tensor-model-parallel-size", type=int, default=None)
-        p.add_argument(f"--{side}-pipeline-model-parallel-size", type=int, default=None)
+        which = "the source's layout, checked (default: read from it)" if side == "src" else "the new layout (default: the source's)"
+        p.add_argument(f"--{side}-tensor-model-parallel-size", type=int, default=None, help=f"TP: {which}")
+        p.add_argument(f"--{side}-pipeline-model-parallel-size", type=int, default=None, help=f"PP: {which}")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None, help="default: the source's (or 128)")
-    p.add_argument("--hf-config", default=None)
-    p.add_argument("--tokenizer-name-or-path", default=None)
+    p.add_argument("--hf-config", default=None, help="an HF config.json folder giving the shape of a checkpoint that records none")
+    p.add_argument("--tokenizer-name-or-path", default=None, help="the tokenizer to record in the output (default: the source's)")
     cli.add_shape_flags(p)
     cli.add_dtype_flag(p)
     return p
@@ -49,7 +52,7 @@ def main(argv=None):
     for flag, given, actual in (("--src-tensor-model-parallel-size", args.src_tensor_model_parallel_size, tp),
                                 ("--src-pipeline-model-parallel-size", args.src_pipeline_model_parallel_size, pp)):
         if given is not None and given != actual:
-            raise ValueError(f"{flag} {given}, but {args.input_model_dir} was written with {actual}")
+            raise BadInput(f"{flag} {given}, but {args.input_model_dir} was written with {actual}")
     tgt_tp = args.tgt_tensor_model_parallel_size or tp
     tgt_pp = args.tgt_pipeline_model_parallel_size or pp
     divisible = args.make_vocab_size_divisible_by or (

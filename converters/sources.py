@@ -25,11 +25,12 @@ import torch
 
 from dataclasses import replace
 
+from recipes.errors import BadInput, MissingInput
 from converters.layout import (DIST_KEYS, GLOBAL_PARAMS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, ModelShape, expected,
                                hf_to_qkv, tp_merge)
 
 
-class ConversionError(ValueError):
+class ConversionError(BadInput):
     pass
 
 
@@ -46,7 +47,7 @@ class HFSource:
         self.folder = Path(folder)
         cfg_path = self.folder / "config.json"
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} not found: --input-model-dir must be a HuggingFace model folder")
+            raise MissingInput(f"{cfg_path} not found: --input-model-dir must be a HuggingFace model folder")
         self.config = json.loads(cfg_path.read_text())
         self.shape = replace(ModelShape.from_hf_config(self.config), **(shape_overrides or {}))
         self.weight_map = self._weight_map()
@@ -69,7 +70,7 @@ class HFSource:
                 return json.loads(p.read_text())["weight_map"]
         files = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("pytorch_model*.bin"))
         if not files:
-            raise FileNotFoundError(f"{self.folder}: no *.safetensors or pytorch_model*.bin weights")
+            raise MissingInput(f"{self.folder}: no *.safetensors or pytorch_model*.bin weights")
         out = {}
         for f in files:
             for name in self._names_in(f):
@@ -111,7 +112,7 @@ class HFSource:
             self.close()
             path = self.folder / fname
             if not path.is_file():
-                raise FileNotFoundError(f"{path} (holds {name}) not found")
+                raise MissingInput(f"{path} (holds {name}) not found")
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
 
@@ -167,7 +168,7 @@ class DistSource:
 
         self.dir = Path(ckpt_dir)
         if not (self.dir / ".metadata").is_file():
-            raise FileNotFoundError(f"{self.dir}: no .metadata (not a torch_dist checkpoint)")
+            raise MissingInput(f"{self.dir}: no .metadata (not a torch_dist checkpoint)")
         self.md = FileSystemReader(str(self.dir)).read_metadata()
         self.args = args
         shape = ModelShape(**{k: v for k, v in args["shape"].items() if k in ModelShape.__dataclass_fields__})
@@ -245,13 +246,13 @@ class LegacySource:
             if m and d.is_dir():
                 ranks[(int(m.group(1)), int(m.group(2) or 0))] = d
         if not ranks:
-            raise FileNotFoundError(f"{self.dir}: no mp_rank_XX folders (not a legacy Megatron checkpoint)")
+            raise MissingInput(f"{self.dir}: no mp_rank_XX folders (not a legacy Megatron checkpoint)")
         self.tp = max(t for t, _ in ranks) + 1
         self.pp = max(p for _, p in ranks) + 1
         for t in range(self.tp):
             for p in range(self.pp):
                 if (t, p) not in ranks:
-                    raise FileNotFoundError(f"{self.dir}: mp_rank_{t:02d}" + (f"_{p:03d}" if self.pp > 1 else "")
+                    raise MissingInput(f"{self.dir}: mp_rank_{t:02d}" + (f"_{p:03d}" if self.pp > 1 else "")
                                             + f" missing (TP={self.tp}, PP={self.pp})")
         self.ranks = ranks
         self.shape = shape
@@ -277,7 +278,7 @@ class LegacySource:
         files = list(d.glob("*_model_states.pt"))
         if files:
             return torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)["module"]["language_model"]
-        raise FileNotFoundError(f"{d}: no model_optim_rng.pt")
+        raise MissingInput(f"{d}: no model_optim_rng.pt")
 
     def _stage_tensors(self, stage: int):
         if self._stage != stage:
@@ -383,12 +384,12 @@ def open_megatron(folder, shape: Optional[ModelShape] = None, vocab_size: Option
 
     folder = Path(folder)
     if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist")
+        raise MissingInput(f"{folder} does not exist")
     it_dir = folder
     if (folder / checkpointing.TRACKER).is_file():
         it_dir = checkpointing.iter_dir(folder, checkpointing.latest_iteration(folder))
         if not it_dir.is_dir():
-            raise FileNotFoundError(f"{folder}/{checkpointing.TRACKER} points at {it_dir}, which does not exist")
+            raise MissingInput(f"{folder}/{checkpointing.TRACKER} points at {it_dir}, which does not exist")
     if (it_dir / ".metadata").is_file():
         return DistSource(it_dir, checkpointing.args_of(it_dir), vocab_size)
     if any(LegacySource.PATTERN.match(d.name) for d in it_dir.iterdir()):

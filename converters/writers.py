@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from recipes.errors import Exists
 from recipes import checkpointing, llama2
 from converters.layout import DIST_KEYS, HF_GLOBAL, hf_config, HF_LAYER, LAYER_PARAMS, \
     pad_vocab, qkv_to_hf
@@ -42,7 +43,7 @@ def _progress(total: int, desc: str):
 
 def refuse_existing(out: Path, what: str):
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{what} {out} already holds files; give an empty or new folder")
+        raise Exists(f"{what} {out} already holds files; give an empty or new folder")
 
 
 def _ordered_tensors(shape):

@@ -2,6 +2,10 @@
 
 import warnings
 
+from recipes import errors
+
+errors.install()  # a refusal that reaches the top of a command prints as one line
+
 # Expected on any machine without Transformer Engine / Apex (every CPU and NPU one): the
 # fused replacements come from ascend_patches instead.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recipes.errors import BadInput, MissingInput
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -44,7 +46,27 @@ def latest_iteration(root) -> Optional[int]:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{tracker}: expected an iteration number or 'release', got {text!r}") from None
+        raise BadInput(f"{tracker}: expected an iteration number or 'release', got {text!r}") from None
+
+
+def what_else_is_there(root) -> Optional[str]:
+    """For a folder with no tracker: what it holds instead, as advice, or None when it holds
+    nothing a run would lose (missing, empty, a metrics file, a crashed first save)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None if not root.exists() else f"{root} is a file, not a checkpoint folder"
+    names = {p.name for p in root.iterdir()}
+    if "config.json" in names and any(n.endswith((".safetensors", ".bin")) for n in names):
+        return (f"{root} is a HuggingFace model folder; convert it first: python -m converters.hf_to_megatron "
+                f"--input-model-dir {root} --output-model-dir <dir>, then --load <dir>")
+    if any(n.startswith("mp_rank_") for n in names):
+        return (f"{root} holds per-rank mp_rank_XX folders (a legacy Megatron/AscendSpeed checkpoint) but no {TRACKER}; "
+                f"convert it with python -m converters.reshard --input-model-dir {root} --output-model-dir <dir>")
+    finished = sorted(n for n in names if n.startswith("iter_") and not n.endswith(".tmp"))
+    if finished:
+        return (f"{root} holds {', '.join(finished[-3:])} but no {TRACKER}; write the iteration to load into "
+                f"{root / TRACKER}")
+    return None
 
 
 def rng_state() -> dict:
@@ -147,7 +169,7 @@ def save(root, iteration: int, models, optimizer, scheduler, progress: dict, arg
 def load_args(root) -> dict:
     it = latest_iteration(root)
     if it is None:
-        raise FileNotFoundError(f"--load {root}: no {TRACKER} (not a checkpoint folder)")
+        raise MissingInput(f"--load {root}: no {TRACKER} (not a checkpoint folder)")
     return args_of(iter_dir(root, it))
 
 
@@ -162,7 +184,7 @@ def args_of(folder) -> dict:
         common = torch.load(folder / "common.pt", map_location="cpu", weights_only=False)
         if isinstance(common, dict) and common.get("args") is not None:
             return args_from_megatron_lm(common["args"], folder)
-    raise FileNotFoundError(f"{path} missing (and no Megatron-LM arguments in common.pt): cannot tell the "
+    raise MissingInput(f"{path} missing (and no Megatron-LM arguments in common.pt): cannot tell the "
                             "model's shape")
 
 
@@ -177,7 +199,7 @@ def args_from_megatron_lm(a, where) -> dict:
         ("--untie-embeddings-and-output-weights", getattr(a, "untie_embeddings_and_output_weights", False)))
         if not ok]
     if not_llama:
-        raise ValueError(f"{where}: a Megatron-LM checkpoint of a model that is not LLaMA-shaped "
+        raise BadInput(f"{where}: a Megatron-LM checkpoint of a model that is not LLaMA-shaped "
                          f"(it lacks {', '.join(not_llama)})")
     groups = a.num_query_groups if getattr(a, "group_query_attention", False) else a.num_attention_heads
     padded = a.padded_vocab_size
@@ -200,10 +222,10 @@ def load(root, models, optimizer=None, scheduler=None, restore_rng: bool = True)
 
     it = latest_iteration(root)
     if it is None:
-        raise FileNotFoundError(f"--load {root}: no {TRACKER}")
+        raise MissingInput(f"--load {root}: no {TRACKER}")
     path = iter_dir(root, it)
     if not path.is_dir():
-        raise FileNotFoundError(f"{root}/{TRACKER} points at {path}, which does not exist")
+        raise MissingInput(f"{root}/{TRACKER} points at {path}, which does not exist")
     state = _sharded(models, optimizer, scheduler, is_loading=True)
     if not restore_rng:
         state.pop("rng_state")

@@ -8,37 +8,43 @@ relative error is within ``--rel-threshold`` (2 %) and the mean absolute error w
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from recipes.errors import ArgumentParser, BadInput, MissingInput
 
 
 def read_losses(path) -> dict:
     out = {}
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
+        raise MissingInput(f"metrics file not found: {path}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not a text metrics file (byte {e.start} is not UTF-8); give the run's "
+                       "metrics.jsonl") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             it, loss = int(rec["iteration"]), rec["loss"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a metrics record with iteration and loss ({e})") from None
+            raise BadInput(f"{path}:{n}: not a metrics record with iteration and loss ({e})") from None
         if loss is None:
             continue
         out[it] = float(loss)  # a resumed run may log an iteration twice: the last one wins
     if not out:
-        raise ValueError(f"{path}: no losses")
+        raise BadInput(f"{path}: no losses")
     return out
 
 
 def compare(a: dict, b: dict) -> dict:
     common = sorted(set(a) & set(b))
     if not common:
-        raise ValueError("the two runs share no logged iteration")
+        raise BadInput("the two runs share no logged iteration")
     abs_err = [abs(a[i] - b[i]) for i in common]
     rel_err = [abs(a[i] - b[i]) / abs(b[i]) if b[i] else float("inf") for i in common]
     return {"iterations": len(common), "first": common[0], "last": common[-1],
@@ -70,12 +76,12 @@ def plot(a: dict, b: dict, result: dict, out: str, names=("A", "B")):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--rel-threshold", type=float, default=0.02)
-    p.add_argument("--abs-threshold", type=float, default=0.005)
-    p.add_argument("--plot", default=None)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_a", help="metrics.jsonl of the first run")
+    p.add_argument("run_b", help="metrics.jsonl of the second run")
+    p.add_argument("--rel-threshold", type=float, default=0.02, help="largest relative loss difference that passes")
+    p.add_argument("--abs-threshold", type=float, default=0.005, help="largest absolute loss difference that passes")
+    p.add_argument("--plot", default=None, help="write both loss curves to this PNG (needs matplotlib)")
     args = p.parse_args(argv)
     try:
         a, b = read_losses(args.run_a), read_losses(args.run_b)

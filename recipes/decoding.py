@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from recipes.errors import BadInput
 from recipes import inference
 
 
@@ -60,7 +61,7 @@ class Session:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         if max_len > lm.shape.seq_length:
-            raise ValueError(f"prompt + new tokens = {max_len} exceeds the model's {lm.shape.seq_length} positions")
+            raise BadInput(f"prompt + new tokens = {max_len} exceeds the model's {lm.shape.seq_length} positions")
         self.lm, self.batch = lm, batch
         self.ctx = StaticInferenceContext(batch, max_len)
         self.stage = inference.stage_info()
@@ -87,7 +88,7 @@ def generate(lm, prompts: List[List[int]], max_new_tokens: int, params: Sampling
     """Greedy or sampled continuation of each prompt; stops at EOS or ``max_new_tokens``.
     ``log_probs=False`` skips the chosen tokens' log-probs (a log-softmax per step)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (add BOS)")
+        raise BadInput("every prompt needs at least one token (add BOS)")
     lengths = [len(p) for p in prompts]
     b, total = len(prompts), max(lengths) + max_new_tokens
     buf = torch.zeros(b, total, dtype=torch.long)
@@ -141,7 +142,7 @@ def beam_search(lm, prompt: List[int], max_new_tokens: int, num_beams: int, eos_
                 params: Optional[SamplingParams] = None, num_return_sequences: int = 1,
                 generator: Optional[torch.Generator] = None) -> List[Generated]:
     if num_return_sequences > num_beams:
-        raise ValueError(f"--num-return-sequences {num_return_sequences} exceeds --num-beams {num_beams}")
+        raise BadInput(f"--num-return-sequences {num_return_sequences} exceeds --num-beams {num_beams}")
     nb, plen = num_beams, len(prompt)
     max_len = plen + max_new_tokens
     keep = max(2, 1 + (eos_id is not None)) * nb

@@ -21,10 +21,8 @@ scoring input is identical (single-token answers) share one pass.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from recipes.errors import ArgumentParser, BadInput, MissingInput
+from recipes.progress import bar as progress_bar
 from recipes import inference, parallel
 
 LETTERS = ("A", "B", "C", "D")
@@ -48,14 +48,27 @@ class Question:
 
 
 # ---------------------------------------------------------------- task data
-def _read_mmlu_csv(path: Path) -> List[List[str]]:
+def _read_mmlu_csv(path: Path, skipped: List[str]) -> List[List[str]]:
+    """The well-formed rows; each bad one goes to ``skipped`` as 'file row N: why'."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, row in enumerate(csv.reader(f), 1):
-            if len(row) != 6 or row[5].strip() not in LETTERS:
-                raise ValueError(f"{path} row {i}: expected question,A,B,C,D,answer(A-D), got {len(row)} fields")
-            rows.append(row)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.reader(f), 1):
+                if len(row) != 6 or row[5].strip() not in LETTERS:
+                    skipped.append(f"{path} row {i}: expected question,A,B,C,D,answer(A-D), got {len(row)} fields"
+                                   + (f" ending {row[-1][:10]!r}" if len(row) == 6 else ""))
+                    continue
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text (byte {e.start}); re-export it as UTF-8 CSV") from None
     return rows
+
+
+def _usable(questions: list, skipped: List[str], where) -> list:
+    if not questions:
+        first = f", the first: {skipped[0]}" if skipped else ""
+        raise BadInput(f"{where}: no usable question ({len(skipped)} rows skipped{first})")
+    return questions
 
 
 def mmlu_example(row) -> str:
@@ -63,13 +76,16 @@ def mmlu_example(row) -> str:
     return q.strip() + "".join(f"\n{l}. {o}" for l, o in zip(LETTERS, opts)) + "\nAnswer:"
 
 
-def mmlu_questions(data_path, num_fewshot: int = 0, limit: Optional[int] = None) -> List[Question]:
+def mmlu_questions(data_path, num_fewshot: int = 0, limit: Optional[int] = None,
+                   skipped: Optional[List[str]] = None) -> List[Question]:
+    """Bad rows are skipped and listed in ``skipped``; refused only when nothing is left."""
+    skipped = [] if skipped is None else skipped
     data_path = Path(data_path)
     if not data_path.is_dir():
-        raise FileNotFoundError(f"--task-data-path {data_path}: not a folder of {{subject}}_test.csv files")
+        raise MissingInput(f"--task-data-path {data_path}: not a folder of {{subject}}_test.csv files")
     tests = sorted(data_path.glob("*_test.csv"))
     if not tests:
-        raise FileNotFoundError(f"{data_path}: no *_test.csv files")
+        raise MissingInput(f"{data_path}: no *_test.csv files")
     out = []
     for test in tests:
         subject = test.name[:-len("_test.csv")]
@@ -78,17 +94,17 @@ def mmlu_questions(data_path, num_fewshot: int = 0, limit: Optional[int] = None)
             dev = next((p for p in (data_path.parent / "dev" / f"{subject}_dev.csv", data_path / f"{subject}_dev.csv")
                         if p.is_file()), None)
             if dev is None:
-                raise FileNotFoundError(f"{subject}: --num-fewshot {num_fewshot} needs {subject}_dev.csv in "
+                raise MissingInput(f"{subject}: --num-fewshot {num_fewshot} needs {subject}_dev.csv in "
                                         f"{data_path.parent / 'dev'} or {data_path}")
-            dev_rows = _read_mmlu_csv(dev)
+            dev_rows = _read_mmlu_csv(dev, skipped)
             if len(dev_rows) < num_fewshot:
-                raise ValueError(f"{dev}: {len(dev_rows)} examples, fewer than --num-fewshot {num_fewshot}")
+                raise BadInput(f"{dev}: {len(dev_rows)} examples, fewer than --num-fewshot {num_fewshot}")
             shots = "".join(f"{mmlu_example(r)} {r[5].strip()}\n\n" for r in dev_rows[:num_fewshot])
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-        for i, row in enumerate(_read_mmlu_csv(test)[:limit]):
+        for i, row in enumerate(_read_mmlu_csv(test, skipped)[:limit]):
             out.append(Question(f"{subject}/{i}", subject, header + shots + mmlu_example(row), LETTERS,
                                 LETTERS.index(row[5].strip())))
-    return out
+    return _usable(out, skipped, data_path)
 
 
 def _boolq_label(rec, where):
@@ -97,37 +113,48 @@ def _boolq_label(rec, where):
     elif "label" in rec:
         v = rec["label"]
     else:
-        raise ValueError(f"{where}: no 'answer' or 'label' field")
+        raise BadInput(f"{where}: no 'answer' or 'label' field")
     if isinstance(v, str):
         if v.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{where}: label {v!r} is not true/false")
+            raise BadInput(f"{where}: label {v!r} is not true/false")
         return int(v.lower() in ("true", "1"))
     return int(bool(v))
 
 
-def boolq_questions(data_path, limit: Optional[int] = None) -> List[Question]:
+def boolq_questions(data_path, limit: Optional[int] = None, skipped: Optional[List[str]] = None) -> List[Question]:
+    """Bad rows are skipped and listed in ``skipped``; refused only when nothing is left."""
+    skipped = [] if skipped is None else skipped
     data_path = Path(data_path)
     files = sorted(data_path.glob("*.jsonl")) if data_path.is_dir() else [data_path]
     if not files or not files[0].is_file():
-        raise FileNotFoundError(f"--task-data-path {data_path}: no BoolQ .jsonl file")
+        raise MissingInput(f"--task-data-path {data_path}: no BoolQ .jsonl file")
     out = []
     for f in files:
-        for i, line in enumerate(open(f, encoding="utf-8"), 1):
+        try:
+            lines = f.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise BadInput(f"{f}: not UTF-8 text (byte {e.start}); BoolQ files are JSON lines") from None
+        for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             where = f"{f} row {i}"
             try:
                 rec = json.loads(line)
+                if not isinstance(rec, dict) or "question" not in rec or "passage" not in rec:
+                    raise BadInput(f"{where}: needs 'question' and 'passage'")
+                label = _boolq_label(rec, where)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            if "question" not in rec or "passage" not in rec:
-                raise ValueError(f"{where}: needs 'question' and 'passage'")
+                skipped.append(f"{where}: not JSON ({e})")
+                continue
+            except BadInput as e:
+                skipped.append(str(e))
+                continue
             passage = f"{rec['title']} -- {rec['passage']}" if rec.get("title") else rec["passage"]
             out.append(Question(f"{f.name}/{i}", "boolq", f"{passage}\nQuestion: {rec['question']}?\nAnswer:",
-                                ("no", "yes"), _boolq_label(rec, where)))
+                                ("no", "yes"), label))
             if limit and len(out) >= limit:
                 return out
-    return out
+    return _usable(out, skipped, data_path)
 
 
 # ---------------------------------------------------------------- scoring
@@ -148,14 +175,12 @@ def score(lm, requests: Sequence[Tuple[List[int], List[int]]], max_len: int, bat
     plan = []
     for ctx, cont in requests:
         if not cont:
-            raise ValueError("empty continuation")
+            raise BadInput("empty continuation")
         whole = (ctx + cont)[-(max_len + 1):]
         plan.append((tuple(whole[:-1]), cont))
     uniq = sorted({inp for inp, _ in plan}, key=lambda t: -len(t))  # similar lengths together: less padding
     logprobs: Dict[tuple, torch.Tensor] = {}
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(uniq), desc="scoring", unit="seq", disable=not progress or os.environ.get("TQDM_DISABLE") == "1")
+    bar = progress_bar(len(uniq), "scoring", "seq", enabled=progress)
     for start in range(0, len(uniq), batch_size):
         chunk = uniq[start:start + batch_size]
         width = max(len(t) for t in chunk)
@@ -192,24 +217,46 @@ def evaluate(lm, tokenizer, questions: List[Question], max_len: int, batch_size:
     return results
 
 
+def _baselines(rows) -> Tuple[float, float]:
+    """(chance: a uniform guess's expected accuracy, majority: always the most common answer)."""
+    chance = sum(1 / r["choices"] for r in rows) / len(rows)
+    counts: Dict[int, int] = {}
+    for r in rows:
+        counts[r["answer"]] = counts.get(r["answer"], 0) + 1
+    return chance, max(counts.values()) / len(rows)
+
+
 def table(results) -> Tuple[str, dict]:
-    groups: Dict[str, List[bool]] = {}
+    """Accuracy per subject beside two references a score must beat: chance and always
+    answering the most common answer (BoolQ is ~62 % "yes")."""
+    groups: Dict[str, List[dict]] = {}
     for r in results:
-        groups.setdefault(r["group"], []).append(r["correct"])
-    width = max([len(g) for g in groups] + [len("subject")])
-    lines = [f"{'subject':<{width}}  questions  accuracy", "-" * (width + 21)]
-    for g, c in sorted(groups.items()):
-        lines.append(f"{g:<{width}}  {len(c):9d}  {sum(c) / len(c):8.4f}")
-    total = [c for cs in groups.values() for c in cs]
-    micro = sum(total) / len(total)
-    lines += ["-" * (width + 21), f"{'micro average':<{width}}  {len(total):9d}  {micro:8.4f}"]
-    summary = {"accuracy": micro, "questions": len(total),
-               "per_group": {g: {"questions": len(c), "accuracy": sum(c) / len(c)} for g, c in groups.items()}}
+        groups.setdefault(r["group"], []).append({"correct": r["correct"], "answer": r["answer"],
+                                                  "choices": len(r["loglikelihoods"])})
+    width = max([len(g) for g in groups] + [len("micro average")])
+    head = f"{'subject':<{width}}  questions  accuracy    chance  majority"
+    lines = [head, "-" * len(head)]
+
+    def row(name, rows):
+        acc = sum(r["correct"] for r in rows) / len(rows)
+        chance, majority = _baselines(rows)
+        lines.append(f"{name:<{width}}  {len(rows):9d}  {acc:8.4f}  {chance:8.4f}  {majority:8.4f}")
+        return acc, chance, majority
+
+    per_group = {}
+    for g, rows in sorted(groups.items()):
+        acc, chance, majority = row(g, rows)
+        per_group[g] = {"questions": len(rows), "accuracy": acc, "chance": chance, "majority": majority}
+    total = [r for rows in groups.values() for r in rows]
+    lines.append("-" * len(head))
+    micro, chance, majority = row("micro average", total)
+    summary = {"accuracy": micro, "questions": len(total), "chance": chance, "majority": majority,
+               "per_group": per_group}
     return "\n".join(lines), summary
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=("mmlu", "boolq"), required=True, help="the benchmark")
     p.add_argument("--task-data-path", required=True,
                    help="MMLU: the folder of {subject}_test.csv; BoolQ: a .jsonl file or a folder of them")
@@ -222,17 +269,18 @@ def build_parser():
     return p
 
 
-def read_questions(args) -> List[Question]:
+def read_questions(args, skipped: List[str]) -> List[Question]:
     if args.task == "mmlu":
-        return mmlu_questions(args.task_data_path, args.num_fewshot, args.limit)
+        return mmlu_questions(args.task_data_path, args.num_fewshot, args.limit, skipped)
     if args.num_fewshot:
-        raise ValueError("--num-fewshot is for MMLU; BoolQ is scored zero-shot")
-    return boolq_questions(args.task_data_path, args.limit)
+        raise BadInput("--num-fewshot is for MMLU; BoolQ is scored zero-shot")
+    return boolq_questions(args.task_data_path, args.limit, skipped)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    questions = read_questions(args)  # bad task data is refused before any model loads
+    skipped: List[str] = []
+    questions = read_questions(args, skipped)  # unusable task data is refused before any model loads
     lm, tokenizer = inference.open_checkpoint(args)
     rank = dist.get_rank()
     max_len = min(args.seq_length or lm.shape.seq_length, lm.shape.seq_length)
@@ -242,6 +290,11 @@ def main(argv=None):
     text, summary = table(results)
     summary.update(task=args.task, num_fewshot=args.num_fewshot, load=str(args.load), seconds=elapsed,
                    questions_per_s=len(results) / max(elapsed, 1e-9))
+    summary["skipped_rows"] = skipped
+    if rank == 0 and skipped:
+        print(f"skipped {len(skipped)} bad rows (scored the other {len(questions)}):\n"
+              + "\n".join(f"  {s}" for s in skipped[:5]) + (f"\n  ... {len(skipped) - 5} more" if len(skipped) > 5
+                                                             else ""), flush=True)
     if rank == 0:
         lora_txt = f" + LoRA {args.lora_load}" if args.lora_load else ""
         print(f"\n{args.task} ({args.num_fewshot}-shot), {args.load}{lora_txt}\n{text}\n"

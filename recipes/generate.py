@@ -9,14 +9,18 @@ and an interactive chat in the LLaMA-2 chat template.
 
 Mode: greedy unless ``--do-sample`` or a sampling flag (temperature / top-k / top-p) is given
 (``--greedy`` forces greedy).  Prompts get BOS prepended, as HF tokenizers do.  In the chat,
-``q``/``quit``/``exit`` quits and ``clear``/``new`` starts a new conversation; under torchrun
-rank 0 reads the terminal and the other ranks follow.
+``q``/``quit``/``exit`` quits, ``clear`` clears the screen and starts a new conversation
+(``new`` only the latter).  When a turn would not fit the model's positions, the oldest
+turns are dropped (the system prompt stays), with a notice.  Ctrl-C during a reply stops it
+and keeps the conversation; Ctrl-C at the prompt quits.  Under torchrun rank 0 reads the
+terminal and the other ranks follow; torchrun, not the ranks, receives the terminal's Ctrl-C
+and stops every rank (each exits quietly).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional
@@ -24,14 +28,16 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from recipes.errors import ArgumentParser, BadInput
 from recipes import decoding, inference, parallel
 
 QUIT_WORDS = {"q", "quit", "exit"}
 CLEAR_WORDS = {"clear", "new"}
+CLEAR_SCREEN = "\033[H\033[2J"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     inference.add_checkpoint_flags(p)
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=None, help="repeat for a batch of prompts (default: BOS alone)")
@@ -65,9 +71,9 @@ def sampling_params(args) -> decoding.SamplingParams:
     sampling = not args.greedy and (args.do_sample or any(v is not None for v in
                                                           (args.temperature, args.top_k, args.top_p)))
     if args.temperature is not None and args.temperature <= 0:
-        raise ValueError("--temperature must be > 0 (use --greedy for argmax)")
+        raise BadInput("--temperature must be > 0 (use --greedy for argmax)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError("--top-p must be in (0, 1]")
+        raise BadInput("--top-p must be in (0, 1]")
     return decoding.SamplingParams(greedy=not sampling, temperature=args.temperature or 1.0,
                                    top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
 
@@ -112,56 +118,91 @@ def continuation(tokenizer, prompt_ids, tokens) -> str:
     return full[len(head):] if full.startswith(head) else tokenizer.decode(out)
 
 
+def fit_turn(tokenizer, history, user: str, system: Optional[str], positions: int, max_new_tokens: int):
+    """(prompt ids, new-token budget, turns dropped): the oldest turns go first; a single turn
+    that still does not fit gets the positions left (None when none are)."""
+    dropped = 0
+    ids = chat_tokens(tokenizer, history, user, system)
+    while len(ids) + max_new_tokens > positions and dropped < len(history):
+        dropped += 1
+        ids = chat_tokens(tokenizer, history[dropped:], user, system)
+    budget = min(max_new_tokens, positions - len(ids))
+    return ids, (budget if budget > 0 else None), dropped
+
+
 def _broadcast_text(text: Optional[str]) -> Optional[str]:
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def run_generation(lm, tokenizer, args, prompts_ids, on_token=None):
+def run_generation(lm, tokenizer, args, prompts_ids, on_token=None, max_new_tokens: Optional[int] = None):
     params = sampling_params(args)
+    max_new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
     gen = torch.Generator().manual_seed(args.seed)
     eos = tokenizer.eos_id
     if args.num_beams > 1:
         results = []
         for ids in prompts_ids:
             early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-            results.append(decoding.beam_search(lm, ids, args.max_new_tokens, args.num_beams, eos,
+            results.append(decoding.beam_search(lm, ids, max_new, args.num_beams, eos,
                                                 args.length_penalty, early, args.do_sample,
                                                 None if params.greedy else params, args.num_return_sequences, gen))
         return results
     if args.num_return_sequences > 1:
         if params.greedy:
-            raise ValueError("--num-return-sequences > 1 needs sampling or --num-beams")
+            raise BadInput("--num-return-sequences > 1 needs sampling or --num-beams")
         prompts_ids = [ids for ids in prompts_ids for _ in range(args.num_return_sequences)]
-    out = decoding.generate(lm, prompts_ids, args.max_new_tokens, params, eos, gen, on_token,
+    out = decoding.generate(lm, prompts_ids, max_new, params, eos, gen, on_token,
                             log_probs=args.return_log_probs)
     n = args.num_return_sequences
     return [out[i:i + n] for i in range(0, len(out), n)]
 
 
+def _read_prompt(rank: int, alone: bool) -> Optional[str]:
+    if rank != 0:
+        return None
+    try:
+        return input("\nYou: ")
+    except EOFError:
+        return "quit"
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: quit (single process; under torchrun it stops all)
+        print(flush=True)
+        return "quit"
+
+
 def interactive(lm, tokenizer, args, rank: int):
     history = []
+    alone = dist.get_world_size() == 1
     if rank == 0:
-        print("chat: q/quit/exit to quit, clear/new for a new conversation", flush=True)
+        print("chat: q/quit/exit to quit, clear to clear the screen and start over, new for a new conversation"
+              + ("; Ctrl-C stops a reply" if alone else ""), flush=True)
     while True:
-        text = None
-        if rank == 0:
-            try:
-                text = input("\nYou: ")
-            except EOFError:
-                text = "quit"
-        text = _broadcast_text(text).strip()
+        text = _broadcast_text(_read_prompt(rank, alone)).strip()
         if text.lower() in QUIT_WORDS:
             break
         if text.lower() in CLEAR_WORDS:
             history = []
             if rank == 0:
+                if text.lower() == "clear" and sys.stdout.isatty():
+                    sys.stdout.write(CLEAR_SCREEN)
                 print("(new conversation)", flush=True)
             continue
         if not text:
             continue
-        ids = chat_tokens(tokenizer, history, text, args.system_prompt)
+        ids, budget, dropped = fit_turn(tokenizer, history, text, args.system_prompt, lm.shape.seq_length,
+                                        args.max_new_tokens)
+        if rank == 0 and dropped:
+            print(f"(dropped the oldest {dropped} turn{'s' * (dropped > 1)} to fit the model's "
+                  f"{lm.shape.seq_length} positions)", flush=True)
+        if budget is None:
+            if rank == 0:
+                print(f"(that message is {len(ids)} tokens, the model holds {lm.shape.seq_length}: shorten it)",
+                      flush=True)
+            continue
+        history = history[dropped:]
+        if rank == 0 and budget < args.max_new_tokens:
+            print(f"(this reply gets at most {budget} tokens: the model's positions are nearly full)", flush=True)
         if rank == 0 and args.show_prompt:
             print(f"[prompt, {len(ids)} tokens] {tokenizer.decode(ids)!r}", flush=True)
         if rank == 0:
@@ -169,12 +210,20 @@ def interactive(lm, tokenizer, args, rank: int):
             sys.stdout.flush()
         t0 = time.time()
         streamer = Streamer(tokenizer, rank == 0)
-        out = run_generation(lm, tokenizer, args, [ids], on_token=streamer if args.num_beams == 1 else None)[0][0]
-        answer = tokenizer.decode([t for t in out.tokens if t != tokenizer.eos_id])
+        try:
+            out = run_generation(lm, tokenizer, args, [ids], on_token=streamer if args.num_beams == 1 else None,
+                                 max_new_tokens=budget)[0][0]
+            tokens = out.tokens
+        except KeyboardInterrupt:
+            if not alone:
+                raise
+            tokens = streamer.ids  # what was shown; the conversation keeps it
+            print("\n(reply stopped)", end="", flush=True)
+        answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
         if rank == 0:
             if args.num_beams > 1:
                 sys.stdout.write(answer)
-            print(f"\n[{len(out.tokens)} tokens in {time.time() - t0:.2f} s]", flush=True)
+            print(f"\n[{len(tokens)} tokens in {time.time() - t0:.2f} s]", flush=True)
         history.append((text, answer))
 
 
@@ -184,7 +233,7 @@ def _enable_compiled_decode(lm) -> None:
 
     why_not = decode_compiled.compile_unavailable(lm.model)
     if why_not:
-        raise ValueError(f"--compile-decode: {why_not}")
+        raise BadInput(f"--compile-decode: {why_not}")
     ascend_patches.configure(compile_decode=True)
 
 
@@ -226,7 +275,16 @@ def main(argv=None):
         print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={ps.get_tensor_model_parallel_world_size()} "
               f"PP={ps.get_pipeline_model_parallel_world_size()}, {lm.dtype}", flush=True)
     if args.interactive:
-        interactive(lm, tokenizer, args, rank)
+        try:
+            interactive(lm, tokenizer, args, rank)
+        except KeyboardInterrupt:
+            if dist.get_world_size() == 1:  # Ctrl-C between a reply and the prompt: quit, as at the prompt
+                print(flush=True)
+            else:  # under torchrun its Ctrl-C reaches every rank: leave without a traceback
+                if rank == 0:
+                    print("\n(interrupted)", flush=True)
+                sys.stdout.flush()
+                os._exit(130)
         parallel.destroy()
         return None
     prompts = _prompts(args)

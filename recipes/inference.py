@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from recipes.errors import BadInput
 from recipes import checkpointing, llama2, parallel
 
 
@@ -82,7 +83,7 @@ def open_checkpoint(args):
     saved = checkpointing.load_args(args.load)
     tok_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
     if not tok_path:
-        raise ValueError(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
+        raise BadInput(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
     tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
     if saved.get("vocab_size") is None:  # Megatron-LM records only the padded rows: the rest is the tokenizer's
         saved = dict(saved, vocab_size=tokenizer.vocab_size)

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from recipes.errors import BadInput
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -86,6 +88,32 @@ RECIPE_DEFAULTS = {
 CUSTOM_DEFAULTS = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, micro_batch_size=1,
                        global_batch_size=8, lr=1e-4, min_lr=1e-5, seq_length=None, bf16=False)
 
+# Megatron-LM / AscendSpeed flags that a LLaMA-2 launch script passes to say what every shape
+# here already is.  The recipe accepts them so the script pastes in; a value other than the
+# one given here contradicts the architecture and is refused.  (flag, dest, LLaMA-2's value)
+ARCHITECTURE_FLAGS = (
+    ("--swiglu", "swiglu", True),
+    ("--normalization", "normalization", "RMSNorm"),
+    ("--position-embedding-type", "position_embedding_type", "rope"),
+    ("--use-rotary-position-embeddings", "use_rotary_position_embeddings", True),
+    ("--no-position-embedding", "no_position_embedding", True),
+    ("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", True),
+    ("--disable-bias-linear", "disable_bias_linear", True),
+)
+# Kernel choices those scripts make: ascend_patches picks the accelerator's fused kernel for
+# each (flash attention, which has no separate masked softmax and keeps its softmax in fp32;
+# RMSNorm; SwiGLU; RoPE), so these are accepted and change nothing.  (flag, dest, why)
+KERNEL_FLAGS = (
+    ("--use-flash-attn", "use_flash_attn", "flash attention is always on (ascend_patches)"),
+    ("--use-fused-rmsnorm", "use_fused_rmsnorm", "RMSNorm is always the fused kernel"),
+    ("--use-fused-swiglu", "use_fused_swiglu", "SwiGLU is always the fused kernel"),
+    ("--use-fused-rotary-pos-emb", "use_fused_rotary_pos_emb", "RoPE is always the fused kernel"),
+    ("--no-masked-softmax-fusion", "no_masked_softmax_fusion", "flash attention has no separate masked softmax"),
+    ("--attention-softmax-in-fp32", "attention_softmax_in_fp32", "flash attention keeps its softmax in fp32"),
+    ("--use-mcore-models", "use_mcore_models", "the model is always Megatron-Core's GPTModel"),
+)
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,7 +121,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-class LayoutError(ValueError):
+class LayoutError(BadInput):
     """A TP/PP layout that does not fit the model (every failing rule in one message)."""
 
 
@@ -130,7 +158,7 @@ def shape(name: str) -> LlamaShape:
     try:
         return SIZES[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SIZES)}") from None
+        raise BadInput(f"unknown model {name!r}; choose one of {', '.join(SIZES)}") from None
 
 
 def transformer_config(s: LlamaShape, **overrides):
@@ -163,7 +191,7 @@ def pipeline_split(num_layers: int, pp: int) -> dict:
     """TransformerConfig fields for PP stages: even when PP divides the layers, else the
     first stage takes the remainder (megatron's ``num_layers_in_first_pipeline_stage``)."""
     if pp > num_layers:
-        raise ValueError(f"--pipeline-model-parallel-size {pp} is more than the {num_layers} layers")
+        raise BadInput(f"--pipeline-model-parallel-size {pp} is more than the {num_layers} layers")
     if pp == 1 or num_layers % pp == 0:
         return {}
     per = num_layers // pp

@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recipes.errors import BadInput, MissingInput
+
 TARGET_ALIASES = {
     "query_key_value": "linear_qkv", "linear_qkv": "linear_qkv",
     "dense": "linear_proj", "linear_proj": "linear_proj",
@@ -53,7 +55,7 @@ def resolve_targets(names: Iterable[str]) -> List[str]:
     out = []
     for n in names:
         if n not in TARGET_ALIASES:
-            raise ValueError(f"--lora-target-modules {n!r}: expected one of {', '.join(sorted(TARGET_ALIASES))}")
+            raise BadInput(f"--lora-target-modules {n!r}: expected one of {', '.join(sorted(TARGET_ALIASES))}")
         if TARGET_ALIASES[n] not in out:
             out.append(TARGET_ALIASES[n])
     return out
@@ -63,7 +65,7 @@ def resolve_modules_to_save(names: Iterable[str]) -> List[str]:
     out = []
     for n in names or ():
         if n not in SAVE_ALIASES:
-            raise ValueError(f"--lora-modules-to-save {n!r}: expected one of {', '.join(sorted(SAVE_ALIASES))}")
+            raise BadInput(f"--lora-modules-to-save {n!r}: expected one of {', '.join(sorted(SAVE_ALIASES))}")
         if SAVE_ALIASES[n] not in out:
             out.append(SAVE_ALIASES[n])
     return out
@@ -144,7 +146,7 @@ def apply_lora(model: nn.Module, targets: List[str], r: int, alpha: float, dropo
                     setattr(owner, t, lora)
                     wrapped[f"decoder.layers.{gl}.{owner_name}.{t}"] = lora
     if not wrapped and layers:
-        raise ValueError(f"--lora-target-modules {targets}: no such linear layer in the model")
+        raise BadInput(f"--lora-target-modules {targets}: no such linear layer in the model")
     for name in modules_to_save or ():
         mod = _submodule(model, name)
         if mod is not None:
@@ -181,19 +183,19 @@ def load_adapter_state(model: nn.Module, wrapped: Dict[str, nn.Module], sd: dict
     for name, t in sd.items():
         if name.endswith(".lora_A") or name.endswith(".lora_B"):
             if name not in params:
-                raise ValueError(f"{where}: adapter {name} has no matching layer (different --lora-target-modules?)")
+                raise BadInput(f"{where}: adapter {name} has no matching layer (different --lora-target-modules?)")
             p = params.pop(name)
         else:
             mod = _submodule(model, name[:-len(".weight")])
             if mod is None:
-                raise ValueError(f"{where}: saved module {name} is not in this model")
+                raise BadInput(f"{where}: saved module {name} is not in this model")
             p = mod.weight
         if p.shape != t.shape:
-            raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+            raise BadInput(f"{where}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(t)
     if params:
-        raise ValueError(f"{where}: no saved adapter for {sorted(params)[:3]} ...")
+        raise BadInput(f"{where}: no saved adapter for {sorted(params)[:3]} ...")
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
@@ -225,10 +227,10 @@ def read_config(root) -> dict:
 
     it = checkpointing.latest_iteration(root)
     if it is None:
-        raise FileNotFoundError(f"--lora-load {root}: no {checkpointing.TRACKER}")
+        raise MissingInput(f"--lora-load {root}: no {checkpointing.TRACKER}")
     path = checkpointing.iter_dir(root, it) / "lora_config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: not a LoRA checkpoint")
+        raise MissingInput(f"{path} missing: not a LoRA checkpoint")
     return json.loads(path.read_text())
 
 
@@ -240,7 +242,7 @@ def load(root, model, wrapped, optimizer=None, scheduler=None, restore_rng: bool
     cfg = read_config(root)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     if (cfg["tensor_model_parallel_size"], cfg["pipeline_model_parallel_size"]) != (tp, pp):
-        raise ValueError(f"--lora-load {root} was saved at TP={cfg['tensor_model_parallel_size']} "
+        raise BadInput(f"--lora-load {root} was saved at TP={cfg['tensor_model_parallel_size']} "
                          f"PP={cfg['pipeline_model_parallel_size']}; resume at the same sizes (now TP={tp} PP={pp}), "
                          "or merge it with converters.merge_lora")
     it = checkpointing.latest_iteration(root)

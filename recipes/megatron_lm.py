@@ -22,13 +22,14 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from recipes.errors import BadInput
 from recipes.run_settings import RunSettings
 
 CLONE = "git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM"
 ENV = "MEGATRON_LM_PATH"
 
 
-class CheckoutError(ValueError):
+class CheckoutError(BadInput):
     """--megatron-lm names a folder that is not a usable Megatron-LM checkout."""
 
 
@@ -105,6 +106,8 @@ def _training_flags(s: RunSettings) -> List[str]:
             "--lr-warmup-iters", o.warmup_iters, "--lr-decay-iters", o.decay_iters, "--weight-decay", o.weight_decay,
             "--clip-grad", o.clip_grad, "--adam-beta1", o.betas[0], "--adam-beta2", o.betas[1], "--adam-eps", o.eps,
             "--seed", s.seed]
+    if s.dist_backend:  # Megatron-LM takes nccl or gloo; ascend_patches maps nccl to hccl on an NPU
+        out += ["--distributed-backend", "gloo" if s.dist_backend == "gloo" else "nccl"]
     if s.bf16:
         out.append("--bf16")
     if s.fp16:
@@ -143,9 +146,9 @@ class MegatronLMEngine:
 
     def __init__(self, s: RunSettings):
         if s.lora:
-            raise ValueError("--lora-target-modules: LoRA is built for the built-in engine only; drop --megatron-lm")
+            raise BadInput("--lora-target-modules: LoRA is built for the built-in engine only; drop --megatron-lm")
         if s.data.instruction:
-            raise ValueError("--is-instruction-dataset: the packed instruction pair is read by the built-in engine "
+            raise BadInput("--is-instruction-dataset: the packed instruction pair is read by the built-in engine "
                              "only (Megatron-LM's SFT reads its own format); drop --megatron-lm")
         self.s, self.root = s, check_checkout(s.megatron_lm)
 

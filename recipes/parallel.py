@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 import ascend_patches
 
+from recipes.errors import BadInput
+
 
 _owns_process_group = False  # destroy() leaves a caller's process group alone (recipes.demo chains recipes)
 
@@ -42,7 +44,7 @@ def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeo
                                 timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) parallel size")
+        raise BadInput(f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) parallel size")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -19,7 +19,6 @@ leaves no partial output (``.bin.tmp``) or report behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -71,7 +70,7 @@ def _chunks(files, size):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Tokenize raw data into Megatron indexed datasets.")
+    p = errors.ArgumentParser(description="Tokenize raw data into Megatron indexed datasets.")
     p.add_argument("--input", required=True, help="a parquet/json/jsonl/csv/txt file, or a folder of them")
     p.add_argument("--tokenizer-name-or-path", default=None, help="an HF tokenizer folder or a sentencepiece .model")
     p.add_argument("--tokenizer-model", default=None, help="Megatron-LM's name for --tokenizer-name-or-path")
@@ -204,7 +203,7 @@ def preprocess(args) -> dict:
             "outputs": [f"{prefix}_{n}" for n in names], "skipped_rows_file": out.report_path if skipped else None}
 
 
-def _main(argv=None):
+def main(argv=None):
     summary = preprocess(build_parser().parse_args(argv))
     print(f"rows read {summary['rows_read']}, written {summary['rows_written']}, skipped {summary['rows_skipped']}"
           + (f" {summary['skipped_by_reason']} (each listed in {summary['skipped_rows_file']})"
@@ -212,10 +211,6 @@ def _main(argv=None):
     print(f"{summary['tokens_written']:,} tokens in {summary['seconds']:.1f} s "
           f"({summary['docs_per_s']} docs/s, {summary['tokens_per_s']:,.0f} tokens/s) -> {', '.join(summary['outputs'])}")
     return summary
-
-
-def main(argv=None):
-    return errors.run(_main, argv)
 
 
 if __name__ == "__main__":

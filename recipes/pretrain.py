@@ -18,7 +18,8 @@ The built-in engine is ``recipes.trainer.Trainer``.
 
 from __future__ import annotations
 
-import argparse
+
+from recipes.errors import ArgumentParser
 
 from recipes import llama2, run_settings
 from recipes.megatron_lm import MegatronLMEngine
@@ -81,7 +82,8 @@ def _training_flags(p):
     g.add_argument("--micro-batch-size", type=int, default=None, help=_per_size("micro_batch_size"))
     g.add_argument("--global-batch-size", type=int, default=None, help=_per_size("global_batch_size"))
     g.add_argument("--seq-length", type=int, default=None, help=_per_size("seq_length"))
-    g.add_argument("--train-iters", type=int, required=True, help="iterations (global batches) to train")
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="iterations (global batches) to train; this or --train-samples is required")
     g.add_argument("--lr", type=float, default=None, help=_per_size("lr"))
     g.add_argument("--min-lr", type=float, default=None, help=_per_size("min_lr") + "; --lr / 10 when --lr is given")
     g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine",
@@ -123,10 +125,14 @@ def _data_flags(p):
 
 def _checkpoint_flags(p):
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--load", default=None, help="a checkpoint folder to resume (or fine-tune) from")
+    g.add_argument("--load", default=None, help="a checkpoint folder to resume (or fine-tune) from; an empty or "
+                                                "missing one starts from scratch, as in Megatron-LM")
     g.add_argument("--save", default=None, help="where checkpoints go (iter_XXXXXXX/, written atomically)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, iteration, data")
+    g.add_argument("--overwrite", action="store_true",
+                   help="let a run that does not continue the --save folder's checkpoint write into it anyway "
+                        "(without it that is refused: the folder's tracker would move back)")
     g.add_argument("--eval-interval", type=int, default=None, help="validation loss every N iterations (default: off)")
     g.add_argument("--eval-iters", type=int, default=2, help="global batches per validation (default 2)")
     g.add_argument("--log-interval", type=int, default=1, help="print every N iterations (default 1)")
@@ -172,10 +178,28 @@ def _engine_flags(p):
                    help="set by DeepSpeed's launcher (the rank also comes from LOCAL_RANK)")
 
 
+def _pasted_flags(p):
+    g = p.add_argument_group("Megatron-LM / AscendSpeed script flags (accepted so a launch script pastes in; "
+                             "docs/megatron_lm_flags.md)")
+    for flag, dest, value in llama2.ARCHITECTURE_FLAGS:
+        if value is True:
+            g.add_argument(flag, dest=dest, action="store_true", help="LLaMA-2 already is this")
+        else:
+            g.add_argument(flag, dest=dest, default=None, help=f"LLaMA-2's is {value}; another value is refused")
+    for flag, dest, why in llama2.KERNEL_FLAGS:
+        g.add_argument(flag, dest=dest, action="store_true", help=why)
+    g.add_argument("--distributed-backend", default=None,
+                   help="nccl (Megatron-LM's default) means the accelerator's own: hccl on an NPU, nccl on CUDA, "
+                        "gloo on the CPU; another library is refused (default: the accelerator's)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="instead of --train-iters: iterations = samples // --global-batch-size, as Megatron-LM "
+                        "counts them")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="LLaMA-2 pretraining / fine-tuning on stock Megatron-Core", allow_abbrev=False)
+    p = ArgumentParser(description="LLaMA-2 pretraining / fine-tuning on stock Megatron-Core", allow_abbrev=False)
     for flags in (_model_flags, _parallel_flags, _training_flags, _data_flags, _checkpoint_flags, _lora_flags,
-                  _engine_flags):
+                  _engine_flags, _pasted_flags):
         flags(p)
     return p
 

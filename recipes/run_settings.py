@@ -19,7 +19,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from recipes import checkpointing, llama2
-from recipes.errors import BadInput
+from recipes.errors import BadInput, Exists, MissingInput
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
@@ -101,6 +101,7 @@ class Resume:
     kind: str
     path: Optional[str] = None
     iteration: Any = None  # int or "release"
+    note: Optional[str] = None  # said on rank 0 at the start (e.g. an empty --load folder)
 
     @property
     def loads_weights(self) -> bool:
@@ -147,6 +148,7 @@ class RunSettings:
     megatron_lm: Optional[str] = None  # the Megatron-LM checkout the megatron-lm engine runs
     deepspeed: Optional[DeepSpeed] = None
     passthrough: Tuple[str, ...] = ()  # flags for Megatron-LM that this recipe does not know
+    dist_backend: Optional[str] = None  # torch.distributed's backend: the accelerator's (--distributed-backend)
     tokenizer: Any = field(default=None, compare=False, repr=False)  # the loaded tokenizer, or None
 
     @property
@@ -177,7 +179,14 @@ def _resume(args, lora: bool) -> Resume:
         return Resume("fresh")
     it = checkpointing.latest_iteration(args.load)
     if it is None:
-        raise FileNotFoundError(f"--load {args.load}: no checkpoint there")
+        other = checkpointing.what_else_is_there(args.load)
+        if other:
+            raise BadInput(f"--load {args.load}: no checkpoint there; {other}")
+        if args.finetune or lora:
+            raise MissingInput(f"--load {args.load}: no checkpoint there, and "
+                               f"{'--finetune' if args.finetune else 'LoRA'} needs trained weights to start from")
+        # Megatron-LM's behaviour: the first launch of a `--load D --save D` script starts from scratch
+        return Resume("fresh", note=f"--load {args.load}: no checkpoint there yet; starting from scratch")
     weights_only = args.finetune or lora or it == "release"
     return Resume("weights" if weights_only else "full", args.load, it)
 
@@ -187,11 +196,11 @@ def _shape(args, saved: dict) -> llama2.LlamaShape:
     if args.hf_config:
         config = Path(args.hf_config) / "config.json"
         if not config.is_file():
-            raise FileNotFoundError(f"--hf-config {args.hf_config}: no config.json there")
+            raise MissingInput(f"--hf-config {args.hf_config}: no config.json there")
         shape = llama2.LlamaShape.from_hf_config(json.loads(config.read_text()))
     if shape is None:
         if not args.model and not all(getattr(args, f) for f in SHAPE_FLAGS[:4]):
-            raise ValueError("give --model, --hf-config, a --load checkpoint, or the shape flags "
+            raise BadInput("give --model, --hf-config, a --load checkpoint, or the shape flags "
                              "--num-layers --hidden-size --ffn-hidden-size --num-attention-heads")
         shape = llama2.shape(args.model) if args.model else llama2.LlamaShape(
             args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
@@ -215,7 +224,7 @@ def _defaults(args, size: Optional[str]) -> dict:
     if args.fp32 or args.fp16:
         out["bf16"] = False
     if out["min_lr"] > out["lr"]:
-        raise ValueError(f"--min-lr {out['min_lr']} is above --lr {out['lr']}")
+        raise BadInput(f"--min-lr {out['min_lr']} is above --lr {out['lr']}")
     return out
 
 
@@ -226,6 +235,56 @@ def _vocab(args, shape, saved, tokenizer, tp: int) -> Tuple[int, int]:
     if saved.get("padded_vocab_size") and saved.get("vocab_size", vocab) == vocab:
         padded = saved["padded_vocab_size"]
     return vocab, padded
+
+
+def _same_folder(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _check_save(args, resume: Resume, lora: Optional["Lora"]) -> None:
+    """Refuse to write into a --save folder holding another run's checkpoints (its tracker
+    would move back, its metrics file be rewritten) unless --overwrite."""
+    if not args.save or getattr(args, "overwrite", False):
+        return
+    it = checkpointing.latest_iteration(args.save)
+    if it is None:
+        return
+    continuing = (resume.kind == "full" and _same_folder(resume.path, args.save)) or (
+        lora is not None and _same_folder(lora.load, args.save))
+    if not continuing:
+        raise Exists(f"--save {args.save} holds another run's checkpoint (iteration {it}); to continue it add "
+                     f"--load {args.save}{' (--lora-load for LoRA)' if lora else ''}, else give a new folder or "
+                     "--overwrite")
+
+
+def _check_pasted(args) -> str:
+    """The Megatron-LM / AscendSpeed script flags: refuse a value that contradicts LLaMA-2;
+    the torch.distributed backend ``--distributed-backend`` names."""
+    import ascend_patches
+
+    for flag, dest, value in llama2.ARCHITECTURE_FLAGS:
+        given = getattr(args, dest, None)
+        if value is not True and given is not None and given.lower() != value.lower():
+            raise BadInput(f"{flag} {given}: LLaMA-2 uses {value}; drop the flag or give {flag} {value}")
+    own = ascend_patches.dist_backend()
+    asked = getattr(args, "distributed_backend", None)
+    if asked not in (None, "nccl", own):
+        raise BadInput(f"--distributed-backend {asked}: this machine's accelerator ({ascend_patches.settings().backend}) "
+                       f"communicates through {own}; give {own} (or nccl, which means it) or drop the flag")
+    return own
+
+
+def _train_iters(args, global_batch: int) -> int:
+    samples = getattr(args, "train_samples", None)
+    if samples is not None and args.train_iters is not None:
+        raise BadInput("--train-iters and --train-samples: give one")
+    if samples is not None:
+        if samples < global_batch:
+            raise BadInput(f"--train-samples {samples} is less than one global batch ({global_batch}); give more")
+        return samples // global_batch
+    if args.train_iters is None:
+        raise BadInput("give --train-iters (or --train-samples)")
+    return args.train_iters
 
 
 def _lora(args) -> Optional[Lora]:
@@ -254,8 +313,10 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
         # the file's values for the flags not given (a given flag that contradicts it is an error)
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in deepspeed_engine.check_flags_against_config(
             args, ds_config, args.deepspeed_config).items() if getattr(args, k, None) in (None, False)}})
+    dist_backend = _check_pasted(args)
     lora = _lora(args)
     resume = _resume(args, lora is not None)
+    _check_save(args, resume, lora)
     saved = checkpointing.load_args(args.load) if resume.loads_weights else {}
     size = args.model or saved.get("model")
     d = _defaults(args, size)
@@ -274,13 +335,14 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     vpp = shape.num_layers // pp // per_stage if per_stage else None
     micro, global_batch = d["micro_batch_size"], d["global_batch_size"]
     if global_batch % (micro * dp):
-        raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {micro} x "
+        raise BadInput(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {micro} x "
                          f"data-parallel size {dp}")
+    args = argparse.Namespace(**{**vars(args), "train_iters": _train_iters(args, global_batch)})
     settings = _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
                          Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel,
                                 args.use_distributed_optimizer),
                          Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
-    settings = _with_engine(args, settings, tuple(passthrough))
+    settings = replace(_with_engine(args, settings, tuple(passthrough)), dist_backend=dist_backend)
     return _with_deepspeed(args, settings, ds_config) if ds_config is not None else settings
 
 
@@ -311,12 +373,12 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
     checkout = args.megatron_lm or os.environ.get("MEGATRON_LM_PATH")
     if not checkout:
         if passthrough:
-            raise ValueError(f"unrecognized arguments: {' '.join(passthrough)}")
+            raise BadInput(f"unrecognized arguments: {' '.join(passthrough)}")
         return s
     builtin_only = [f for f, v in (("--metrics-file", args.metrics_file), ("--peak-tflops", args.peak_tflops),
                                    ("--measure-peak-every", args.measure_peak_every)) if v]
     if builtin_only:
-        raise ValueError(f"{', '.join(builtin_only)}: the built-in engine's metrics; with --megatron-lm, "
+        raise BadInput(f"{', '.join(builtin_only)}: the built-in engine's metrics; with --megatron-lm, "
                          "Megatron-LM logs (and writes tensorboard with --tensorboard-dir)")
     return replace(s, engine="megatron-lm", megatron_lm=checkout, passthrough=passthrough)
 

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from recipes.errors import BadInput
+
 PEAK_TFLOPS = {"910B": 354.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
 
 
@@ -50,7 +52,7 @@ def peak_tflops(backend: str, dtype=torch.bfloat16, override: float = None) -> t
         for key, value in PEAK_TFLOPS.items():
             if key in name:
                 return value, f"published dense bf16 peak of {key}"
-        raise ValueError(f"no known peak for {name}; pass --peak-tflops")
+        raise BadInput(f"no known peak for {name}; pass --peak-tflops")
     return PEAK_TFLOPS["910B"], "Ascend 910B dense bf16 peak (as Ascend's MFU code uses)"
 
 

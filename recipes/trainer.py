@@ -10,6 +10,8 @@ The other engines (stock Megatron-LM's ``pretrain()``, DeepSpeed) take the same
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,16 +25,33 @@ from recipes.run_settings import RunSettings
 
 
 class MetricsLog:
-    """The JSONL metrics file, one record per iteration, written by one rank."""
+    """The JSONL metrics file, one record per iteration, written by one rank.  A run that
+    starts at iteration ``start`` first drops the records after it (an interrupted run's
+    iterations, which this run repeats), so every iteration appears once."""
 
-    def __init__(self, path: Optional[str], enabled: bool):
-        self.path, self.enabled, self.file = path, enabled and bool(path), None
+    def __init__(self, path: Optional[str], enabled: bool, start: int = 0):
+        self.path, self.enabled, self.start, self.file = path, enabled and bool(path), start, None
 
     def __enter__(self):
         if self.enabled:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._truncate()
             self.file = open(self.path, "a")
         return self
+
+    def _truncate(self) -> None:
+        path = Path(self.path)
+        if not path.is_file():
+            return
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        kept = [l for l in lines if _iteration_of(l) is not None and _iteration_of(l) <= self.start]
+        if len(kept) == len(lines):
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        print(f"{path}: dropped {len(lines) - len(kept)} records after iteration {self.start} "
+              f"(a run this one replaces), kept {len(kept)}", flush=True)
 
     def write(self, record: dict) -> None:
         if self.file:
@@ -43,6 +62,19 @@ class MetricsLog:
         if self.file:
             self.file.close()
         return False
+
+
+def _iteration_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return (f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{rem}s")
 
 
 def dp_mean(value, group) -> float:
@@ -123,13 +155,15 @@ class Trainer:
         peak, self.peak_src = throughput.peak_tflops(ascend_patches.settings().backend, s.dtype, s.logging.peak_tflops)
         self.meter = throughput.Meter(throughput.train_flops_per_token(s.shape, s.batches.seq_length, s.padded_vocab),
                                       peak, dist.get_world_size())
-        with MetricsLog(s.logging.metrics_file, self.rank == self.last_rank) as log:
+        self.started, self.first_iteration, self.records = time.perf_counter(), self.progress["iteration"], []
+        with MetricsLog(s.logging.metrics_file, self.rank == self.last_rank, start=self.first_iteration) as log:
             while self.progress["iteration"] < s.stop_at:
                 record = self.step()
                 record.update(self.evaluate())
                 self._log(record, log)
                 self.save()
                 self.meter.reset()  # evaluation and saving are not training throughput
+        self._summary()
 
     def step(self) -> dict:
         from megatron.core import parallel_state as ps
@@ -181,6 +215,8 @@ class Trainer:
             return
         s = self.s
         print(ascend_patches.report().splitlines()[1], flush=True)
+        if s.resume.note:
+            print(s.resume.note, flush=True)
         if self.heap_note:
             print(f"CPU allocator: {self.heap_note}", flush=True)
         print(f"{s.describe()}; gradient accumulation fusion {'on' if s.gradient_accumulation_fusion else 'off'}; "
@@ -192,10 +228,24 @@ class Trainer:
         if self.rank != self.last_rank:
             return
         it, s = record["iteration"], self.s
+        self.records.append(record)
         if it % s.logging.log_interval == 0 or it == 1:
             val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            done = it - self.first_iteration
+            eta = (time.perf_counter() - self.started) / done * (s.stop_at - it)
             print(f"iteration {it:6d}/{s.train_iters} | loss {record['loss']:.6f}{val} | lr {record['lr']:.3e} | "
                   f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s_per_device']:,.0f} tokens/s/device | "
                   f"{record['tflops_per_device']:.4f} TFLOP/s/device | MFU {100 * record['mfu']:.2f}% "
-                  f"({self.peak_src})", flush=True)
+                  f"({self.peak_src}) | ETA {_duration(eta)}", flush=True)
         log.write(record)
+
+    def _summary(self) -> None:
+        """One line at the end, from the rank that has the loss."""
+        if self.rank != self.last_rank or not self.records:
+            return
+        first, last = self.records[0], self.records[-1]
+        rates = sorted(r["tokens_per_s_per_device"] for r in self.records)
+        saved = f"; checkpoint {checkpointing.iter_dir(self.s.save, last['iteration'])}" if self.s.save else ""
+        print(f"done: iterations {first['iteration']}-{last['iteration']} in {_duration(time.perf_counter() - self.started)}"
+              f"; loss {first['loss']:.4f} -> {last['loss']:.4f}; median {rates[len(rates) // 2]:,.0f} tokens/s/device"
+              f"{saved}", flush=True)

@@ -8,6 +8,8 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
+from recipes.errors import BadInput
+
 
 def wrap_ddp(model, use_distributed_optimizer: bool = False, bucket_size: Optional[int] = None):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -135,14 +137,14 @@ def build_data(s, dp_rank: int, dp_size: int, consumed_samples: int, num_chunks:
     n_eval = (s.train_iters // log.eval_interval + 1) * log.eval_iters * b.global_batch if log.eval_interval else 0
     if s.data.instruction:
         if len(s.data.paths) != 1:
-            raise ValueError("--is-instruction-dataset takes one --data-path prefix")
+            raise BadInput("--is-instruction-dataset takes one --data-path prefix")
         train, valid, _ = datasets.split_instruction_dataset(s.data.paths[0], b.seq_length, s.tokenizer.eos_id,
                                                              s.data.split, s.seed)
     else:
         train, valid, _ = datasets.build_pretrain_datasets(list(s.data.paths), s.data.split, b.seq_length, s.seed,
                                                            [n_train, n_eval, 0], s.tokenizer, s.data.cache_path)
     if train is None or len(train) == 0:
-        raise ValueError(f"--split {s.data.split} leaves no training data in {' '.join(s.data.paths)}")
+        raise BadInput(f"--split {s.data.split} leaves no training data in {' '.join(s.data.paths)}")
     its = [datasets.microbatches(train, consumed_samples, b.global_batch, b.micro, dp_rank, dp_size, s.seed,
                                  reshuffle_epochs=s.data.instruction) for _ in range(num_chunks)]
     return (its if len(its) > 1 else its[0]), valid

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import List
 
+from recipes.errors import BadInput, MissingInput
 from recipes import checkpointing, lora
 from recipes.run_settings import RunSettings
 
@@ -54,9 +55,9 @@ class LoraWeights:
 
     def prepare(self, chunks: List) -> List:
         if len(chunks) > 1:
-            raise ValueError("LoRA with virtual pipeline stages is not built; drop --num-layers-per-virtual-pipeline-stage")
+            raise BadInput("LoRA with virtual pipeline stages is not built; drop --num-layers-per-virtual-pipeline-stage")
         if self.s.layout.distributed_optimizer:
-            raise ValueError("LoRA checkpoints hold the plain optimizer state; drop --use-distributed-optimizer")
+            raise BadInput("LoRA checkpoints hold the plain optimizer state; drop --use-distributed-optimizer")
         r = self.s.resume
         if r.loads_weights:
             checkpointing.load(r.path, chunks, restore_rng=False)  # the frozen base, before wrapping
@@ -71,7 +72,7 @@ class LoraWeights:
         if not path:
             return dict(FRESH)
         if checkpointing.latest_iteration(path) is None:
-            raise FileNotFoundError(f"--lora-load {path}: no checkpoint there")
+            raise MissingInput(f"--lora-load {path}: no checkpoint there")
         progress = lora.load(path, checkpointing.unwrap(models[0]), self.wrapped, optimizer, scheduler)
         _say(f"resumed LoRA from {path} (iteration {progress['iteration']})")
         return progress

@@ -79,3 +79,18 @@ def npu_emulated(single_process_group):
             del sys.modules[name]
         sys.path.remove(str(EMULATION))
         ascend_patches.configure(backend="cpu", disable=before.disabled)
+
+
+@pytest.fixture(scope="session")
+def alpaca_pretrain_data(tmp_path_factory, fixtures_dir):
+    """(indexed-dataset prefix, tokenizer): the Alpaca sample's responses as pretraining text in
+    stories260K's 512-piece tokenizer, for the pretraining runs."""
+    from recipes import preprocess_data
+
+    out = tmp_path_factory.mktemp("alpaca_pretrain")
+    tok = str(fixtures_dir / "stories260K" / "tokenizer.model")
+    args = preprocess_data.build_parser().parse_args([
+        "--input", str(fixtures_dir / "alpaca" / "alpaca_data_sample.json"), "--tokenizer-name-or-path", tok,
+        "--output-prefix", str(out / "alpaca"), "--json-keys", "output", "--append-eod"])
+    preprocess_data.preprocess(args)
+    return str(out / "alpaca_output_document"), tok

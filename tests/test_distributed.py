@@ -6,6 +6,7 @@ Tolerance: 1e-6 relative per step over 8 steps; the runs differ only in the orde
 floating-point sums (measured ~1e-7)."""
 
 import json
+import re
 
 import pytest
 
@@ -30,7 +31,8 @@ def test_gloo_all_gather_into_flat_output():
     """gloo refuses a flat output of the right size (``invalid tensor size``) where NCCL and
     HCCL accept it; megatron's ``gather_split_1d_tensor`` passes one."""
     out = run_torchrun("collectives_checks.py")
-    results = [json.loads(l[len("RESULT "):]) for l in out.splitlines() if l.startswith("RESULT ")]
+    # the two ranks share one stdout: their lines can interleave, so read each record as it ends
+    results = [json.loads(m) for m in re.findall(r"RESULT (\{[^}]*\})", out)]
     assert len(results) == 2
     for r in results:
         assert r["all_gather_into_tensor"] and r["_all_gather_base"] and r["gather_split_1d_tensor"], r

@@ -4,12 +4,13 @@ search, including EOS-finished hypotheses), reproducible sampling, batching, and
 
 import json
 import re
+import time
 
 import pytest
 import torch
 
 from converters import hf_to_megatron
-from tests.helpers.launch import free_port, run_module, run_torchrun
+from tests.helpers.launch import ROOT, env_for_ranks, free_port, run_module, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,85 @@ def test_chat_under_torchrun_rank0_reads(stories_ckpt):
     out = run_torchrun("recipes.generate", "--load", stories_ckpt, "--interactive", "--max-new-tokens", 8,
                        input="Once upon a time\nnew\nThe cat\n")
     assert out.count("tokens in") == 2 and "TP=2" in out
+
+
+def test_chat_over_the_position_limit_trims_the_oldest_turn(stories_ckpt):
+    """stories260K holds 512 positions: with 200 new tokens a turn, the third prompt no longer
+    fits beside two exchanges (it stopped the session before)."""
+    out = _generate(stories_ckpt, "--interactive", "--show-prompt", "--max-new-tokens", "200", "--temperature", "0.9",
+                    "--seed", "3", "--system-prompt", "You tell stories.",
+                    stdin="Once upon a time\nTell me more\nAnd then?\nWhat next?\nquit\n")
+    prompts = re.findall(r"\[prompt, (\d+) tokens\] (.*)", out)
+    assert len(prompts) == 4, out[-3000:]
+    assert "(dropped the oldest" in out and "Traceback" not in out
+    for n, text in prompts:
+        assert int(n) + 200 <= 512 or "(this reply gets at most" in out
+        assert "You tell stories." in text  # the system prompt stays when turns are dropped
+    assert "Once upon a time" not in prompts[-1][1] and "What next?" in prompts[-1][1]
+    assert out.count("tokens in") == 4
+
+
+def _pty_chat(stories_ckpt, script):
+    """The chat on a pseudo-terminal (its controlling terminal, so \\x03 is the terminal's Ctrl-C);
+    ``script``: (text to wait for, bytes to type) pairs.  (output, exit status)."""
+    import os
+    import pty
+    import select
+    import sys
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(env_for_ranks({"MASTER_PORT": str(free_port())}))
+        os.chdir(str(ROOT))
+        os.execv(sys.executable, [sys.executable, "-m", "recipes.generate", "--load", str(stories_ckpt),
+                                  "--interactive", "--max-new-tokens", "400", "--temperature", "1.0", "--seed", "1"])
+    out, seen, deadline = b"", 0, time.time() + 180
+    for wait_for, typed in script:
+        while out.find(wait_for.encode(), seen) < 0:
+            assert time.time() < deadline, out.decode(errors="replace")[-2000:]
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        seen = out.find(wait_for.encode(), seen) + len(wait_for)
+        os.write(fd, typed)
+    while time.time() < deadline:
+        if select.select([fd], [], [], 1)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    return out.decode(errors="replace"), os.waitstatus_to_exitcode(status)
+
+
+def test_ctrl_c_stops_a_reply_keeps_the_chat_and_quits_at_the_prompt(stories_ckpt):
+    out, code = _pty_chat(stories_ckpt, [
+        ("You: ", b"Once upon a time there was a dragon\r"),
+        ("Assistant: ", b"\x03"),               # during the reply
+        ("You: ", b"Tell me more\r"),            # the session is alive
+        ("tokens in", b""),
+        ("You: ", b"\x03"),                      # at the prompt: quit
+    ])
+    assert "(reply stopped)" in out and "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert out.count("tokens in") == 2 and code == 0, (code, out[-3000:])
+
+
+def test_fit_turn_keeps_the_system_prompt():
+    from recipes.generate import chat_tokens, fit_turn
+
+    class Tok:
+        bos_id, eos_id = 1, 2
+
+        def encode(self, text):
+            return [3] * len(text.split())
+
+    history = [("a b c d", "e f g h")] * 3
+    ids, budget, dropped = fit_turn(Tok(), history, "q", "sys prompt", positions=40, max_new_tokens=10)
+    assert dropped == 2 and len(ids) + budget <= 40 and ids == chat_tokens(Tok(), history[2:], "q", "sys prompt")
+    ids, budget, dropped = fit_turn(Tok(), [], "w " * 50, None, positions=40, max_new_tokens=10)
+    assert budget is None

@@ -15,14 +15,8 @@ pytestmark = pytest.mark.slow  # multi-process runs
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, fixtures_dir):
-    out = tmp_path_factory.mktemp("data")
-    tok = str(fixtures_dir / "stories260K" / "tokenizer.model")
-    args = preprocess_data.build_parser().parse_args([
-        "--input", str(fixtures_dir / "alpaca" / "alpaca_data_sample.json"), "--tokenizer-name-or-path", tok,
-        "--output-prefix", str(out / "alpaca"), "--json-keys", "output", "--append-eod"])
-    preprocess_data.preprocess(args)
-    return str(out / "alpaca_output_document"), tok
+def data(alpaca_pretrain_data):
+    return alpaca_pretrain_data
 
 
 def common(data, iters=20):

@@ -17,26 +17,41 @@ def _run(*args, env=None):
 
 
 def test_module_report_lists_every_patch():
-    out = _run("-m", "ascend_patches")
+    out = _run("-m", "ascend_patches", "--all")
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "backend: cpu" in text and "megatron-core 0.16" in text
     for name, patch in ascend_patches.REGISTRY.patches.items():
         line = next((l for l in text.splitlines() if f"] {name} " in l), None)
         assert line is not None, f"patch {name} missing from the report"
-        # Megatron-LM's training package is not installed here: its patches wait for its import
-        states = ("[ applied]", "[ skipped]", "[ pending]") if patch.group == "megatron_lm" else ("[ applied]", "[ skipped]")
+        # Megatron-LM's training package and DeepSpeed are not imported here: their patches wait
+        waits = patch.group == "megatron_lm" or patch.after is not None
+        states = ("[ applied]", "[ skipped]", "[ pending]") if waits else ("[ applied]", "[ skipped]")
         assert any(s in line for s in states), line
     assert "[ skipped] device.rng_get_npu" in text and "not for backend cpu" in text
 
 
+def test_short_report_and_json():
+    import json
+
+    out = _run("-m", "ascend_patches")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("ascend_patches ") and "backend cpu" in lines[0] and len(lines) < 30
+    assert "applied" in lines[2] and "skipped  device.rng_get_npu: not for backend cpu" in out.stdout
+    data = json.loads(_run("-m", "ascend_patches", "--json").stdout)
+    assert data["backend"] == "cpu" and data["patches"]["flash_attention"]["state"] == "applied"
+    assert set(data["patches"]) == set(ascend_patches.REGISTRY.patches)
+
+
 def test_env_disable_and_unknown_name():
-    out = _run("-m", "ascend_patches", env={"ASCEND_PATCHES_DISABLE": "rope,swiglu"})
+    out = _run("-m", "ascend_patches", "--all", env={"ASCEND_PATCHES_DISABLE": "rope,swiglu"})
     assert out.returncode == 0, out.stderr
     assert "[ skipped] rope" in out.stdout and "disabled by configuration" in out.stdout
     assert "[ applied] flash_attention" in out.stdout
     bad = _run("-c", "import ascend_patches", env={"ASCEND_PATCHES_DISABLE": "ropee"})
-    assert bad.returncode != 0 and "cannot disable unknown patch(es) ['ropee']" in bad.stderr
+    assert bad.returncode == 2 and "cannot disable unknown patch(es) ['ropee']: did you mean rope?" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1  # one line
     with pytest.raises(ValueError, match="unknown patch"):
         ascend_patches.configure(disable=["no_such_patch"])
 

@@ -17,6 +17,8 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from recipes.errors import BadInput, MissingInput
+
 IGNORE_INDEX = -100
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -35,7 +37,7 @@ class MegatronTokenizerView:
 def _check_prefix(prefix: str):
     for ext in (".bin", ".idx"):
         if not Path(prefix + ext).is_file():
-            raise FileNotFoundError(f"--data-path {prefix}: {prefix + ext} not found "
+            raise MissingInput(f"--data-path {prefix}: {prefix + ext} not found "
                                     "(write it with python -m recipes.preprocess_data)")
 
 
@@ -45,9 +47,39 @@ def parse_blend(data_path: Sequence[str]):
     if len(items) == 1:
         return [items[0]], None
     if len(items) % 2:
-        raise ValueError("--data-path with weights must alternate weight and prefix")
+        raise BadInput("--data-path with weights must alternate weight and prefix")
     weights = [float(w) for w in items[0::2]]
     return items[1::2], weights
+
+
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+def check_splits(prefixes, split: str) -> None:
+    """Refuse a split that --split gives a share but that holds no token: Megatron-Core's
+    GPTDataset counts epochs until it has the tokens asked for, so on an empty split it loops
+    for ever.  The document ranges are the ones its dataset builder cuts."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                         parse_and_normalize_split)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ValueError, ZeroDivisionError):
+        raise BadInput(f"--split {split}: expected three non-negative weights, e.g. 949,50,1") from None
+    for prefix in prefixes:
+        index = IndexedDataset(prefix)
+        lengths = np.array(index.sequence_lengths, dtype=np.int64)  # a copy: the index's buffer closes with it
+        del index
+        n = len(lengths)
+        for name, bounds in zip(SPLIT_NAMES, matrix):
+            if bounds is None:
+                continue
+            beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
+            if int(np.sum(lengths[beg:end])) == 0:
+                raise BadInput(f"--data-path {prefix}: --split {split} gives the {name} split {end - beg} of its {n} "
+                               f"documents, which hold no token, and Megatron-Core's GPTDataset cannot draw samples "
+                               f"from an empty split; give that split weight 0 (e.g. --split 95,5,0) or more data")
 
 
 def build_pretrain_datasets(data_path, split: str, seq_length: int, seed: int, sizes: List[int],
@@ -58,6 +90,7 @@ def build_pretrain_datasets(data_path, split: str, seq_length: int, seed: int, s
     prefixes, weights = parse_blend(data_path)
     for p in prefixes:
         _check_prefix(p)
+    check_splits(prefixes, split)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         path_to_cache=cache_dir, tokenizer=MegatronTokenizerView(tokenizer),
@@ -79,7 +112,7 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.ids = IndexedDataset(ids_prefix)
         self.labels = IndexedDataset(labels_prefix)
         if len(self.ids) != len(self.labels):
-            raise ValueError(f"{prefix}: {len(self.ids)} input_ids documents but {len(self.labels)} labels documents")
+            raise BadInput(f"{prefix}: {len(self.ids)} input_ids documents but {len(self.labels)} labels documents")
         self.seq_length, self.pad_id = seq_length, pad_id
         self.indices = np.arange(len(self.ids)) if indices is None else indices
 
@@ -91,7 +124,7 @@ class InstructionDataset(torch.utils.data.Dataset):
         ids = np.asarray(self.ids[doc], dtype=np.int64)[: self.seq_length + 1]
         labels = np.asarray(self.labels[doc], dtype=np.int64)[: self.seq_length + 1]
         if len(ids) != len(labels):
-            raise ValueError(f"document {doc}: {len(ids)} tokens but {len(labels)} labels")
+            raise BadInput(f"document {doc}: {len(ids)} tokens but {len(labels)} labels")
         n = self.seq_length + 1
         tokens = np.full(n, self.pad_id, dtype=np.int64)
         targets = np.full(n, IGNORE_INDEX, dtype=np.int64)
@@ -126,7 +159,7 @@ def microbatches(dataset, consumed_samples: int, global_batch_size: int, micro_b
     draws exactly the batches the uninterrupted run would have."""
     n = len(dataset)
     if n == 0:
-        raise ValueError("the dataset is empty")
+        raise BadInput("the dataset is empty")
     step = micro_batch_size * dp_size
     perms = {}
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+from recipes.errors import BadInput
+
 IGNORE_INDEX = -100
 HANDLERS = ("GeneralPretrainHandler", "GeneralInstructionHandler", "MOSSInstructionHandler")
 TEMPLATES = ("alpaca", "llama2-chat")
@@ -118,7 +120,7 @@ class _InstructionBase:
 
     def __init__(self, tokenizer, seq_length=None, prompt_template="alpaca", **_):
         if prompt_template not in TEMPLATES:
-            raise ValueError(f"--prompt-template {prompt_template!r}: expected one of {', '.join(TEMPLATES)}")
+            raise BadInput(f"--prompt-template {prompt_template!r}: expected one of {', '.join(TEMPLATES)}")
         self.tok, self.seq_length, self.template = tokenizer, seq_length, prompt_template
 
     def output_names(self) -> List[str]:
@@ -189,5 +191,5 @@ def make_handler(name: str, tokenizer, **kw):
                "GeneralInstructionHandler": GeneralInstructionHandler,
                "MOSSInstructionHandler": MOSSInstructionHandler}
     if name not in classes:
-        raise ValueError(f"--handler-name {name!r}: expected one of {', '.join(HANDLERS)}")
+        raise BadInput(f"--handler-name {name!r}: expected one of {', '.join(HANDLERS)}")
     return classes[name](tokenizer, **kw)
