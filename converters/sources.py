@@ -34,6 +34,19 @@ class ConversionError(BadInput):
     pass
 
 
+def _open_weights(path: Path):
+    """A safetensors handle or a torch state dict; a truncated or corrupt file is named."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            return safe_open(str(path), framework="pt")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError / UnpicklingError
+        raise ConversionError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e)[:120]}); "
+                              "it may be truncated (an interrupted download?): fetch or save it again") from None
+
+
 def _check(t: torch.Tensor, expected, where: str) -> torch.Tensor:
     if tuple(t.shape) != tuple(expected):
         raise ConversionError(f"{where}: shape {tuple(t.shape)} disagrees with the config's {tuple(expected)}")
@@ -79,12 +92,8 @@ class HFSource:
 
     @staticmethod
     def _names_in(path: Path):
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys())
+        weights = _open_weights(path)
+        return list(weights.keys())
 
     def _expected_names(self):
         names = {HF_GLOBAL["embedding"], HF_GLOBAL["final_norm"]}
@@ -113,12 +122,7 @@ class HFSource:
             path = self.folder / fname
             if not path.is_file():
                 raise MissingInput(f"{path} (holds {name}) not found")
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._open = safe_open(str(path), framework="pt")
-            else:
-                self._open = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self._open = _open_weights(path)
             self._open_name = fname
         if isinstance(self._open, dict):
             return self._open[name].clone()

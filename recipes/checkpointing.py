@@ -230,7 +230,21 @@ def load(root, models, optimizer=None, scheduler=None, restore_rng: bool = True)
     if not restore_rng:
         state.pop("rng_state")
     state["progress"] = None
-    loaded = dist_checkpointing.load(state, str(path))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as e:  # torch.distributed.checkpoint wraps megatron's error per rank
+        import traceback
+
+        text = "".join(traceback.format_exception(e))
+        found = next((line.strip() for line in text.splitlines() if "shape mismatch" in line.lower()), None)
+        if found is None:
+            raise
+        saved = load_args(root).get("shape")
+        raise BadInput(f"--load {root}: the checkpoint's tensors do not fit this model ({found[-200:]}); "
+                       f"it was saved with {saved}: drop the shape flags (--num-layers, --hidden-size, ...) that differ "
+                       "from it, or convert it (converters.reshard)") from None
     for key, m in zip(_model_keys(models), models):
         unwrap(m).load_state_dict(loaded[key])
     if optimizer is not None:

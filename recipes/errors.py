@@ -91,15 +91,15 @@ def excepthook(exc_type, exc, tb, _previous=[]) -> None:
         return (_previous[0] if _previous else sys.__excepthook__)(exc_type, exc, tb)
     message = f"error: {exc}"
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
+    if rank == 0:  # the real stderr: torch.distributed's excepthook wrapper has swapped in a buffer
+        print(message, file=sys.__stderr__, flush=True)
     _write_error_file(message)  # every rank: torchrun's summary names whichever failed first
     if rank != 0:
         # a refusal is the same on every rank: let rank 0 say it before torchrun, seeing this
         # rank exit, stops the others (its summary shows this rank's error file if rank 0 had none)
         time.sleep(3)
     sys.stdout.flush()
-    sys.stderr.flush()
+    sys.__stderr__.flush()
     os._exit(2)  # no per-rank traceback, no atexit noise from half-built process groups
 
 

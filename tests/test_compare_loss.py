@@ -51,3 +51,14 @@ def test_bad_files_are_named(tmp_path, capsys):
     assert compare_loss.main([str(bad), str(good)]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
     assert compare_loss.main([str(tmp_path / "missing.jsonl"), str(good)]) == 2
+
+
+def test_binary_file_is_named(tmp_path):
+    from tests.helpers.launch import run_module
+
+    good, binary = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    good.write_text('{"iteration": 1, "loss": 2.0}\n')
+    binary.write_bytes(b"\x00\xe9\xff" * 50)
+    out = run_module("recipes.compare_loss", good, binary)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"error: {binary}: not a text metrics file (byte 1 is not UTF-8); give the run's metrics.jsonl")

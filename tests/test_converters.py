@@ -259,3 +259,19 @@ def test_cli_entry_point(converted, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TP=2 PP=1" in proc.stdout
+
+
+def test_truncated_safetensors_is_named(tmp_path, fixtures_dir):
+    import shutil
+
+    from tests.helpers.launch import run_module
+
+    src = tmp_path / "hf"
+    shutil.copytree(fixtures_dir / "stories260K", src)
+    weights = next(src.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    out = run_module("converters.hf_to_megatron", "--input-model-dir", src, "--output-model-dir", tmp_path / "out")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"error: {weights}: not a readable weights file" in out.stderr and "truncated" in out.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written

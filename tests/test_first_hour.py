@@ -193,3 +193,13 @@ def test_split_without_tokens_is_refused_not_hung(tmp_path, fixtures_dir):
                       tok, "--micro-batch-size", 2, "--global-batch-size", 4, "--seq-length", 64, "--train-iters", 2,
                       "--split", "95,5,0", nproc=1, timeout=120)
     assert "done: iterations 1-2" in ok
+
+
+def test_load_with_another_shape_names_the_flags(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_torchrun("recipes.pretrain", *_flags(data, "--train-iters", 1, "--save", ckpt), nproc=1)
+    proc = run_torchrun("recipes.pretrain", *_flags(data, "--train-iters", 2, "--load", ckpt, "--save", ckpt,
+                                                    "--hidden-size", 128), nproc=1, check=False)
+    assert proc.returncode != 0 and 'recipes/checkpointing.py"' not in proc.stderr  # no rank traceback
+    assert f"error: --load {ckpt}: the checkpoint's tensors do not fit this model" in proc.stderr, proc.stderr[-3000:]
+    assert "'hidden_size': 64" in proc.stderr and "drop the shape flags" in proc.stderr
