@@ -16,6 +16,14 @@ SHAPE_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "num_he
                "num_kv_heads": "num_query_groups", "ffn_hidden_size": "ffn_hidden_size", "vocab_size": "vocab_size"}
 
 
+def add_folder_flags(p: argparse.ArgumentParser, source: str = "the source folder") -> None:
+    """--input-model-dir / --output-model-dir, with Megatron-LM's --load-dir / --save-dir names."""
+    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
+                   help=f"{source} (Megatron-LM's --load-dir also works)")
+    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
+                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
+
+
 def add_shape_flags(p: argparse.ArgumentParser):
     p.add_argument("--type", default=None, help=f"one of {', '.join(TYPES)} (or llama2-7b ...); "
                    "default: the shape in the HF config / checkpoint")

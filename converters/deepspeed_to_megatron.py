@@ -21,10 +21,7 @@ from converters.writers import write_dist
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
-                   help="the DeepSpeed checkpoint folder (with latest_checkpointed_iteration.txt)")
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
-                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
+    cli.add_folder_flags(p, "the DeepSpeed checkpoint folder (with latest_checkpointed_iteration.txt)")
     p.add_argument("--tag", default=None, help="the iteration folder (default: the latest)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="sets the vocabulary padding (default 1)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="recorded for later commands")

@@ -24,10 +24,7 @@ from converters.writers import write_dist
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
-                   help="the source folder (Megatron-LM's --load-dir also works)")
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
-                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
+    cli.add_folder_flags(p)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of the written checkpoint")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of the written checkpoint")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this x TP, as Megatron-LM does")

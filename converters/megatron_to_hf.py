@@ -21,10 +21,7 @@ from converters.writers import write_hf
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
-                   help="the source folder (Megatron-LM's --load-dir also works)")
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
-                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
+    cli.add_folder_flags(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file written, as in HF save_pretrained")
     p.add_argument("--tokenizer-name-or-path", default=None, help="copied into the folder; default: the checkpoint's")
     p.add_argument("--hf-config", default=None, help="shape of a legacy checkpoint from an HF config folder")

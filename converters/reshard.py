@@ -23,10 +23,7 @@ from converters.writers import write_dist
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input-model-dir", "--load-dir", dest="input_model_dir", required=True,
-                   help="the source folder (Megatron-LM's --load-dir also works)")
-    p.add_argument("--output-model-dir", "--save-dir", dest="output_model_dir", required=True,
-                   help="a new or empty folder to write (Megatron-LM's --save-dir also works)")
+    cli.add_folder_flags(p)
     for side in ("src", "tgt"):
         which = "the source's layout, checked (default: read from it)" if side == "src" else "the new layout (default: the source's)"
         p.add_argument(f"--{side}-tensor-model-parallel-size", type=int, default=None, help=f"TP: {which}")
