@@ -42,10 +42,10 @@ def excepthook(exc_type, exc, tb, _previous=[]):
     prints as one line on rank 0 and exits with status 2; anything else goes to the hook that
     was there before."""
     if issubclass(exc_type, ConfigurationError) and os.environ.get("ASCEND_PATCHES_DEBUG", "") not in ("1", "true"):
-        if int(os.environ.get("RANK", "0")) == 0:
-            sys.stderr.write(f"error: {exc}\n")
+        if int(os.environ.get("RANK", "0")) == 0:  # the real stderr: torch.distributed's hook buffers sys.stderr
+            sys.__stderr__.write(f"error: {exc}\n")
         sys.stdout.flush()
-        sys.stderr.flush()
+        sys.__stderr__.flush()
         os._exit(2)
     return _previous[0](exc_type, exc, tb)
 

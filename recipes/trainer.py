@@ -44,7 +44,7 @@ class MetricsLog:
         if not path.is_file():
             return
         lines = path.read_text(errors="replace").splitlines(keepends=True)
-        kept = [l for l in lines if _iteration_of(l) is not None and _iteration_of(l) <= self.start]
+        kept = [line for line, it in ((line, _iteration_of(line)) for line in lines) if it is not None and it <= self.start]
         if len(kept) == len(lines):
             return
         tmp = path.with_name(path.name + ".tmp")
