@@ -1,9 +1,18 @@
-"""ZeRO-1/2/3 under the recipe's DeepSpeed engine against the built-in loop with megatron's
+"""ZeRO-0/1/2/3 under the recipe's DeepSpeed engine against the built-in loop with megatron's
 distributed optimizer, DP=2 on the CPU, CPU-sized LLaMA-2 (8 x 1024, ffn 2816, 16 heads,
-vocab 32000, seq 512): step time, and per rank the resident memory the model state adds (the
-high-water mark after the first steps minus the process's memory before the model was built:
-parameters, gradients, optimizer state, and the activations of one micro-batch).  The
-variants run one after another, round after round (interleaved).
+vocab 32000, seq 512): step time, and per rank two memory figures:
+
+- held: the bytes in tensors between steps (``--log-tensor-memory``): parameters, kept
+  gradients, optimizer state and the optimizers' flat buffers.  This is what ZeRO partitions,
+  and it is set against its arithmetic: with P parameters, fp32, Adam and N ranks, megatron's
+  distributed optimizer holds 4P (weights) + 4P (gradient buffer) + 8P/N (moments); DeepSpeed
+  frees gradients after its step, so ZeRO-0 holds 4P + 8P, ZeRO-1 and 2 4P + 4P/N (its fp32
+  partition) + 8P/N, ZeRO-3 (4P + 4P + 8P + 4P)/N (weights, fp32 partition, moments and its
+  kept gradient partition).
+- peak: the resident high-water mark minus the process before the model was built: adds the
+  activations of one micro-batch, ZeRO-3's gathered layers, and the heap the allocator keeps.
+
+The variants run one after another, round after round (interleaved).
 
     python bench/bench_deepspeed.py [--rounds 2] [--iters 4] [--dtype fp32|bf16]
 """
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -24,9 +34,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_megatron_lm import SHAPE, TOKENIZER, corpus  # noqa: E402
+from recipes.deepspeed_engine import AUTO_ZERO  # noqa: E402
 
 VARIANTS = {
     "built-in, distributed optimizer": ["--use-distributed-optimizer"],
+    "DeepSpeed ZeRO-0": ["--deepspeed", "--zero-stage", "0"],
     "DeepSpeed ZeRO-1": ["--deepspeed", "--zero-stage", "1"],
     "DeepSpeed ZeRO-2": ["--deepspeed", "--zero-stage", "2"],
     "DeepSpeed ZeRO-3": ["--deepspeed", "--zero-stage", "3"],
@@ -40,15 +52,17 @@ def run(data: str, flags, iters: int, dtype: str, work: Path, tag: str, ds_confi
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "recipes.pretrain", *SHAPE,
            "--data-path", data, "--tokenizer-name-or-path", str(TOKENIZER), "--micro-batch-size", "1",
            "--global-batch-size", "2", "--train-iters", str(iters), "--lr", "1e-4", "--split", "100,0,0",
-           f"--{dtype}", "--metrics-file", str(metrics), *flags]
+           f"--{dtype}", "--metrics-file", str(metrics), "--log-tensor-memory", *flags]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     recs = [json.loads(line) for line in open(metrics)]
-    return {"step": statistics.median(r["step_time_s"] for r in recs[1:]),
-            "state": max(r["peak_rss_gib"] for r in recs) - recs[0]["rss_at_start_gib"]}
+    params = int(re.search(r"parameters: ([\d,]+) on rank 0", proc.stdout).group(1).replace(",", ""))
+    return {"params": params, "step": statistics.median(r["step_time_s"] for r in recs[1:]),
+            "held": statistics.median(r["tensor_memory_gib"] for r in recs),
+            "peak": max(r["peak_rss_gib"] for r in recs) - recs[0]["rss_at_start_gib"]}
 
 
 def main():
@@ -64,7 +78,8 @@ def main():
         preprocess_data.main(["--input", str(corpus(work, 2000)), "--tokenizer-name-or-path", str(TOKENIZER),
                               "--output-prefix", str(work / "c"), "--append-eod", "--log-interval", str(10 ** 9)])
         ds_config = work / "ds.json"
-        ds_config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+        ds_config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+                                         "zero_optimization": {k: "auto" for k in AUTO_ZERO}}))
         runs = {name: [] for name in VARIANTS}
         for r in range(args.rounds):
             for name, flags in VARIANTS.items():
@@ -73,12 +88,22 @@ def main():
         print(f"DP=2, CPU-sized LLaMA-2, {args.dtype}, micro-batch 1, global batch 2, median step of "
               f"{args.iters - 1} after the first, {args.rounds} interleaved rounds:")
         base = statistics.median(x["step"] for x in runs["built-in, distributed optimizer"])
-        zero1_state = statistics.median(x["state"] for x in runs["DeepSpeed ZeRO-1"])
-        for name, xs in runs.items():
-            step, state = statistics.median(x["step"] for x in xs), statistics.median(x["state"] for x in xs)
-            print(f"  {name}: {step:.2f} s/step ({step / base:.2f}x the distributed optimizer's), model state "
-                  f"{state:.2f} GiB per rank ({state / zero1_state:.2f}x ZeRO-1's); runs "
-                  f"{[(round(x['step'], 2), round(x['state'], 2)) for x in xs]}", flush=True)
+        med = {name: {k: statistics.median(x[k] for x in xs) for k in ("step", "held", "peak")}
+               for name, xs in runs.items()}
+        for name, m in med.items():
+            print(f"  {name}: {m['step']:.2f} s/step ({m['step'] / base:.2f}x the distributed optimizer's); held "
+                  f"{m['held']:.2f} GiB per rank ({m['held'] / med['DeepSpeed ZeRO-1']['held']:.2f}x ZeRO-1's, "
+                  f"{m['held'] / med['DeepSpeed ZeRO-0']['held']:.2f}x ZeRO-0's), peak {m['peak']:.2f} GiB; runs "
+                  f"{[(round(x['step'], 2), round(x['held'], 2), round(x['peak'], 2)) for x in runs[name]]}",
+                  flush=True)
+        if args.dtype == "fp32":
+            p, n = runs["DeepSpeed ZeRO-1"][0]["params"], 2
+            theory = {"built-in, distributed optimizer": 8 * p + 8 * p / n, "DeepSpeed ZeRO-0": 12 * p,
+                      "DeepSpeed ZeRO-1": 4 * p + 12 * p / n, "DeepSpeed ZeRO-2": 4 * p + 12 * p / n,
+                      "DeepSpeed ZeRO-3": 20 * p / n}
+            print(f"  held against the arithmetic (P = {p:,}, N = {n}, fp32):")
+            for name, want in theory.items():
+                print(f"    {name}: {med[name]['held']:.3f} GiB measured, {want / 2 ** 30:.3f} GiB computed")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import ascend_patches
+from ascend_patches.device import cpu_heap
 from ascend_patches.with_deepspeed import accelerator_note, mpu
 from recipes import checkpointing, llama2, parallel, throughput, training
 from recipes.errors import BadInput
@@ -53,7 +54,7 @@ def flags_from_config(cfg: dict) -> dict:
         out["fp16"] = True
     params = (cfg.get("optimizer") or {}).get("params") or {}
     out["lr"] = params.get("lr")
-    return {k: v for k, v in out.items() if v is not None}
+    return {k: v for k, v in out.items() if v is not None and v != "auto"}  # "auto": the flags decide
 
 
 CONFIG_NAMES = {"micro_batch_size": "train_micro_batch_size_per_gpu", "global_batch_size": "train_batch_size",
@@ -74,9 +75,24 @@ def check_flags_against_config(args, cfg: dict, path: str) -> dict:
     return stated
 
 
+# "auto" in the zero_optimization section, as Hugging Face's DeepSpeed integration reads it:
+# sizes that follow the hidden size h (a bucket of one h x h weight, parameters below 10 h
+# elements kept whole at stage 3), so a small model does not carry DeepSpeed's fixed
+# 5e8-element buckets
+AUTO_ZERO = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+             "stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
 def ds_config(s: RunSettings) -> dict:
     """The config handed to DeepSpeed: the file's, with every value the settings determine."""
     cfg = json.loads(json.dumps(s.deepspeed.config))  # a copy
+    zero = cfg.setdefault("zero_optimization", {})
+    for key, value in zero.items():
+        if value == "auto":
+            if key not in AUTO_ZERO:
+                raise BadInput(f"--deepspeed_config {s.deepspeed.config_path}: zero_optimization.{key} is \"auto\", "
+                               f"which this recipe fills only for {', '.join(sorted(AUTO_ZERO))}; give a number")
+            zero[key] = AUTO_ZERO[key](s.shape.hidden_size)
     b, o, L = s.batches, s.optim, s.layout
     cfg.update(train_micro_batch_size_per_gpu=b.micro, train_batch_size=b.global_batch,
                gradient_accumulation_steps=b.num_microbatches, gradient_clipping=o.clip_grad,
@@ -88,6 +104,8 @@ def ds_config(s: RunSettings) -> dict:
     params.update(lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if ascend_patches.settings().backend == "cpu":
         params.setdefault("torch_adam", True)  # DeepSpeed's CPU FusedAdam is a JIT build; torch's AdamW is the same math
+        if params["torch_adam"]:
+            params.setdefault("fused", True)  # torch's one-kernel CPU AdamW, as megatron gets from the adamw patch
     cfg["optimizer"] = {"type": (cfg.get("optimizer") or {}).get("type", "AdamW"), "params": params}
     if s.deepspeed.activation_checkpointing:
         cfg["activation_checkpointing"] = dict(cfg.get("activation_checkpointing") or {},
@@ -128,7 +146,7 @@ class DeepSpeedEngine(Trainer):
                                               partition_activations=s.deepspeed.partition_activations)
             deepspeed.checkpointing.model_parallel_cuda_manual_seed(s.seed)
         self.on_cpu = ascend_patches.settings().backend == "cpu"
-        self.heap_note = None
+        self.heap_note = cpu_heap.keep_freed_memory() if self.on_cpu else None  # as the built-in loop does
         model = self._build_model()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, s.optim.weight_decay), config=self.cfg,

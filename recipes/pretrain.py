@@ -142,6 +142,10 @@ def _checkpoint_flags(p):
     g.add_argument("--measure-peak-every", type=int, default=0,
                    help="CPU: re-measure the GEMM peak every N iterations (untimed), so CPU-MFU compares each step "
                         "with the machine's speed at that time; a shared machine's speed drifts (default: never)")
+    g.add_argument("--log-tensor-memory", action="store_true",
+                   help="log the bytes held in tensors after each step (parameters, gradients, optimizer state, "
+                        "flat buffers; untimed): on a CPU the resident size also counts heap the allocator keeps "
+                        "after freeing, so it cannot compare what each optimizer holds")
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop after N iterations (to test resume)")
 
 

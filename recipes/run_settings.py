@@ -116,6 +116,7 @@ class Logging:
     metrics_file: Optional[str]
     peak_tflops: Optional[float]
     measure_peak_every: int
+    tensor_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,7 +377,8 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
             raise BadInput(f"unrecognized arguments: {' '.join(passthrough)}")
         return s
     builtin_only = [f for f, v in (("--metrics-file", args.metrics_file), ("--peak-tflops", args.peak_tflops),
-                                   ("--measure-peak-every", args.measure_peak_every)) if v]
+                                   ("--measure-peak-every", args.measure_peak_every),
+                                   ("--log-tensor-memory", args.log_tensor_memory)) if v]
     if builtin_only:
         raise BadInput(f"{', '.join(builtin_only)}: the built-in engine's metrics; with --megatron-lm, "
                          "Megatron-LM logs (and writes tensorboard with --tensorboard-dir)")
@@ -393,7 +395,8 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
                   (args.adam_beta1, args.adam_beta2), args.adam_eps, args.initial_loss_scale)
     logging = Logging(args.log_interval, args.eval_interval, args.eval_iters,
                       args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None),
-                      args.peak_tflops, args.measure_peak_every)
+                      args.peak_tflops, args.measure_peak_every,
+                      args.log_tensor_memory)
     stop_at = args.train_iters if args.exit_after_iters is None else min(args.train_iters, args.exit_after_iters)
     return RunSettings(
         model_name=size, shape=shape, vocab_size=vocab, padded_vocab=padded, dtype=dtype, layout=layout,

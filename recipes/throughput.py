@@ -90,6 +90,27 @@ def process_memory_gib() -> dict:
     return out
 
 
+def tensor_memory_gib() -> float:
+    """The bytes of every distinct tensor storage the process holds, in GiB: each tensor the
+    garbage collector tracks, and its ``.grad`` (a C++ member with no Python object until read),
+    counted once per storage.  Between steps that is the model state: parameters, gradients,
+    optimizer state and the optimizers' flat buffers."""
+    import gc
+
+    seen = {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor):
+                continue
+            for t in (obj, obj.grad) if obj.is_leaf and obj.requires_grad else (obj,):
+                if t is not None and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        except (RuntimeError, ReferenceError):  # a tensor subclass without storage; a dead weak proxy
+            continue
+    return sum(seen.values()) / 2 ** 30
+
+
 def device_memory() -> dict:
     """Peak device memory where the device reports it (CUDA, NPU); on a CPU, where the model
     lives in host memory, the process's resident memory."""

@@ -159,6 +159,8 @@ class Trainer:
         with MetricsLog(s.logging.metrics_file, self.rank == self.last_rank, start=self.first_iteration) as log:
             while self.progress["iteration"] < s.stop_at:
                 record = self.step()
+                if s.logging.tensor_memory:
+                    record["tensor_memory_gib"] = throughput.tensor_memory_gib()
                 record.update(self.evaluate())
                 self._log(record, log)
                 self.save()
@@ -233,8 +235,9 @@ class Trainer:
             val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
             done = it - self.first_iteration
             eta = (time.perf_counter() - self.started) / done * (s.stop_at - it)
+            norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"  # DeepSpeed ZeRO-0: not kept
             print(f"iteration {it:6d}/{s.train_iters} | loss {record['loss']:.6f}{val} | lr {record['lr']:.3e} | "
-                  f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s_per_device']:,.0f} tokens/s/device | "
+                  f"grad norm {norm} | {record['tokens_per_s_per_device']:,.0f} tokens/s/device | "
                   f"{record['tflops_per_device']:.4f} TFLOP/s/device | MFU {100 * record['mfu']:.2f}% "
                   f"({self.peak_src}) | ETA {_duration(eta)}", flush=True)
         log.write(record)

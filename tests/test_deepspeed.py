@@ -1,8 +1,8 @@
 """The DeepSpeed engine (recipes.pretrain --deepspeed) on Megatron-Core's LLaMA-2, CPU, gloo:
 ZeRO-1/2/3 and ZeRO-2 at TP=2 against a plain torch AdamW loop, bf16 against megatron's own
 bf16 path, recompute through deepspeed.checkpointing with dropout against no recompute,
-DeepSpeed's pipeline against one stage, exact resume, and a ZeRO-3 checkpoint carried to
-this project's format.
+DeepSpeed's pipeline against one stage, exact resume (fp32 and bf16), and a ZeRO-3
+checkpoint carried to this project's format.
 
 DeepSpeed JIT-builds its shared-memory communication op at init_distributed; the tests keep
 it in TORCH_EXTENSIONS_DIR under the checkout (.cache/, built once per fresh clone)."""
@@ -113,17 +113,38 @@ def test_pipeline_two_stages_equals_one_stage(data, tmp_path):
     assert len(two) == 20 and worst <= 1e-5, (worst, one, two)
 
 
-def test_resume_from_deepspeed_checkpoint_is_exact(data, tmp_path):
-    flags = ["--deepspeed", "--deepspeed_config", data["config"], "--zero-stage", 2, "--save-interval", 5]
+def _resume(data, tmp_path, config, *flags):
+    """(uninterrupted, stopped at 5 and resumed) losses per iteration, 10 iterations."""
+    flags = ["--deepspeed", "--deepspeed_config", config, "--save-interval", 5, *flags]
     run_torchrun("recipes.pretrain", *common(data, 10), *flags, "--save", tmp_path / "full", env=EXT, timeout=600)
     run_torchrun("recipes.pretrain", *common(data, 10), *flags, "--save", tmp_path / "part", "--exit-after-iters", 5,
                  env=EXT, timeout=600)
     out = run_torchrun("recipes.pretrain", *common(data, 10), *flags, "--save", tmp_path / "part", "--load",
                        tmp_path / "part", env=EXT, timeout=600)
     assert "(DeepSpeed, iteration 5)" in out
-    full = {json.loads(l)["iteration"]: json.loads(l)["loss"] for l in open(tmp_path / "full" / "metrics.jsonl")}
-    part = {json.loads(l)["iteration"]: json.loads(l)["loss"] for l in open(tmp_path / "part" / "metrics.jsonl")}
+    return [{json.loads(l)["iteration"]: json.loads(l)["loss"] for l in open(tmp_path / run / "metrics.jsonl")}
+            for run in ("full", "part")]
+
+
+def test_resume_from_deepspeed_checkpoint_is_exact(data, tmp_path):
+    full, part = _resume(data, tmp_path, data["config"], "--zero-stage", 2)
     assert part == full  # fp32, every iteration 1..10
+
+
+def test_bf16_resume_is_exact_and_why(data, tmp_path):
+    """bf16 resumes exactly because DeepSpeed reloads its fp32 master partition
+    (zero_optimization.load_from_fp32_weights, on by default).  Rebuilding the master weights
+    from the saved bf16 weights instead gives the first resumed step exactly and then a drift:
+    the signature of the drift first seen in a prototype."""
+    full, part = _resume(data, tmp_path / "a", data["config"], "--zero-stage", 1, "--bf16")
+    assert part == full
+    cfg = json.loads(open(data["config"]).read())
+    cfg["zero_optimization"] = {"load_from_fp32_weights": False}
+    rebuilt = tmp_path / "rebuilt.json"
+    rebuilt.write_text(json.dumps(cfg))
+    full, part = _resume(data, tmp_path / "b", rebuilt, "--zero-stage", 1, "--bf16")
+    assert all(part[i] == full[i] for i in range(1, 7)), (part, full)  # 6: the step from the loaded weights
+    assert all(part[i] != full[i] for i in range(7, 11)), (part, full)
 
 
 def test_zero3_checkpoint_converts_and_generates_the_trained_logits(data, tmp_path):

@@ -34,6 +34,26 @@ def test_config_fills_and_flags_must_agree(tmp_path):
     final = ds_config(s)
     assert final["train_batch_size"] == 8 and final["gradient_accumulation_steps"] == 2  # tiny: global batch 8, DP 2
     assert final["optimizer"]["params"]["torch_adam"] is True  # the CPU: torch's AdamW, no JIT-built FusedAdam
+    assert final["optimizer"]["params"]["fused"] is True  # its one-kernel CPU form
+
+
+def test_auto_values_follow_the_model_or_the_flags(tmp_path):
+    """Hugging Face-style "auto": batch sizes come from the flags (never a contradiction), the
+    bucket sizes from the hidden size; an "auto" the recipe cannot fill names the key."""
+    from recipes.deepspeed_engine import ds_config
+
+    auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                  "stage3_param_persistence_threshold": "auto"}}
+    s = _resolve(tmp_path, auto, "--micro-batch-size", 2)
+    h = s.shape.hidden_size
+    zero = ds_config(s)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (h * h, int(0.9 * h * h), 10 * h)
+    assert ds_config(s)["train_micro_batch_size_per_gpu"] == 2
+    bad = _resolve(tmp_path, {"zero_optimization": {"sub_group_size": "auto"}})
+    with pytest.raises(BadInput, match=r"zero_optimization\.sub_group_size is \"auto\""):
+        ds_config(bad)
 
 
 def test_pipeline_takes_zero1_at_most(tmp_path):
