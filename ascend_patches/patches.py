@@ -10,7 +10,7 @@ from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
 from . import with_deepspeed
-from .device import checkpoint_writer, cpu, cuda_queries, megatron_lm, rng, transformer_engine
+from .device import checkpoint_writer, cpu, cuda_queries, megatron_lm, rng, torch_compat, transformer_engine
 from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 
@@ -41,6 +41,12 @@ _(Patch("device.rng_fork_cpu", "megatron.core.tensor_parallel.random:CudaRNGStat
 _(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper, backends=NPU,
         group="device", sweep=False,
         why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))
+
+_(Patch("device.fs_writer_metadata_path", "torch.distributed.checkpoint.filesystem:FileSystemWriter.metadata_path",
+        replacement=torch_compat.MetadataPath(), create=True, sweep=False, group="device",
+        after="megatron.core.dist_checkpointing",
+        why="megatron-core 0.16's remove_sharded_tensors reads FileSystemWriter.metadata_path, which torch 2.13 "
+            "dropped"))
 
 _(Patch("collectives.reduce_scatter_tensor", "torch.distributed:reduce_scatter_tensor",
         wrapper=reduce_scatter_wrapper, backends=CPU, group="collectives",
@@ -119,7 +125,9 @@ _(Patch("rope.fusion", "megatron.core.models.common.embeddings.rope_utils:fused_
 _(Patch("adamw", "megatron.core.optimizer:Adam", replacement=adamw.FusedAdamW, sweep=False,
         why="NpuFusedAdamW / torch AdamW(fused=True) where megatron builds its optimizer"))
 _(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", replacement=False, sweep=False,
-        requires=("adamw",), why="makes megatron take its Apex-style Adam slot, which 'adamw' fills"))
+        requires=("adamw",), create=True,
+        why="makes megatron take its Apex-style Adam slot, which 'adamw' fills (0.15+; 0.14 has no switch and "
+            "always takes the slot)"))
 _(Patch("multi_tensor_l2norm", "megatron.core.utils:local_multi_tensor_l2_norm",
         replacement=multi_tensor.multi_tensor_l2_norm,
         why="torch._foreach_norm instead of one torch.norm per tensor (grad clipping without Apex)"))

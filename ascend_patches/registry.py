@@ -172,7 +172,7 @@ class Registry:
             if not patch.create:
                 raise PatchTargetError(_missing_message(patch)) from None
             original = _MISSING
-        if isinstance(owner, type) and not _defined_in_package(owner, attr):
+        if isinstance(owner, type) and original is not _MISSING and not _defined_in_package(owner, attr):
             # e.g. a method renamed upstream: getattr finds torch.nn.Module's instead.
             raise PatchTargetError(_missing_message(patch))
         if original is _MISSING and patch.kind == "wrap":

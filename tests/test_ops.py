@@ -218,3 +218,27 @@ def test_no_grad_linear_fast_path_equals_stock(single_process_group, monkeypatch
     assert torch.equal(fast, stock)
     y = row(col(x.requires_grad_())[0])[0]
     assert len(calls) == 4 and y.requires_grad
+
+
+def test_fused_adamw_takes_megatrons_unset_lr():
+    """megatron builds its optimizer with lr=None (OptimizerConfig.lr's default) and lets its
+    scheduler set the rate; Apex's FusedAdam takes that (megatron's dist_checkpointing unit
+    tests rely on it).  Once a rate is set the step equals torch's AdamW; a step before that
+    is refused."""
+    from ascend_patches.ops.adamw import FusedAdamW
+
+    torch.manual_seed(0)
+    w0, g = torch.randn(5, 3), torch.randn(5, 3)
+    p = torch.nn.Parameter(w0.clone())
+    opt = FusedAdamW([p], lr=None, weight_decay=0.1)
+    assert opt.param_groups[0]["lr"] is None and opt.defaults["lr"] is None
+    p.grad = g.clone()
+    with pytest.raises(ValueError, match="no learning rate in param group"):
+        opt.step()
+    opt.param_groups[0]["lr"] = 1e-2
+    opt.step()
+    q = torch.nn.Parameter(w0.clone())
+    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1)
+    q.grad = g.clone()
+    ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)  # fused vs for-loop kernel rounding

@@ -138,6 +138,22 @@ def test_create_installs_an_absent_name_and_revert_removes_it(fake_lib):
     assert lib.optional_ext == "cpu kernel"
     r.revert()
     assert not hasattr(lib, "optional_ext"), "revert must leave the name absent, as it was"
+    # an absent class attribute too (torch's FileSystemWriter.metadata_path), and its removal
+    r = _registry(Patch("cls_attr", "fake_lib_ap:K.added", replacement=property(lambda self: 7), create=True, why="t"))
+    r.apply(CPU)
+    assert lib.K().added == 7
+    r.revert()
+    assert not hasattr(lib.K, "added")
+
+
+def test_megatron_remove_sharded_tensors_path_on_this_torch(tmp_path):
+    """megatron-core 0.16's remove_sharded_tensors renames through FileSystemWriter.metadata_path,
+    which torch 2.13 no longer has; with the patch it is the checkpoint's .metadata file."""
+    import ascend_patches  # noqa: F401
+    import megatron.core.dist_checkpointing  # noqa: F401  (the patch waits for it)
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    assert FileSystemWriter(str(tmp_path)).metadata_path == tmp_path / ".metadata"
 
 
 def test_declaration_errors():

@@ -6,7 +6,12 @@ Megatron picks TE's or Apex's FusedAdam when installed, else a plain ``torch.opt
 - NPU: ``torch_npu.optim.NpuFusedAdamW``;
 - CUDA and CPU: ``torch.optim.AdamW(fused=True)`` (torch has fused CPU AdamW since 2.4).
 
-Megatron calls the class the Apex way (``adam_w_mode=`` selects AdamW vs Adam+L2).
+Megatron calls the class the Apex way (``adam_w_mode=`` selects AdamW vs Adam+L2), and with
+``lr=None`` where its ``OptimizerConfig.lr`` is unset: its scheduler sets each group's rate
+before the first step.  Apex's and TE's FusedAdam take that; torch's optimizers refuse it in
+the constructor, so the groups are built with a rate of 0 and then given ``None`` back, and a
+step taken before every group has a rate is refused (before it touches any state), instead
+of silently not moving.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ class FusedAdamW:
         if unsupported:
             raise TypeError(f"ascend_patches FusedAdamW does not support {sorted(unsupported)}; "
                             "disable the 'adamw' patch to use megatron's own choice")
+        opt = cls._build(params, 0.0 if lr is None else lr, betas, eps, weight_decay, adam_w_mode)
+        if lr is None:
+            opt.defaults["lr"] = None
+            for group in opt.param_groups:
+                group["lr"] = None
+            opt.register_step_pre_hook(_refuse_unset_lr)
+        return opt
+
+    @staticmethod
+    def _build(params, lr, betas, eps, weight_decay, adam_w_mode):
         kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if _state.backend() == "npu":
             import torch_npu
@@ -34,3 +49,11 @@ class FusedAdamW:
             return torch_npu.optim.NpuFusedAdamW(params, **kw)
         opt_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
         return opt_cls(params, fused=True, **kw)
+
+
+def _refuse_unset_lr(optimizer, args, kwargs):
+    unset = [i for i, group in enumerate(optimizer.param_groups) if group["lr"] is None]
+    if unset:
+        raise ValueError(f"optimizer step with no learning rate in param group(s) {unset}: the optimizer was built "
+                         "with lr=None (megatron's OptimizerConfig.lr unset) and nothing set one since; give "
+                         "OptimizerConfig.lr or let megatron's OptimizerParamScheduler step first")

@@ -1,9 +1,13 @@
 """pytest plugin for Megatron-Core's unit tests run as this project's gate: imports
 ascend_patches first (unless GATE_MODE=none) and writes every test's outcome, with the first
-line of why it did not pass, to $GATE_OUT/rank<RANK>.json."""
+line of why it did not pass, to $GATE_OUT/rank<RANK>.json.  After each test it destroys
+megatron's num-microbatches calculator, as the tests' own teardown does when they pass (run_gate
+lists this with its harness edits)."""
 
 import json
 import os
+
+import pytest
 
 if os.environ.get("GATE_MODE", "cpu") != "none":
     import ascend_patches  # noqa: F401
@@ -48,6 +52,16 @@ def _record(report):
 def pytest_collectreport(report):
     if report.failed:
         _results[report.nodeid + "::<collection>"] = {"outcome": "error", "why": _why(report)}
+    elif report.nodeid.endswith(".py") and report.passed and not report.result:
+        _results[report.nodeid + "::<no tests>"] = {"outcome": "skipped", "why": "the file defines no tests"}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    destroy_num_microbatches_calculator()
 
 
 def pytest_sessionfinish(session, exitstatus):

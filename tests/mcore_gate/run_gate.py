@@ -53,6 +53,14 @@ HARNESS_EDITS = [
 ]
 
 
+# what the pytest plugin (gate_plugin.py) does between tests, listed with the edits
+PLUGIN_EDITS = [
+    "gate_plugin.py: after each test, destroys megatron's num-microbatches calculator, as the tests' own teardown "
+    "does when they pass (one that fails before it, e.g. on a missing Transformer Engine, leaves it initialized, "
+    "and every later test in the session asserts on it)",
+]
+
+
 def load_expected() -> dict:
     return json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {"files": {}, "modes": {}}
 
@@ -92,13 +100,14 @@ def mode_env(mode: str, out: Path, work: Path) -> dict:
     return env
 
 
-def run_group(files, world: int, mode: str, work: Path, timeout_s: int) -> dict:
-    """One torchrun session of pytest over ``files`` at ``world`` ranks; merged outcomes
-    (a test fails if it fails on any rank)."""
+def run_group(targets, world: int, mode: str, work: Path, timeout_s: int, deselect=()) -> dict:
+    """One torchrun session of pytest over ``targets`` (files, or ``file::test`` node ids) at
+    ``world`` ranks; merged outcomes (a test fails if it fails on any rank)."""
     out = Path(tempfile.mkdtemp(dir=work))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-port",
            str(_free_port()), "-m", "pytest", "-q", "-p", "gate_plugin", "-p", "no:cacheprovider",
-           "--timeout", "120", "-o", "addopts=", "--continue-on-collection-errors", *[f"tests/unit_tests/{f}" for f in files]]
+           "--timeout", "120", "-o", "addopts=", "--continue-on-collection-errors",
+           *[f"tests/unit_tests/{t}" for t in targets], *[f"--deselect=tests/unit_tests/{t}" for t in deselect]]
     log = ""
     try:
         proc = subprocess.run(cmd, cwd=work, env=mode_env(mode, out, work), capture_output=True, text=True,
@@ -113,9 +122,9 @@ def run_group(files, world: int, mode: str, work: Path, timeout_s: int) -> dict:
             worst = merged.get(nodeid)
             if worst is None or _rank(r["outcome"]) > _rank(worst["outcome"]):
                 merged[nodeid] = r
-    for f in files:
-        if not any(k.split("::")[0] == f for k in merged):
-            merged[f + "::<no result>"] = {"outcome": "error", "why": f"no rank reported: {log}"}
+    for t in targets:
+        if not any(k == t or k.startswith(t + "::") or k.startswith(t + "[") for k in merged):
+            merged[t + "::<no result>"] = {"outcome": "error", "why": f"no rank reported: {log}"}
     return merged
 
 
@@ -182,24 +191,36 @@ def files_in(tier: str) -> list:
     return [f for f, s in spec.items() if tier == "all" or s.get("tier", "ci") == tier]
 
 
+def sessions(files, spec) -> list:
+    """(world size, targets, deselected) per torchrun session: the files at the world size they
+    were written for, the tests of a file that need more ranks (``wide_tests``) at theirs; the
+    2-rank files share one session, the 8-rank ones get one each (in a shared one, a failing
+    test's leftover state put the ranks out of step and hung the files after it)."""
+    by_world, wide = {}, {}
+    for f in files:
+        s = spec.get(f, {})
+        by_world.setdefault(s.get("world_size", 1), []).append(f)
+        for t in s.get("wide_tests", ()):
+            wide.setdefault((s["wide_world_size"], f), []).append(f"{f}::{t}")
+    deselect = [t for ts in wide.values() for t in ts]
+    out = []
+    for world, group in sorted(by_world.items()):
+        for part in ([group] if world <= 2 else [[f] for f in group]):
+            out.append((world, part, [t for t in deselect if t.split("::")[0] in part]))
+    out += [(world, ts, []) for (world, _), ts in sorted(wide.items())]
+    return out
+
+
 def run(mode: str, files=None, timeout_s: int = 900, tier: str = "ci") -> tuple:
-    """(results, harness edits made) for ``mode`` over ``files`` (default: the tier's files);
-    one torchrun session per world size, as Megatron-Core's CI runs its suite."""
+    """(results, harness edits made) for ``mode`` over ``files`` (default: the tier's files)."""
     spec = load_expected()["files"]
     files = files or files_in(tier)
-    groups = {}
-    for f in files:
-        groups.setdefault(spec.get(f, {}).get("world_size", 1), []).append(f)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        edits = copy_tests(work, mode)
+        edits = copy_tests(work, mode) + PLUGIN_EDITS
         results = {}
-        for world, group in sorted(groups.items()):
-            # 8-rank files one per session: in a shared one, a failing test's leftover state (the
-            # num-microbatches calculator, a collective some ranks never joined) put the ranks
-            # out of step and hung the files after it
-            for part in ([group] if world <= 2 else [[f] for f in group]):
-                results.update(run_group(part, world, mode, work, timeout_s))
+        for world, targets, deselect in sessions(files, spec):
+            results.update(run_group(targets, world, mode, work, timeout_s, deselect))
     return results, edits
 
 
@@ -220,6 +241,8 @@ def main(argv=None):
         print(table(results, files))
     if args.record:
         mode = expected["modes"].setdefault(args.mode, {})
+        for nodeid in [k for k in mode if k.split("::")[0] in files]:  # the files run are recorded afresh
+            del mode[nodeid]
         for nodeid, r in results.items():
             mode[nodeid] = ({"outcome": "passed"} if r["outcome"] == "passed" else
                             {"outcome": r["outcome"], "reason": reason_for(r["why"]), "why": r["why"][:200]})
