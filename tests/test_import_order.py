@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from tests.helpers.launch import ROOT
+from tests.helpers.launch import ROOT, pythonpath
 
 
 @pytest.mark.parametrize("order", ["megatron_first", "patches_first"])
 def test_import_order(order):
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "tests.helpers.import_order_probe", order],
                          capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                         env=dict(os.environ, PYTHONPATH=pythonpath()))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert all(result["patched"].values()), result["patched"]

@@ -108,17 +108,20 @@ def cpu_fork(self, name=None):
     if name not in self.states_:
         raise Exception(f"cuda rng state {name} is not added")
     host = torch.get_rng_state()
-    outer = self._current_state_name
+    names = hasattr(self, "_current_state_name")  # megatron-core 0.16+ names the active stream; 0.14-0.15 do not
+    outer = self._current_state_name if names else "default-rng"
     if outer != "default-rng":
         self.states_[outer] = host  # a nested fork: the outer stream is what the generator holds
     torch.set_rng_state(self.states_[name])
-    self._current_state_name = name
+    if names:
+        self._current_state_name = name
     try:
         yield
     finally:
-        if self._current_state_name != name:
+        if names and self._current_state_name != name:
             raise Exception(f"current state name {self._current_state_name} is not the same as the desired "
                             f"state name {name}.")
         self.states_[name] = torch.get_rng_state()
         torch.set_rng_state(self.states_[outer] if outer != "default-rng" else host)
-        self._current_state_name = outer
+        if names:
+            self._current_state_name = outer

@@ -97,9 +97,9 @@ def _unsupported(module, attention_bias, packed_seq_params) -> Optional[str]:
         return "packed sequences"
     if attention_bias is not None:
         return "attention bias"
-    if module.softmax_offset is not None:
+    if getattr(module, "softmax_offset", None) is not None:  # megatron-core 0.15+
         return f"softmax_type={module.config.softmax_type}"
-    if module.scale_mask_softmax.window_size is not None:
+    if getattr(module.scale_mask_softmax, "window_size", None) is not None:  # 0.15+
         return "sliding-window attention"
     return None
 

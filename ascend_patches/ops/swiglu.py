@@ -78,14 +78,15 @@ def swiglu_reference(x):
 
 def _fusable(mlp, per_token_scale) -> bool:
     cfg = mlp.config
+    newer = getattr  # fields megatron-core 0.14 does not have yet: absent means the feature is off
     return (
         cfg.gated_linear_unit
         and mlp.activation_func is F.silu
         and per_token_scale is None
-        and not cfg.use_te_activation_func
+        and not newer(cfg, "use_te_activation_func", False)
         and not cfg.activation_func_fp8_input_store
-        and cfg.activation_func_clamp_value is None
-        and not cfg.glu_linear_offset
+        and newer(cfg, "activation_func_clamp_value", None) is None
+        and not newer(cfg, "glu_linear_offset", 0)
     )
 
 

@@ -6,6 +6,7 @@ import sys
 
 order = sys.argv[1]
 if order == "megatron_first":
+    import megatron.core.optimizer  # noqa: F401  (0.16 imports it transitively, 0.14-0.15 do not)
     import megatron.core.tensor_parallel.mappings as mappings
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -18,6 +19,7 @@ if order == "megatron_first":
     import ascend_patches
 else:
     import ascend_patches
+    import megatron.core.optimizer  # noqa: F401
     import megatron.core.tensor_parallel.mappings as mappings
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.torch_norm import WrappedTorchNorm

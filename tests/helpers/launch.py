@@ -21,8 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pythonpath() -> str:
+    """The checkout first, then whatever PYTHONPATH the suite was started with (.ci/run puts an
+    older megatron-core release there to test it)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def env_for_ranks(extra=None) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1")
     env.update(extra or {})
     return env
 
