@@ -1,6 +1,7 @@
 """Megatron-Core's own unit tests (the third-party checkout's tests/unit_tests) as a gate:
-the CI tier's files at 8 gloo ranks with ascend_patches on the CPU, every test's outcome
-against tests/mcore_gate/expected.json.  A test that passed there and fails now fails this
+the CI tier's files at 2 gloo ranks (their tests that need more in one 8-rank session), with
+ascend_patches on the CPU and on the emulated NPU, every test's outcome against
+tests/mcore_gate/expected.json.  A test that passed there and fails now fails this
 test; one newly passing is printed, so expected.json gets tightened.  The extended tier
 (minutes per file on 2 cores) runs with ``python tests/mcore_gate/run_gate.py --tier extended``."""
 
@@ -18,9 +19,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.skipif(not (THIRD_PARTY / "Megatron-LM" / "tests" / "unit_tests").is_dir(),
                     reason="the third-party Megatron-LM checkout is not beside the repository")
-def test_megatron_core_unit_tests_hold_on_the_cpu():
-    results, edits = run_gate.run("cpu", tier="ci", timeout_s=1200)
-    expected = run_gate.load_expected()["modes"]["cpu"]
+@pytest.mark.parametrize("mode", ["cpu", "npu"])
+def test_megatron_core_unit_tests_hold(mode):
+    results, edits = run_gate.run(mode, tier="ci", timeout_s=1200)
+    expected = run_gate.load_expected()["modes"][mode]
     files = run_gate.files_in("ci")
     want = {k: v for k, v in expected.items() if k.split("::")[0] in files}
     newly_failing, newly_passing = run_gate.compare(results, want)
