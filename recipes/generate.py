@@ -205,12 +205,12 @@ def interactive(lm, tokenizer, args, rank: int):
             print(f"(this reply gets at most {budget} tokens: the model's positions are nearly full)", flush=True)
         if rank == 0 and args.show_prompt:
             print(f"[prompt, {len(ids)} tokens] {tokenizer.decode(ids)!r}", flush=True)
-        if rank == 0:
-            sys.stdout.write("Assistant: ")
-            sys.stdout.flush()
         t0 = time.time()
         streamer = Streamer(tokenizer, rank == 0)
-        try:
+        try:  # from the reply's first character: a Ctrl-C once "Assistant: " shows stops the reply
+            if rank == 0:
+                sys.stdout.write("Assistant: ")
+                sys.stdout.flush()
             out = run_generation(lm, tokenizer, args, [ids], on_token=streamer if args.num_beams == 1 else None,
                                  max_new_tokens=budget)[0][0]
             tokens = out.tokens

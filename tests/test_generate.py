@@ -200,10 +200,14 @@ def _pty_chat(stories_ckpt, script):
     ``script``: (text to wait for, bytes to type) pairs.  (output, exit status)."""
     import os
     import pty
+    import signal
     import sys
 
     pid, fd = pty.fork()
     if pid == 0:
+        # a shell starts a program with Ctrl-C's default action; a test run launched as a
+        # background job (bash: '&' without job control) ignores SIGINT, and the chat would inherit that
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.environ.update(env_for_ranks({"MASTER_PORT": str(free_port())}))
         os.chdir(str(ROOT))
         os.execv(sys.executable, [sys.executable, "-m", "recipes.generate", "--load", str(stories_ckpt),
