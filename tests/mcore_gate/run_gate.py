@@ -90,7 +90,7 @@ def copy_tests(dest: Path, mode: str) -> list:
 
 def mode_env(mode: str, out: Path, work: Path) -> dict:
     env = dict(os.environ, GATE_MODE=mode, GATE_OUT=str(out), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(work), str(HERE)]))
+               PYTHONPATH=os.pathsep.join([str(work), str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     for k in ("ASCEND_PATCHES_BACKEND", "ASCEND_PATCHES_ANSWER_CUDA_QUERIES", "ASCEND_PATCHES_DISABLE"):
         env.pop(k, None)
     if mode in ("cuda_queries", "npu"):
@@ -258,7 +258,9 @@ def run(mode: str, files=None, timeout_s: int = 900, tier: str = "ci") -> tuple:
         edits = copy_tests(work, mode) + PLUGIN_EDITS
         results = {}
         for world, targets, deselect in sessions(files, spec):
-            results.update(run_group(targets, world, mode, work, timeout_s, deselect))
+            # a file whose tests alone outlast the default says so (session_timeout_s)
+            limit = max([timeout_s] + [spec.get(t.split("::")[0], {}).get("session_timeout_s", 0) for t in targets])
+            results.update(run_group(targets, world, mode, work, limit, deselect))
     return results, edits
 
 
