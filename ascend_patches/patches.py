@@ -82,6 +82,11 @@ _(Patch("device.test_mode.device_count", "torch.cuda:device_count",
         wrapper=cuda_queries.answer(cuda_queries.TEST_MODE, cuda_queries.local_world_size), backends=CPU | NPU,
         group="device", sweep=False, option="answer_cuda_queries",
         why="test mode: one device per local rank for megatron.* and tests.* callers"))
+_(Patch("device.test_mode.device_capability", "torch.cuda:get_device_capability",
+        wrapper=cuda_queries.answer(cuda_queries.TEST_MODE, lambda: (0, 0)), backends=CPU | NPU, group="device",
+        sweep=False, option="answer_cuda_queries",
+        why="test mode: a device with no CUDA architecture, (0, 0), for callers told a device is there "
+            "(they read it next; off CUDA it raises)"))
 
 # Megatron-LM's training package (a checkout's megatron/training, megatron/legacy)
 _(Patch("megatron_lm.cuda_is_available", "torch.cuda:is_available",

@@ -59,6 +59,9 @@ PLUGIN_EDITS = [
     "gate_plugin.py: after each test, destroys megatron's num-microbatches calculator, as the tests' own teardown "
     "does when they pass (one that fails before it, e.g. on a missing Transformer Engine, leaves it initialized, "
     "and every later test in the session asserts on it)",
+    "gate_plugin.py: after each test that tore megatron's model parallelism down, destroys the process groups made "
+    "since (megatron drops them undestroyed; on gloo each keeps threads and sockets, and 8-rank files ran out of "
+    "both: ~950 threads per rank, 'Connection reset by peer')",
 ]
 
 
@@ -149,32 +152,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-REASONS = [  # (pattern in the failure text, the reason recorded in expected.json)
+# (pattern in the failure text, the reason recorded in expected.json, whether the issue's goal
+# counts the test: one that needs TE, Apex, CUDA graphs, FP8 or a GPU memory pool cannot pass
+# on a host without it)
+REASONS = [
     (r"'>=' not supported between instances of 'NoneType' and 'Version'",
      "the tests' conftest calls is_te_min_version(), which raises TypeError without Transformer Engine "
-     "(ascend_patches makes it answer False)"),
-    (r"Fused QKV RoPE not available", "needs Transformer Engine"),
-    (r"TESpecProvider|transformer_engine|Transformer Engine|\bTE\b|te_version|TELinear|TENorm", "needs Transformer Engine"),
-    (r"[Aa]pex", "needs Apex"),
-    (r"[Cc]uda[ _]?[Gg]raph|CUDAGraph|graph capture", "CUDA graphs"),
-    (r"[Ff][Pp]8|fp4|FP4", "FP8/FP4"),
-    (r"memory_allocated|max_memory|memory pool|mem_get_info", "asserts a GPU memory pool > 0"),
-    (r"flash_attn|flashattn|FlashAttention", "needs flash-attn (CUDA)"),
-    (r"world_size .* is not divisible|not divisible by", "layout needs more ranks than the file was written for"),
+     "(ascend_patches makes it answer False)", True),
+    (r"Fused QKV RoPE not available", "needs Transformer Engine", False),
+    (r"TESpecProvider|transformer_engine|Transformer Engine|\bTE\b|te_version|TELinear|TENorm",
+     "needs Transformer Engine", False),
+    (r"amp_C", "needs Apex (amp_C)", False),
+    (r"[Aa]pex", "needs Apex", False),
+    (r"[Cc]uda[ _]?[Gg]raph|CUDAGraph|graph capture", "CUDA graphs", False),
+    (r"[Ff][Pp]8|fp4|FP4", "FP8/FP4", False),
+    (r"memory_allocated|max_memory|memory pool|mem_get_info", "asserts a GPU memory pool > 0", False),
+    (r"flash_attn|flashattn|FlashAttention", "needs flash-attn (CUDA)", False),
+    (r"world_size .* is not divisible|not divisible by", "layout needs more ranks than the file was written for",
+     True),
     (r"doesn't have NCCL built in", "the NPU emulation has no HCCL, so the test's nccl process group cannot start "
-                                    "(on an Ascend host transfer_to_npu maps it to hccl)"),
+                                    "(on an Ascend host transfer_to_npu maps it to hccl)", True),
     (r"Torch not compiled with CUDA enabled", "moves a tensor with .cuda(): no device here (transfer_to_npu redirects "
-                                              "it to the NPU on an Ascend host; the emulation does not)"),
-    (r"file defines no tests", "the file defines no tests (upstream keeps them inside a string)"),
-    (r"assert 'cpu' == 'cuda'", "asserts its output is on a CUDA device"),
-    (r"amp_C", "needs Apex (amp_C)"),
-    (r"requires 2 GPUs, but only 8 are available", "asks for a world of exactly 2; the file's other tests need 8"),
-    (r"CUDA|cuda|nccl|NCCL", "CUDA-only code path"),
+                                              "it to the NPU on an Ascend host; the emulation does not)", True),
+    (r"file defines no tests", "the file defines no tests (upstream keeps them inside a string)", True),
+    (r"assert 'cpu' == 'cuda'", "asserts its output is on a CUDA device", True),
+    (r"requires 2 GPUs, but only 8 are available", "asks for a world of exactly 2; the file's other tests need 8",
+     True),
+    (r"^marked flaky_in_dev upstream", "fails at megatron's own assertion on any device; upstream marks it "
+                                       "flaky_in_dev and Megatron-LM's CI (run_ci_test.sh) deselects those", False),
+    (r"Test requires world_size=\d+, but got 0", "takes its world size from torch.cuda.device_count() (0 here, "
+                                                 "truthfully; the cuda_queries mode answers one per rank)", True),
+    (r"CUDA|cuda|nccl|NCCL", "CUDA-only code path", True),
 ]
+NOT_ELIGIBLE = frozenset(reason for _, reason, eligible in REASONS if not eligible)
 
 
 def reason_for(why: str) -> str:
-    for pattern, reason in REASONS:
+    for pattern, reason, _ in REASONS:
         if re.search(pattern, why):
             return reason
     return "unclassified: " + why[:120]
@@ -194,6 +208,13 @@ def compare(results: dict, expected: dict) -> tuple:
     return newly_failing, newly_passing
 
 
+def check(results: dict, mode: str, files) -> tuple:
+    """(newly failing, newly passing) of ``results`` against what expected.json holds for
+    ``mode`` over ``files``."""
+    want = {k: v for k, v in load_expected()["modes"].get(mode, {}).items() if k.split("::")[0] in files}
+    return compare(results, want)
+
+
 def table(results: dict, files) -> str:
     rows = ["| file | collected | passed | failed | skipped |", "|---|---|---|---|---|"]
     total = Counter()
@@ -205,11 +226,6 @@ def table(results: dict, files) -> str:
     rows.append(f"| all | {sum(total.values())} | {total['passed']} | {total['failed'] + total['error']} | "
                 f"{total['skipped']} |")
     return "\n".join(rows)
-
-
-# what the issue's goal sets aside: a test that needs one of these cannot pass on a host without it
-NOT_ELIGIBLE = ("needs Transformer Engine", "needs Apex", "CUDA graphs", "FP8/FP4", "asserts a GPU memory pool > 0",
-                "needs flash-attn (CUDA)", "needs Apex (amp_C)")
 
 
 def summary(results: dict) -> str:
@@ -289,8 +305,7 @@ def main(argv=None):
                             {"outcome": r["outcome"], "reason": reason_for(r["why"]), "why": r["why"][:200]})
         EXPECTED.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
         return 0
-    want = {k: v for k, v in expected["modes"].get(args.mode, {}).items() if k.split("::")[0] in files}
-    newly_failing, newly_passing = compare(results, want)
+    newly_failing, newly_passing = check(results, args.mode, files)
     for line in newly_passing:
         print(f"NEWLY PASSING (tighten expected.json): {line}")
     for line in newly_failing:

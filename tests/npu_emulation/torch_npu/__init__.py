@@ -16,6 +16,21 @@ from . import optim  # noqa: F401
 
 __version__ = "2.13.0+emulated"
 EMULATED = True
+
+
+def _register_hccl():
+    """The real torch_npu registers its HCCL process group on import.  The emulated NPU is the
+    CPU, so its "hccl" is gloo under that name (torch 2.13's gloo has every collective megatron
+    asks HCCL for: reduce-scatter and a flat all-gather output included)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and "hccl" not in dist.Backend.backend_list:
+        dist.Backend.register_backend(
+            "hccl", lambda store, rank, size, timeout: dist.ProcessGroupGloo(store, rank, size, timeout),
+            devices=["cpu"])
+
+
+_register_hccl()
 calls = {"npu_fusion_attention": 0, "npu_rms_norm": 0, "npu_swiglu": 0, "npu_rotary_mul": 0}
 
 _LAYOUTS = ("SBH", "BSH", "BNSD", "BSND", "TND")
