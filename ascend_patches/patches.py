@@ -118,7 +118,8 @@ _(Patch("flash_attention", "megatron.core.transformer.dot_product_attention:DotP
         why="npu_fusion_attention / SDPA flash kernel instead of baddbmm + softmax + bmm"))
 _(Patch("rms_norm", "megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__",
         wrapper=rms_norm.wrapped_torch_norm_new,
-        why="npu_rms_norm / fused rms_norm for every norm the local spec builds (layers and final)"))
+        why="npu_rms_norm / fused rms_norm for every norm the local spec builds (layers and final); a "
+            "LayerNorm under sequence parallelism, refused by stock without TE, gets its parameters marked"))
 _(Patch("swiglu", "megatron.core.transformer.mlp:MLP.forward", wrapper=swiglu.mlp_forward,
         why="npu_swiglu / one-pass SwiGLU, with or without bias_activation_fusion"))
 _(Patch("rope", "megatron.core.models.common.embeddings.rope_utils:_apply_rotary_pos_emb_bshd",

@@ -242,3 +242,27 @@ def test_fused_adamw_takes_megatrons_unset_lr():
     q.grad = g.clone()
     ref.step()
     torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)  # fused vs for-loop kernel rounding
+
+
+def test_layer_norm_under_sequence_parallelism_is_marked_for_the_tp_all_reduce():
+    """Stock WrappedTorchNorm refuses a LayerNorm with sequence_parallel (TE's norm handles it);
+    the patch builds torch's LayerNorm and marks its parameters as TE's norm does, which is what
+    megatron's finalize_model_grads reads to all-reduce their gradients over the TP group
+    (Megatron-Core's dist_checkpointing optimizer tests build exactly this)."""
+    import ascend_patches
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, sequence_parallel=True,
+                            tensor_model_parallel_size=2)
+    norm = WrappedTorchNorm(config=cfg, hidden_size=16, eps=1e-5)
+    assert isinstance(norm, torch.nn.LayerNorm)
+    assert [getattr(p, "sequence_parallel", None) for p in norm.parameters()] == [True, True]
+    x = torch.randn(5, 2, 16)
+    torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(x, (16,), norm.weight, norm.bias, 1e-5),
+                               rtol=0, atol=0)
+    with ascend_patches.disabled("rms_norm"), pytest.raises(AssertionError, match="sequence parallel"):
+        WrappedTorchNorm(config=cfg, hidden_size=16, eps=1e-5)
+    cfg.sequence_parallel = False
+    plain = WrappedTorchNorm(config=cfg, hidden_size=16, eps=1e-5)
+    assert not any(getattr(p, "sequence_parallel", False) for p in plain.parameters())

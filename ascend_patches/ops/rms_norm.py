@@ -91,10 +91,20 @@ class FusedRMSNorm(torch.nn.Module):
 
 
 def wrapped_torch_norm_new(original):
-    """Wrap ``WrappedTorchNorm.__new__``: RMSNorm configs get the fused module, the rest stock."""
+    """Wrap ``WrappedTorchNorm.__new__``: RMSNorm configs get the fused module; a LayerNorm
+    under sequence parallelism, which stock refuses without Transformer Engine, gets torch's
+    LayerNorm with its parameters marked as TE's norm marks them (megatron then all-reduces
+    their gradients over the tensor-parallel group); the rest stock."""
 
     def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
                 zero_centered_gamma=False, normalization="LayerNorm"):
+        unsupported = (config.layernorm_zero_centered_gamma or config.persist_layer_norm
+                       or getattr(config, "memory_efficient_layer_norm", False))
+        if config.normalization == "LayerNorm" and config.sequence_parallel and not unsupported:
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            for p in norm.parameters():
+                setattr(p, "sequence_parallel", True)
+            return norm
         if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
             return original(cls, config, hidden_size, eps, persist_layer_norm,
                             zero_centered_gamma, normalization)

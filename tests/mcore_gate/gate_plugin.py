@@ -42,15 +42,21 @@ def _record(report):
     nodeid = report.nodeid
     if report.when == "call":
         outcome = "passed" if report.passed else "skipped" if report.skipped else "failed"
-        why = "" if report.passed else _why(report)
-        if report.failed and "flaky_in_dev" in report.keywords:  # Megatron-LM's CI deselects these
-            why = "marked flaky_in_dev upstream: " + why
-        _results[nodeid] = {"outcome": outcome, "why": why,
+        _results[nodeid] = {"outcome": outcome, "why": "" if report.passed else _why(report),
                             "seconds": round(report.duration, 2)}
     elif report.skipped:  # skipped in setup: skipif / importorskip
         _results[nodeid] = {"outcome": "skipped", "why": _why(report)}
     elif report.failed and (report.when == "setup" or _results.get(nodeid, {}).get("outcome") == "passed"):
         _results[nodeid] = {"outcome": "error", "why": _why(report)}
+
+
+def pytest_deselected(items):
+    for item in items:  # run_gate passes -m "not flaky_in_dev", as Megatron-LM's CI does
+        if item.get_closest_marker("flaky_in_dev"):
+            _results[item.nodeid] = {"outcome": "skipped", "why": FLAKY}
+
+
+FLAKY = "deselected: marked flaky_in_dev upstream"
 
 
 def pytest_collectreport(report):
@@ -73,10 +79,18 @@ def _tracking(new_group):
     return tracked
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads basetemp
 def pytest_configure(config):
     import torch.distributed as dist
 
     dist.new_group = _tracking(dist.new_group)
+    out = os.environ.get("GATE_OUT")
+    if out and not config.option.basetemp:
+        # the tests' tmp_path_dist_ckpt is basetemp's grandparent / "tmp_dist_ckpt", shared by
+        # the ranks, and rank 0 deletes it at the end: under the default basetemp that is
+        # /tmp/pytest-of-<user>/tmp_dist_ckpt for every pytest on the machine
+        os.makedirs(os.path.join(out, "pytest"), exist_ok=True)
+        config.option.basetemp = os.path.join(out, "pytest", f"rank{os.environ.get('RANK', '0')}")
 
 
 @pytest.hookimpl(hookwrapper=True)
