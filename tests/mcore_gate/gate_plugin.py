@@ -50,6 +50,15 @@ def _record(report):
         _results[nodeid] = {"outcome": "error", "why": _why(report)}
 
 
+NOT_REPORTED = "no outcome: the session ended (ran past its time limit) before this test reported"
+
+
+def pytest_collection_finish(session):
+    for item in session.items:  # overwritten as each test reports; what is left was never reached
+        _results.setdefault(item.nodeid, {"outcome": "error", "why": NOT_REPORTED})
+    _save()
+
+
 def pytest_deselected(items):
     for item in items:  # run_gate passes -m "not flaky_in_dev", as Megatron-LM's CI does
         if item.get_closest_marker("flaky_in_dev"):

@@ -8,7 +8,7 @@ and their per-test outcomes compared with ``expected.json``.
 
 Tiers: ``ci`` (``tests/test_mcore_gate.py``, in the CI run: the files written for at most 2
 ranks, one session) and ``extended``: the 8-rank files, one torchrun session per file, about
-25 minutes on 2 cores (``expected.json`` says why for each); run them with ``--tier
+30 minutes on 2 cores (``expected.json`` says why for each); run them with ``--tier
 extended``.  Nothing is dropped: every listed file is in one tier.
 
 Modes: ``cpu`` (ascend_patches on the CPU backend), ``cuda_queries`` (the same, with
@@ -191,8 +191,14 @@ REASONS = [
     (r"Grouped GEMM is not available", "needs the grouped_gemm CUDA extension", False),
     (r"Skipped: TP \(\d+\) \* PP \(\d+\) > \d+", "skips itself: its layout needs more ranks than the 8 it was "
                                                   "written for (upstream's 8-GPU CI skips it too)", False),
-    (r"DEBUG +c10d-NullHandler-dcp_logger", "asserts caplog.text == '', and torch 2.13's checkpoint logger "
+    (r"DEBUG +c10d-NullHandler-dcp_logger|assert \"DEBUG +c10\.\.\.", "asserts caplog.text == '', and torch 2.13's checkpoint logger "
                                            "(dcp_logger) writes DEBUG records there: torch, on any device", True),
+    (r"Skipped: Multiple optimizer instances require distributed optimizer", "skips itself: a parameter "
+     "combination it rules out (upstream skips it too)", False),
+    (r"name 'nvtx' is not defined", "needs the nvtx package (megatron-core's dev extra; in this project's test extra "
+                                    "since)", True),
+    (r"^no outcome: the session ended", "never reported: its session ran past its time limit (a test before it, "
+                                        "or this one, blocked in a collective)", True),
     (r"CUDA|cuda|nccl|NCCL", "CUDA-only code path", True),
 ]
 NOT_ELIGIBLE = frozenset(reason for _, reason, eligible in REASONS if not eligible)
