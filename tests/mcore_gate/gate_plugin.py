@@ -59,13 +59,13 @@ def pytest_collection_finish(session):
     _save()
 
 
+FLAKY = "deselected: marked flaky_in_dev upstream"
+
+
 def pytest_deselected(items):
     for item in items:  # run_gate passes -m "not flaky_in_dev", as Megatron-LM's CI does
         if item.get_closest_marker("flaky_in_dev"):
             _results[item.nodeid] = {"outcome": "skipped", "why": FLAKY}
-
-
-FLAKY = "deselected: marked flaky_in_dev upstream"
 
 
 def pytest_collectreport(report):

@@ -173,8 +173,6 @@ REASONS = [
     (r"flash_attn|flashattn|FlashAttention", "needs flash-attn (CUDA)", False),
     (r"world_size .* is not divisible|not divisible by", "layout needs more ranks than the file was written for",
      True),
-    (r"doesn't have NCCL built in", "the NPU emulation has no HCCL, so the test's nccl process group cannot start "
-                                    "(on an Ascend host transfer_to_npu maps it to hccl)", True),
     (r"Torch not compiled with CUDA enabled", "moves a tensor with .cuda(): no device here (transfer_to_npu redirects "
                                               "it to the NPU on an Ascend host; the emulation does not)", True),
     (r"file defines no tests", "the file defines no tests (upstream keeps them inside a string)", True),
@@ -191,8 +189,9 @@ REASONS = [
     (r"Grouped GEMM is not available", "needs the grouped_gemm CUDA extension", False),
     (r"Skipped: TP \(\d+\) \* PP \(\d+\) > \d+", "skips itself: its layout needs more ranks than the 8 it was "
                                                   "written for (upstream's 8-GPU CI skips it too)", False),
-    (r"DEBUG +c10d-NullHandler-dcp_logger|assert \"DEBUG +c10\.\.\.", "asserts caplog.text == '', and torch 2.13's checkpoint logger "
-                                           "(dcp_logger) writes DEBUG records there: torch, on any device", True),
+    (r"DEBUG +c10d-NullHandler-dcp_logger|assert \"DEBUG +c10\.\.\.",
+     "asserts caplog.text == '', and torch 2.13's checkpoint logger (dcp_logger) writes DEBUG records there: torch, "
+     "on any device", True),
     (r"Skipped: Multiple optimizer instances require distributed optimizer", "skips itself: a parameter "
      "combination it rules out (upstream skips it too)", False),
     (r"name 'nvtx' is not defined", "needs the nvtx package (megatron-core's dev extra; in this project's test extra "
