@@ -15,6 +15,8 @@ from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_lin
 from .registry import Patch, Registry
 
 CPU, NPU = frozenset({"cpu"}), frozenset({"npu"})
+_NPU_RNG_WHY = ("megatron's private RNG helpers index torch.cuda.default_generators, which transfer_to_npu "
+                "aliases to the NPU's only from torch_npu 2.14, and only after the device initialises")
 
 REGISTRY = Registry()
 _ = REGISTRY.declare
@@ -30,10 +32,10 @@ _(Patch("device.rng_set_cpu", "megatron.core.tensor_parallel.random:_set_cuda_rn
         why="megatron's RNG tracker writes torch.cuda.default_generators directly"))
 _(Patch("device.rng_get_npu", "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
         replacement=rng.get_state_npu, backends=NPU, group="device",
-        why="transfer_to_npu does not cover megatron's private RNG helpers"))
+        why=_NPU_RNG_WHY))
 _(Patch("device.rng_set_npu", "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
         replacement=rng.set_state_npu, backends=NPU, group="device",
-        why="transfer_to_npu does not cover megatron's private RNG helpers"))
+        why=_NPU_RNG_WHY))
 _(Patch("device.rng_fork_cpu", "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.fork",
         replacement=megatron_lm.cpu_fork, backends=CPU, group="device", sweep=False,
         why="one generator holds the CPU's host and tracker streams: the fork parks the host stream, so it "

@@ -29,6 +29,12 @@ class PatchTargetError(RuntimeError):
     """A declared target does not exist in the installed library (renamed or removed upstream)."""
 
 
+class PatchNotApplicable(Exception):
+    """Raised by a wrapper that finds, at patch time, that what it would call is unusable here
+    (e.g. an installed kernel whose schema fits no calling convention it knows): the patch is
+    skipped, the target kept, and the message is the report's reason."""
+
+
 @dataclass(frozen=True)
 class Patch:
     name: str
@@ -177,7 +183,11 @@ class Registry:
             raise PatchTargetError(_missing_message(patch))
         if original is _MISSING and patch.kind == "wrap":
             raise PatchTargetError(f"patch {patch.name}: {patch.target} is absent, so there is nothing to wrap")
-        new = patch.replacement if patch.kind == "replace" else patch.wrapper(original)
+        try:
+            new = patch.replacement if patch.kind == "replace" else patch.wrapper(original)
+        except PatchNotApplicable as why:
+            self.status[patch.name] = ("skipped", str(why))
+            return
         if new is original:  # the wrapper found nothing to change (e.g. a kernel the library already has)
             self.status[patch.name] = ("skipped", f"{patch.target} already provides it; kept")
             return

@@ -39,16 +39,15 @@ class FusedAdamW:
 
     @staticmethod
     def _build(params, lr, betas, eps, weight_decay, adam_w_mode):
-        kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if _state.backend() == "npu":
             import torch_npu
 
             if not adam_w_mode:
                 raise NotImplementedError("torch_npu has no fused Adam with L2 decay here; "
                                           "use decoupled_weight_decay=True or disable the 'adamw' patch")
-            return torch_npu.optim.NpuFusedAdamW(params, **kw)
+            return torch_npu.optim.NpuFusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         opt_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
-        return opt_cls(params, fused=True, **kw)
+        return opt_cls(params, fused=True, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def _refuse_unset_lr(optimizer, args, kwargs):

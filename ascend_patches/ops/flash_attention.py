@@ -43,14 +43,15 @@ def attention_npu(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: fl
 
     sq, b, n, d = q.shape
     sk, _, ng, dv = v.shape
-    kwargs = dict(scale=scale, keep_prob=1.0 - dropout_p)
-    if causal:
-        kwargs.update(atten_mask=_compressed_causal_mask(q.device), sparse_mode=2,
-                      pre_tockens=65536, next_tockens=0)
-    elif mask is not None:
-        kwargs.update(atten_mask=_full_mask(mask, sq, sk), sparse_mode=0)
+    if causal:  # left-up causal from the compressed mask (torch_npu's sparse_mode 2)
+        atten_mask, sparse_mode, pre_tockens, next_tockens = _compressed_causal_mask(q.device), 2, 65536, 0
+    else:
+        atten_mask = None if mask is None else _full_mask(mask, sq, sk)
+        sparse_mode, pre_tockens, next_tockens = 0, 2147483647, 2147483647  # the schema's defaults
     out = torch_npu.npu_fusion_attention(
-        q.reshape(sq, b, n * d), k.reshape(sk, b, ng * d), v.reshape(sk, b, ng * dv), n, "SBH", **kwargs
+        q.reshape(sq, b, n * d), k.reshape(sk, b, ng * d), v.reshape(sk, b, ng * dv), n, "SBH",
+        atten_mask=atten_mask, scale=scale, keep_prob=1.0 - dropout_p, pre_tockens=pre_tockens,
+        next_tockens=next_tockens, sparse_mode=sparse_mode,
     )[0]
     return out
 

@@ -2,7 +2,8 @@
 ``y = x*cos + rotate_half(x)*sin`` with ``rotate_half(x) = cat(-x2, x1)``, on the first
 ``rot_dim`` channels; the rest pass through.
 
-- NPU: ``torch_npu.npu_rotary_mul(x, cos, sin, mode='half')``.
+- NPU: ``torch_npu.npu_rotary_mul`` in the calling convention its registered schema has
+  (read when the patch applies: releases differ, see ``rotary_call_for``).
 - CUDA and CPU: an autograd function that saves only cos/sin (not x); cos/sin are computed
   once per ``freqs`` tensor (megatron passes the same one to every layer, for q and k)
   instead of twice per layer.
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable, Optional
+
 from .. import _state
 from . import compiled
-from ..registry import warn_once
+from ..registry import PatchNotApplicable, warn_once
 
 _cache = {"freqs": None, "version": None, "dtype": None, "cos": None, "sin": None}
 
@@ -62,10 +65,61 @@ class _RotaryHalf(torch.autograd.Function):
         return compiled.run(_rope_grad_math)(g, cos, sin), None, None
 
 
-def rotary_npu(x, cos, sin):
+def _rotary_three_tensors(x, cos, sin):
     import torch_npu
 
-    return torch_npu.npu_rotary_mul(x, cos, sin, mode="half")
+    return torch_npu.npu_rotary_mul(x, cos, sin)
+
+
+def _rotary_mode_half(x, cos, sin):
+    import torch_npu
+
+    return torch_npu.npu_rotary_mul(x, cos, sin, rotary_mode="half")
+
+
+def rotary_call_for(schema) -> Optional[Callable]:
+    """The call that fits a registered ``npu_rotary_mul`` schema, or None.
+
+    torch_npu has registered the op two ways: three tensors and nothing else (2.1.0 before
+    .post17, rotate-half being its only mode), and with ``str rotary_mode='half'`` fourth
+    (later 2.1 releases on; 2.14 appends an optional ``rotate`` matrix).  Anything else is a
+    convention this code has not seen, and guessing a keyword would fail on the first call.
+    """
+    args = list(schema.arguments)
+    if len(args) < 3 or any(str(a.type) != "Tensor" for a in args[:3]):
+        return None
+    rest = args[3:]
+    if any(not a.has_default_value() for a in rest):
+        return None
+    if not rest:
+        return _rotary_three_tensors
+    if rest[0].name == "rotary_mode" and str(rest[0].type) == "str" and not rest[0].kwarg_only:
+        return _rotary_mode_half
+    return None
+
+
+def installed_rotary_schema():
+    import torch_npu  # noqa: F401  (registers torch.ops.npu)
+
+    return torch.ops.npu.npu_rotary_mul.default._schema
+
+
+_npu_call = {"schema": None, "call": None}
+
+
+def npu_rotary_call() -> Optional[Callable]:
+    schema = installed_rotary_schema()
+    if _npu_call["schema"] is None or str(_npu_call["schema"]) != str(schema):
+        _npu_call.update(schema=schema, call=rotary_call_for(schema))
+    return _npu_call["call"]
+
+
+def rotary_npu(x, cos, sin):
+    call = npu_rotary_call()
+    if call is None:
+        raise RuntimeError(f"torch_npu's npu_rotary_mul has the schema {installed_rotary_schema()}, which fits no "
+                           "calling convention ascend_patches knows; disable the 'rope' patch")
+    return call(x, cos, sin)
 
 
 def rotary_torch(x, cos, sin):
@@ -90,7 +144,12 @@ def rope_reference(t, freqs):
 
 def apply_rotary_pos_emb_bshd(original):
     """Wrap megatron's ``_apply_rotary_pos_emb_bshd``; interleaved, MLA-permuted and
-    mscaled variants are not rotate-half and run stock code."""
+    mscaled variants are not rotate-half and run stock code.  On an NPU whose
+    ``npu_rotary_mul`` schema fits no known convention the patch does not apply (the report
+    shows the schema) and megatron's own RoPE runs."""
+    if _state.backend() == "npu" and npu_rotary_call() is None:
+        raise PatchNotApplicable(f"torch_npu's npu_rotary_mul schema fits no known calling convention: "
+                                 f"{installed_rotary_schema()}")
 
     def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
         if rotary_interleaved or multi_latent_attention or mscale != 1.0 or t.dim() != 4:

@@ -1,0 +1,226 @@
+"""The numerics of the emulated torch_npu ops, registered under the schemas torch_npu registers.  TESTS ONLY.
+
+The real ``torch_npu.<op>`` *is* ``torch.ops.npu.<op>`` (torch_npu's ``_exports.py``), so the
+emulation registers each op it covers with ``torch.library`` under the very schema string
+torch-npu 2.14.0's ``libtorch_npu.so`` holds (``SCHEMAS``; ``tests/test_torch_npu_contract.py``
+checks them against the wheel and the outputs against the wheel's meta functions).  torch's
+dispatcher then binds a call exactly as on an Ascend host: a keyword the real op rejects fails
+here with the same "Unknown keyword argument" error.  The numerics are plain torch on the CPU,
+with the argument checks the real kernels make on the layouts the patches use.
+
+This module is not named ``torch_npu``: the ``npu_emulated`` fixture drops ``torch_npu*`` from
+``sys.modules`` between tests, while torch keeps an op library for the life of the process, so
+the ops are defined once, here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CONTRACT_VERSION = "2.14.0"
+SCHEMAS = {
+    "npu_fusion_attention": (
+        'npu_fusion_attention(Tensor query, Tensor key, Tensor value, int head_num, str input_layout, '
+        'Tensor? pse=None, Tensor? padding_mask=None, Tensor? atten_mask=None, float scale=1., '
+        'float keep_prob=1., int pre_tockens=2147483647, int next_tockens=2147483647, int inner_precise=0, '
+        'int[]? prefix=None, int[]? actual_seq_qlen=None, int[]? actual_seq_kvlen=None, int sparse_mode=0, '
+        'bool gen_mask_parallel=True, bool sync=False, str softmax_layout="", Tensor? sink=None, '
+        'Tensor? dropout_mask=None, int seed=0, int offset=0) -> (Tensor, Tensor, Tensor, Tensor, int, int, int)'),
+    "npu_rms_norm": "npu_rms_norm(Tensor input, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)",
+    "npu_swiglu": "npu_swiglu(Tensor input, int dim=-1) -> Tensor",
+    "npu_rotary_mul": ("npu_rotary_mul(Tensor input, Tensor r1, Tensor r2, str rotary_mode='half', "
+                       "Tensor? rotate=None) -> Tensor"),
+}
+calls = {name: 0 for name in SCHEMAS}
+
+_LAYOUTS = ("SBH", "BSH", "BNSD", "BSND", "TND")
+
+
+def _to_bnsd(t: torch.Tensor, layout: str, heads: int, name: str):
+    if layout == "BNSD":
+        if t.dim() != 4:
+            raise RuntimeError(f"npu_fusion_attention: {name} must be 4-D for BNSD, got {tuple(t.shape)}")
+        return t
+    if layout == "BSND":
+        if t.dim() != 4:
+            raise RuntimeError(f"npu_fusion_attention: {name} must be 4-D for BSND, got {tuple(t.shape)}")
+        return t.permute(0, 2, 1, 3)
+    if t.dim() != 3:
+        raise RuntimeError(f"npu_fusion_attention: {name} must be 3-D for {layout}, got {tuple(t.shape)}")
+    if t.shape[-1] % heads:
+        raise RuntimeError(f"npu_fusion_attention: {name} hidden {t.shape[-1]} not divisible by {heads} heads")
+    d = t.shape[-1] // heads
+    if layout == "SBH":
+        s, b, _ = t.shape
+        return t.reshape(s, b, heads, d).permute(1, 2, 0, 3)
+    b, s, _ = t.shape  # BSH
+    return t.reshape(b, s, heads, d).permute(0, 2, 1, 3)
+
+
+def _from_bnsd(o: torch.Tensor, layout: str):
+    b, n, s, d = o.shape
+    if layout == "BNSD":
+        return o
+    if layout == "BSND":
+        return o.permute(0, 2, 1, 3)
+    if layout == "SBH":
+        return o.permute(2, 0, 1, 3).reshape(s, b, n * d)
+    return o.permute(0, 2, 1, 3).reshape(b, s, n * d)
+
+
+def _kv_heads(t: torch.Tensor, layout: str, head_dim: int) -> int:
+    if layout in ("BNSD",):
+        return t.shape[1]
+    if layout == "BSND":
+        return t.shape[2]
+    if t.shape[-1] % head_dim:
+        raise RuntimeError("npu_fusion_attention: key/value hidden size is not a multiple of head_dim")
+    return t.shape[-1] // head_dim
+
+
+def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
+                         atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=2147483647,
+                         next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
+                         actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
+                         softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0):
+    calls["npu_fusion_attention"] += 1
+    if softmax_layout or sink is not None or dropout_mask is not None:
+        raise NotImplementedError("the emulation does not cover softmax_layout / sink / dropout_mask")
+    if input_layout not in _LAYOUTS:
+        raise RuntimeError(f"npu_fusion_attention: input_layout {input_layout!r} not in {_LAYOUTS}")
+    if input_layout == "TND":
+        raise NotImplementedError("the emulation does not cover the packed TND layout")
+    if not isinstance(head_num, int) or head_num <= 0:
+        raise RuntimeError(f"npu_fusion_attention: head_num must be a positive int, got {head_num!r}")
+    if pse is not None or padding_mask is not None or prefix is not None:
+        raise NotImplementedError("the emulation does not cover pse / padding_mask / prefix")
+    if not 0.0 < keep_prob <= 1.0:
+        raise RuntimeError(f"npu_fusion_attention: keep_prob must be in (0, 1], got {keep_prob}")
+    if sparse_mode not in (0, 2):
+        raise NotImplementedError(f"the emulation covers sparse_mode 0 and 2, not {sparse_mode}")
+
+    q = _to_bnsd(query, input_layout, head_num, "query")
+    d = q.shape[-1]
+    n_kv = _kv_heads(key, input_layout, d)
+    if head_num % n_kv:
+        raise RuntimeError(f"npu_fusion_attention: key heads {n_kv} do not divide head_num {head_num}")
+    k = _to_bnsd(key, input_layout, n_kv, "key")
+    v = _to_bnsd(value, input_layout, n_kv, "value")
+    b, n, sq, _ = q.shape
+    sk = k.shape[2]
+
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if sparse_mode == 2:
+        if atten_mask is None or tuple(atten_mask.shape) != (2048, 2048):
+            raise RuntimeError("npu_fusion_attention: sparse_mode=2 needs the compressed [2048, 2048] mask")
+        if not torch.equal(atten_mask.bool(), torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)):
+            raise RuntimeError("npu_fusion_attention: sparse_mode=2 mask must be triu(ones, diagonal=1)")
+        allowed &= torch.ones(sq, sk, dtype=torch.bool).tril()  # left-up causal
+        full_mask = None
+    else:
+        full_mask = atten_mask
+        if atten_mask is not None:
+            if atten_mask.dtype not in (torch.bool, torch.uint8):
+                raise RuntimeError(f"npu_fusion_attention: atten_mask must be bool/uint8, got {atten_mask.dtype}")
+            shape = tuple(atten_mask.shape)
+            ok = {(b, n, sq, sk), (b, 1, sq, sk), (1, 1, sq, sk), (sq, sk)}
+            if shape not in ok:
+                raise RuntimeError(f"npu_fusion_attention: atten_mask shape {shape} not one of {sorted(ok)}")
+        i = torch.arange(sq).unsqueeze(1)
+        j = torch.arange(sk).unsqueeze(0)
+        allowed &= (j >= i - pre_tockens) & (j <= i + next_tockens)
+
+    rep = n // n_kv
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale
+    masked = ~allowed
+    if full_mask is not None:
+        fm = full_mask.bool()
+        masked = masked | (fm if fm.dim() == 4 else fm.view(1, 1, sq, sk))
+    scores = scores.masked_fill(masked, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    fully_masked = torch.isinf(row_max)
+    probs = torch.exp(scores - row_max.masked_fill(fully_masked, 0))
+    row_sum = probs.sum(-1, keepdim=True)
+    probs = probs / row_sum
+    if inner_precise == 2:
+        probs = probs.masked_fill(fully_masked, 0.0)
+    if keep_prob < 1.0:
+        probs = F.dropout(probs, p=1.0 - keep_prob, training=True)
+    out = (probs @ vf).to(query.dtype)
+    softmax_max = row_max.expand(b, n, sq, 8).float().detach()
+    softmax_sum = row_sum.expand(b, n, sq, 8).float().detach()
+    return (_from_bnsd(out, input_layout), softmax_max, softmax_sum,
+            torch.empty(0, dtype=query.dtype), 0, 0, 0)
+
+
+def npu_rms_norm(x, gamma, epsilon=1e-6):
+    calls["npu_rms_norm"] += 1
+    if x.dim() < gamma.dim():
+        raise RuntimeError(f"npu_rms_norm: gamma has more dims than x {tuple(x.shape)}")
+    k = gamma.dim()
+    if tuple(x.shape[-k:]) != tuple(gamma.shape):
+        raise RuntimeError(f"npu_rms_norm: gamma shape {tuple(gamma.shape)} does not match x's trailing dims {tuple(x.shape)}")
+    dims = tuple(range(x.dim() - k, x.dim()))
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + epsilon)
+    y = (xf * rstd * gamma.float()).to(x.dtype)
+    return y, rstd
+
+
+def npu_swiglu(x, dim=-1):
+    calls["npu_swiglu"] += 1
+    if x.shape[dim] % 2:
+        raise RuntimeError(f"npu_swiglu: size {x.shape[dim]} of dim {dim} is odd")
+    a, b = x.chunk(2, dim=dim)
+    return (F.silu(a.float()) * b.float()).to(x.dtype)
+
+
+def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
+    calls["npu_rotary_mul"] += 1
+    mode = rotary_mode
+    if rotate is not None:
+        raise NotImplementedError("the emulation does not cover the rotate matrix")
+    if x.dim() != 4:
+        raise RuntimeError(f"npu_rotary_mul: x must be 4-D, got {tuple(x.shape)}")
+    if mode not in ("half", "interleave"):
+        raise RuntimeError(f"npu_rotary_mul: rotary_mode must be 'half' or 'interleave', got {mode!r}")
+    if r1.shape != r2.shape or r1.dim() != 4 or r1.shape[-1] != x.shape[-1]:
+        raise RuntimeError(f"npu_rotary_mul: cos/sin shapes {tuple(r1.shape)}/{tuple(r2.shape)} "
+                           f"do not broadcast to x {tuple(x.shape)}")
+    torch.broadcast_shapes(x.shape, r1.shape)
+    if mode == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return x * r1 + rotated * r2
+
+IMPLEMENTATIONS = {"npu_fusion_attention": npu_fusion_attention, "npu_rms_norm": npu_rms_norm,
+                   "npu_swiglu": npu_swiglu, "npu_rotary_mul": npu_rotary_mul}
+
+
+def define(lib: "torch.library.Library", schemas=None, implementations=None) -> None:
+    """Define each op in ``lib`` under its schema with the emulated numerics (autograd runs
+    through the plain torch math: CompositeImplicitAutograd)."""
+    for name, schema in (schemas or SCHEMAS).items():
+        lib.define(schema)
+        op = schema.split("(", 1)[0]
+        lib.impl(op, (implementations or IMPLEMENTATIONS)[name], "CompositeImplicitAutograd")
+
+
+def _define_once():
+    try:
+        torch.ops.npu.npu_rotary_mul.default
+        return None  # already defined in this process
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("npu", "FRAGMENT")
+    define(lib)
+    return lib
+
+
+_LIB = _define_once()
