@@ -19,12 +19,15 @@ from . import _state
 from .backend import detect, dist_backend as _dist_backend_for
 from .patches import REGISTRY
 from .registry import Patch, PatchTargetError
+from . import refusals
+from .refusals import register as register_refusal
 from .settings import (ConfigurationError, Settings, auto_apply, check_compile_ops, env_backend, env_disabled,
-                       env_flag, install_excepthook, parse_disable)
+                       env_flag, parse_disable)
 from .versions import check_megatron_version, installed_versions
 
 __version__ = "0.1.0"
 __all__ = ["apply", "revert", "configure", "disabled", "report", "settings", "dist_backend", "device",
+           "compiled_decode_unavailable", "register_refusal",
            "Patch", "PatchTargetError", "REGISTRY", "ConfigurationError"]
 
 _notes = []
@@ -56,6 +59,16 @@ def _settings_from_env() -> Settings:
 
 def settings() -> Settings:
     return _state.current()
+
+
+def compiled_decode_unavailable(model) -> str:
+    """Why the compiled decode step would not run for ``model`` ('' when it would), for a
+    caller that asks for it to say so instead of silently running the eager step."""
+    from .ops import decode_compiled
+
+    if REGISTRY.status.get("decode_model", ("",))[0] != "applied":
+        return "the decode_model patch is not applied (see ascend_patches.report())"
+    return decode_compiled.unfit(model)
 
 
 def apply() -> None:
@@ -214,7 +227,8 @@ def report(import_targets: bool = False) -> str:
     return "\n".join(lines)
 
 
-install_excepthook()
+refusals.register(ConfigurationError)
+refusals.install()
 _version_note = check_megatron_version()
 if _version_note:
     _notes.append(_version_note)

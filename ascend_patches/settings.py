@@ -37,25 +37,6 @@ class ConfigurationError(ValueError):
     the message names it and what it may be."""
 
 
-def excepthook(exc_type, exc, tb, _previous=[]):
-    """A ``ConfigurationError`` that nothing caught (a bad ASCEND_PATCHES_* variable at import)
-    prints as one line on rank 0 and exits with status 2; anything else goes to the hook that
-    was there before."""
-    if issubclass(exc_type, ConfigurationError) and os.environ.get("ASCEND_PATCHES_DEBUG", "") not in ("1", "true"):
-        if int(os.environ.get("RANK", "0")) == 0:  # the real stderr: torch.distributed's hook buffers sys.stderr
-            sys.__stderr__.write(f"error: {exc}\n")
-        sys.stdout.flush()
-        sys.__stderr__.flush()
-        os._exit(2)
-    return _previous[0](exc_type, exc, tb)
-
-
-def install_excepthook() -> None:
-    if sys.excepthook is not excepthook:
-        excepthook.__defaults__[0][:] = [sys.excepthook]
-        sys.excepthook = excepthook
-
-
 @dataclass(frozen=True)
 class Settings:
     backend: str

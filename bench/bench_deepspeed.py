@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_megatron_lm import SHAPE, TOKENIZER, corpus  # noqa: E402
-from recipes.deepspeed_engine import AUTO_ZERO  # noqa: E402
+from recipes.train.deepspeed_engine import AUTO_ZERO  # noqa: E402
 
 VARIANTS = {
     "built-in, distributed optimizer": ["--use-distributed-optimizer"],
@@ -71,7 +71,7 @@ def main():
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = p.parse_args()
-    from recipes import preprocess_data
+    from recipes.data import preprocess_data
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

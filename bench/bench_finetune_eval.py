@@ -28,8 +28,8 @@ FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 def bench_eval(tmp: Path, rounds: int):
     from converters import hf_to_megatron, megatron_to_hf
-    from recipes import evaluate, inference
-    from recipes.tokenizer import load_tokenizer
+    from recipes.infer import evaluate, inference
+    from recipes.data.tokenizer import load_tokenizer
     from tests.helpers import lm_eval_reference as ref
 
     tmp.mkdir(parents=True)
@@ -65,7 +65,7 @@ def bench_eval(tmp: Path, rounds: int):
 
 def bench_lora(tmp: Path, rounds: int, iters: int, wide: bool):
     from converters import hf_to_megatron
-    from recipes import preprocess_data
+    from recipes.data import preprocess_data
 
     tmp.mkdir(parents=True)
     hf = FIXTURES / "stories260K"

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ascend_patches  # noqa: E402
 from ascend_patches import _state  # noqa: E402
 from ascend_patches.device import cpu_heap  # noqa: E402
-from recipes import llama2, parallel, training  # noqa: E402
+from recipes import llama2, parallel  # noqa: E402
+from recipes.train import training
 
 
 def main():

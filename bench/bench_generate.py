@@ -46,7 +46,7 @@ def bench_generation(args):
     from transformers import LlamaForCausalLM
 
     from converters import hf_to_megatron
-    from recipes import decoding, inference
+    from recipes.infer import decoding, inference
 
     tmp = Path(tempfile.mkdtemp())
     hf_dir = hf_model_dir(args.model, tmp)

@@ -104,7 +104,8 @@ def _step_run(data, engine_flags, iters, dtype, work, tag):
 def bench_step(checkout: Path, data: Path, work: Path, iters: int, dtype: str, rounds: int):
     import torch
 
-    from recipes import llama2, throughput
+    from recipes import llama2
+    from recipes.train import throughput
 
     shape = llama2.LlamaShape(8, 1024, 2816, 16, 16, 32000, 512)
     flops = throughput.train_flops_per_token(shape, 512, 32000) * 2 * 512  # one global batch of 2 x 512

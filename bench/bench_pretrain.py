@@ -35,7 +35,7 @@ def bench_preprocess(tok: str, work: Path, copies: int):
         for c in range(copies):
             for r in rows:
                 f.write(json.dumps({"text": f"{r['instruction']}\n{r['input']}\n{r['output']}"}) + "\n")
-    from recipes import preprocess_data
+    from recipes.data import preprocess_data
 
     results = {}
     for workers in (1, 2):

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import ascend_patches
-from recipes import llama2, parallel, throughput, training
+from recipes import llama2, parallel
+from recipes.train import throughput, training
 
 SHAPES = {
     "cpu": (llama2.LlamaShape(8, 1024, 2816, 16, 16, vocab_size=32000, seq_length=512), 512, 2),

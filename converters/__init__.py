@@ -3,6 +3,5 @@
 Converters build on the recipes' shape and checkpoint pieces (``recipes.llama2``,
 ``recipes.checkpointing``, ``recipes.lora``); the recipes never import converters."""
 
-from recipes import errors
+from recipes import errors  # noqa: F401  (registers the recipes' refusals with ascend_patches' hook)
 
-errors.install()  # a refusal that reaches the top of a command prints as one line

@@ -29,7 +29,7 @@ SAVED = {"embedding.word_embeddings.weight": "embedding", "output_layer.weight":
 
 def read_lora(folder) -> Tuple[dict, Dict[Tuple[str, int], torch.Tensor], Dict[str, torch.Tensor]]:
     """(config, {(canonical name, layer): global delta}, {canonical name: full saved module weight})."""
-    from recipes import checkpointing, lora
+    from recipes.train import checkpointing, lora
 
     cfg = lora.read_config(folder)
     it_dir = checkpointing.iter_dir(folder, checkpointing.latest_iteration(folder))

@@ -159,7 +159,7 @@ def _tokenizer_vocab(args: dict) -> Optional[int]:
     path = args.get("tokenizer_name_or_path")
     if not path or not Path(path).exists():
         return None
-    from recipes.tokenizer import load_tokenizer
+    from recipes.data.tokenizer import load_tokenizer
 
     return load_tokenizer(path).vocab_size
 
@@ -352,7 +352,7 @@ class DeepSpeedSource:
     def __init__(self, root, tag: Optional[str] = None):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from recipes import checkpointing
+        from recipes.train import checkpointing
 
         self.dir = Path(root)
         it = checkpointing.latest_iteration(self.dir)
@@ -384,7 +384,7 @@ class DeepSpeedSource:
 def open_megatron(folder, shape: Optional[ModelShape] = None, vocab_size: Optional[int] = None):
     """A Megatron checkpoint folder (the one holding latest_checkpointed_iteration.txt, or an
     iteration folder itself) as a reader."""
-    from recipes import checkpointing
+    from recipes.train import checkpointing
 
     folder = Path(folder)
     if not folder.exists():

@@ -2,9 +2,8 @@
 
 import warnings
 
-from recipes import errors
+from recipes import errors  # noqa: F401  (registers the recipes' refusals with ascend_patches' hook)
 
-errors.install()  # a refusal that reaches the top of a command prints as one line
 
 # Expected on any machine without Transformer Engine / Apex (every CPU and NPU one): the
 # fused replacements come from ascend_patches instead.

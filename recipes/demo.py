@@ -27,7 +27,9 @@ import torch.distributed as dist
 
 import ascend_patches
 from recipes.errors import ArgumentParser
-from recipes import checkpointing, evaluate, generate, pretrain, preprocess_data
+from recipes.data import preprocess_data
+from recipes.infer import evaluate, generate
+from recipes.train import checkpointing, pretrain
 
 HERE = Path(__file__).resolve().parent / "demo_data"
 TOKENIZER = HERE / "tokenizer_stories260K.model"

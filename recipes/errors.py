@@ -1,22 +1,17 @@
 """Refusals a user can act on, as one line; everything else keeps its traceback.
 
 A command raises ``BadInput`` (a ``ValueError``), ``MissingInput`` (a ``FileNotFoundError``)
-or ``Exists`` (a ``FileExistsError``) naming the file, row, flag or tensor and what to do;
-``ascend_patches`` raises ``ascend_patches.ConfigurationError`` for a bad setting.  Importing
-``recipes`` installs ``excepthook``: such an error prints as ``error: ...`` on rank 0 only,
-every rank exits with status 2, and the message goes into torchrun's error file, so its
-failure summary carries the sentence instead of ``error_file: <N/A>``.  An unexpected
-exception still shows its traceback; ``--debug`` or ``ASCEND_PATCHES_DEBUG=1`` shows the
-traceback of a refusal too.
+or ``Exists`` (a ``FileExistsError``) naming the file, row, flag or tensor and what to do.
+They are registered with ascend_patches' refusal hook (``ascend_patches.refusals``), which
+prints them as one ``error: ...`` line; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib.util
 import sys
-import time
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -35,16 +30,24 @@ class Exists(UserError, FileExistsError):
     pass
 
 
-def is_refusal(exc: BaseException) -> bool:
-    if isinstance(exc, UserError):
-        return True
-    from ascend_patches import ConfigurationError
+def _refusal_hook():
+    """ascend_patches' refusal hook, without importing ascend_patches where nothing has yet
+    (its import applies the patches: seconds that preprocess_data has no use for)."""
+    name = "ascend_patches.refusals"
+    if name not in sys.modules:
+        if "ascend_patches" in sys.modules:
+            import ascend_patches.refusals  # noqa: F401
+        else:
+            here = Path(importlib.util.find_spec("ascend_patches").origin).parent / "refusals.py"
+            spec = importlib.util.spec_from_file_location(name, here)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    return sys.modules[name]
 
-    return isinstance(exc, ConfigurationError)
 
-
-def debug() -> bool:
-    return "--debug" in sys.argv or os.environ.get("ASCEND_PATCHES_DEBUG", "").strip().lower() in ("1", "true", "yes")
+_refusal_hook().register(UserError)
+_refusal_hook().install()
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -70,41 +73,3 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise BadInput(f"{self.prog}: {message} (see --help)")
-
-
-def _write_error_file(message: str) -> None:
-    """torchrun's per-rank error file (TORCHELASTIC_ERROR_FILE), which its failure summary shows."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    record = {"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                             "timestamp": str(int(time.time()))}}}
-    try:
-        with open(path, "w") as f:
-            json.dump(record, f)
-    except OSError:
-        pass
-
-
-def excepthook(exc_type, exc, tb, _previous=[]) -> None:
-    if not is_refusal(exc) or debug():
-        return (_previous[0] if _previous else sys.__excepthook__)(exc_type, exc, tb)
-    message = f"error: {exc}"
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:  # the real stderr: torch.distributed's excepthook wrapper has swapped in a buffer
-        print(message, file=sys.__stderr__, flush=True)
-    _write_error_file(message)  # every rank: torchrun's summary names whichever failed first
-    if rank != 0:
-        # a refusal is the same on every rank: let rank 0 say it before torchrun, seeing this
-        # rank exit, stops the others (its summary shows this rank's error file if rank 0 had none)
-        time.sleep(3)
-    sys.stdout.flush()
-    sys.__stderr__.flush()
-    os._exit(2)  # no per-rank traceback, no atexit noise from half-built process groups
-
-
-def install() -> None:
-    """For the commands (``python -m recipes...`` / ``converters...``): uncaught refusals as one line."""
-    if sys.excepthook is not excepthook:
-        excepthook.__defaults__[0][:] = [sys.excepthook]
-        sys.excepthook = excepthook

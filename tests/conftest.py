@@ -32,7 +32,7 @@ def stories_sft(tmp_path_factory, fixtures_dir):
     """stories260K converted to Megatron (``base``) and the Alpaca sample as instruction data
     (``sft``) in its tokenizer: the fine-tuning tests' starting point."""
     from converters import hf_to_megatron
-    from recipes import preprocess_data
+    from recipes.data import preprocess_data
 
     root = tmp_path_factory.mktemp("stories_sft")
     hf_to_megatron.main(["--input-model-dir", str(fixtures_dir / "stories260K"), "--output-model-dir",
@@ -85,7 +85,7 @@ def npu_emulated(single_process_group):
 def alpaca_pretrain_data(tmp_path_factory, fixtures_dir):
     """(indexed-dataset prefix, tokenizer): the Alpaca sample's responses as pretraining text in
     stories260K's 512-piece tokenizer, for the pretraining runs."""
-    from recipes import preprocess_data
+    from recipes.data import preprocess_data
 
     out = tmp_path_factory.mktemp("alpaca_pretrain")
     tok = str(fixtures_dir / "stories260K" / "tokenizer.model")

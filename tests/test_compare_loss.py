@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from recipes import compare_loss
+from recipes.train import compare_loss
 
 
 def _write(path, losses, start=1):

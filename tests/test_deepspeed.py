@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from recipes import compare_loss, preprocess_data
+from recipes.data import preprocess_data
+from recipes.train import compare_loss
 from tests.helpers.launch import ROOT, run_torchrun
 
 pytestmark = pytest.mark.slow  # multi-process DeepSpeed runs
@@ -149,7 +150,7 @@ def test_bf16_resume_is_exact_and_why(data, tmp_path):
 
 def test_zero3_checkpoint_converts_and_generates_the_trained_logits(data, tmp_path):
     from converters import deepspeed_to_megatron
-    from recipes import inference
+    from recipes.infer import inference
 
     ckpt = tmp_path / "zero3"
     run_torchrun("deepspeed_checks.py", "trained_logits", tmp_path / "trained.pt", "--", *common(data, 5),

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from recipes import pretrain, run_settings
+from recipes.train import pretrain, run_settings
 from recipes.errors import BadInput
 
 
@@ -29,7 +29,7 @@ def test_config_fills_and_flags_must_agree(tmp_path):
         _resolve(tmp_path, cfg, "--micro-batch-size", 4)
     with pytest.raises(BadInput, match=r"--zero-stage 2 contradicts zero_optimization\.stage = 3"):
         _resolve(tmp_path, cfg, "--zero-stage", 2)
-    from recipes.deepspeed_engine import ds_config
+    from recipes.train.deepspeed_engine import ds_config
 
     final = ds_config(s)
     assert final["train_batch_size"] == 8 and final["gradient_accumulation_steps"] == 2  # tiny: global batch 8, DP 2
@@ -40,7 +40,7 @@ def test_config_fills_and_flags_must_agree(tmp_path):
 def test_auto_values_follow_the_model_or_the_flags(tmp_path):
     """Hugging Face-style "auto": batch sizes come from the flags (never a contradiction), the
     bucket sizes from the hidden size; an "auto" the recipe cannot fill names the key."""
-    from recipes.deepspeed_engine import ds_config
+    from recipes.train.deepspeed_engine import ds_config
 
     auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
             "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from converters import hf_to_megatron, megatron_to_hf
-from recipes import evaluate
+from recipes.infer import evaluate
 from tests.helpers.launch import run_torchrun
 from tests.helpers import lm_eval_reference as ref  # needs lm-eval: the [test] extra installs it
 
@@ -25,8 +25,8 @@ def model(tmp_path_factory, fixtures_dir):
 
 
 def _ours(model, questions, single_process_group):
-    from recipes import inference
-    from recipes.tokenizer import load_tokenizer
+    from recipes.infer import inference
+    from recipes.data.tokenizer import load_tokenizer
 
     lm = inference.load(model / "mg", 1, 1)
     tok = load_tokenizer(str(model / "hf"))  # lm-eval tokenizes with the export's tokenizer too

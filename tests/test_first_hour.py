@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes import checkpointing, pretrain, run_settings
+from recipes.train import checkpointing, pretrain, run_settings
 from recipes.errors import BadInput, MissingInput
 from tests.helpers.launch import ROOT, env_for_ranks, free_port, run_module, run_torchrun
 

@@ -76,7 +76,7 @@ def test_sampling_is_reproducible_and_seeded(stories_ckpt, tmp_path):
 
 
 def test_batched_prompts_equal_one_at_a_time(stories_ckpt, single_process_group):
-    from recipes import decoding, inference
+    from recipes.infer import decoding, inference
 
     lm = inference.load(stories_ckpt, 1, 1)
     prompts = [[1, 403, 407, 261, 378], [1], [1, 67, 429, 270, 260, 392, 281, 449, 300]]
@@ -96,7 +96,7 @@ def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_grou
     the torch.compile'd step (compile_decode) the same within rounding."""
     import ascend_patches
     from ascend_patches.ops import decode_compiled, decode_layer
-    from recipes import decoding, inference
+    from recipes.infer import decoding, inference
 
     lm = inference.load(stories_ckpt, 1, 1)
     calls = []
@@ -132,9 +132,9 @@ def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_grou
         ascend_patches.configure(compile_decode=False)
         decode_compiled.model_step = original_step
     assert len(compiled_steps) == 4
-    assert decode_compiled.compile_unavailable(lm.model) == ""
+    assert ascend_patches.compiled_decode_unavailable(lm.model) == ""
     with ascend_patches.disabled("decode_model"):  # --compile-decode then refuses, naming why
-        assert "decode_model patch is not applied" in decode_compiled.compile_unavailable(lm.model)
+        assert "decode_model patch is not applied" in ascend_patches.compiled_decode_unavailable(lm.model)
     # torch.compile fuses and reorders fp32 sums (and the compiled attention is two matmuls
     # rather than SDPA's kernel), so equality is to rounding: logits reach |19| (ulp 2e-6),
     # measured 6e-6; 1e-4 is the converters' logit tolerance
@@ -145,7 +145,7 @@ def test_top_k_top_p_warping_matches_hf():
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
 
-    from recipes.decoding import SamplingParams
+    from recipes.infer.decoding import SamplingParams
 
     scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
     ours = SamplingParams(greedy=False, temperature=0.7, top_k=20, top_p=0.8).warp(scores)
@@ -273,7 +273,7 @@ def test_ctrl_c_stops_a_reply_keeps_the_chat_and_quits_at_the_prompt(stories_ckp
 
 
 def test_fit_turn_keeps_the_system_prompt():
-    from recipes.generate import chat_tokens, fit_turn
+    from recipes.infer.generate import chat_tokens, fit_turn
 
     class Tok:
         bos_id, eos_id = 1, 2

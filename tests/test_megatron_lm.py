@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from converters import hf_to_megatron, megatron_to_hf
-from recipes import preprocess_data
+from recipes.data import preprocess_data
 from tests.helpers import megatron_lm as mlm
 from tests.helpers.launch import env_for_ranks, free_port, run_module, run_torchrun, torchrun_command
 

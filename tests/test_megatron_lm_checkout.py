@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from ascend_patches import versions
-from recipes import megatron_lm, pretrain, run_settings
+from recipes.train import megatron_lm, pretrain, run_settings
 
 
 def _fake_checkout(root, core_version=None):

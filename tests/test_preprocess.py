@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recipes import preprocess_data
+from recipes.data import preprocess_data
 from recipes.data.datasets import InstructionDataset, build_pretrain_datasets
 from recipes.data.handlers import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
-from recipes.tokenizer import load_tokenizer
+from recipes.data.tokenizer import load_tokenizer
 from tests.helpers.launch import ROOT
 
 IGNORE = -100

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from recipes import checkpointing, preprocess_data
+from recipes.data import preprocess_data
+from recipes.train import checkpointing
 from tests.helpers.launch import run_torchrun
 
 pytestmark = pytest.mark.slow  # multi-process runs
@@ -110,7 +111,7 @@ def test_half_precision_tracks_fp32_within_the_seeds_threshold(data, tp2_run, tm
     save, _ = tp2_run
     run_torchrun("recipes.pretrain", *common(data), "--tensor-model-parallel-size", 2, dtype,
                  "--metrics-file", tmp_path / "m.jsonl")
-    from recipes import compare_loss
+    from recipes.train import compare_loss
 
     r = compare_loss.compare(compare_loss.read_losses(tmp_path / "m.jsonl"), compare_loss.read_losses(save / "metrics.jsonl"))
     assert r["iterations"] == 20 and r["mean_rel"] <= 0.02, r

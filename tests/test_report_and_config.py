@@ -128,7 +128,7 @@ def test_tensor_memory_counts_weights_gradients_and_adam_state():
 
     import torch
 
-    from recipes import throughput
+    from recipes.train import throughput
 
     gc.collect()
     before = throughput.tensor_memory_gib()

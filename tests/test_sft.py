@@ -30,7 +30,8 @@ def test_full_finetune_from_converted_checkpoint(sft, tmp_path):
 def test_prompt_tokens_contribute_nothing(sft, single_process_group):
     """Changing what the prompt positions would predict changes neither the loss nor any
     gradient (bit for bit); changing one response target does."""
-    from recipes import inference, training
+    from recipes.infer import inference
+    from recipes.train import training
     from recipes.data.datasets import InstructionDataset
 
     lm = inference.load(sft / "base", 1, 1)

@@ -66,13 +66,9 @@ def blocker(model) -> str:
     return ""
 
 
-def compile_unavailable(model) -> str:
-    """Why the compiled decode step would not run for ``model`` ('' when it would), for a
-    caller that asks for it to say so instead of silently running the eager step."""
-    from .. import REGISTRY
-
-    if REGISTRY.status.get("decode_model", ("",))[0] != "applied":
-        return "the decode_model patch is not applied (see ascend_patches.report())"
+def unfit(model) -> str:
+    """Why the compiled decode step cannot take ``model`` ('' when it can), the patch being
+    applied (``ascend_patches.compiled_decode_unavailable`` asks that first)."""
     if not (model.pre_process and model.post_process):
         return "it needs one pipeline stage (PP=1)"
     if not layers_fusable(model):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ascend_patches.ops import decode_compiled
-from recipes import decoding, inference
+from recipes.infer import decoding, inference
 
 _steps = [0]
 _model_step = decode_compiled.model_step
@@ -53,7 +53,7 @@ for load, ref in pairs:
         v = min(ours.shape[-1], saved["logits"].shape[-1])
         result = {"max_abs": (ours[..., :v] - saved["logits"][..., :v]).abs().max().item()}
     elif what == "greedy200":
-        from recipes.tokenizer import load_tokenizer
+        from recipes.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(lm.args["tokenizer_name_or_path"])
         out = decoding.generate(lm, [[tok.bos_id]], 200, decoding.SamplingParams(), tok.eos_id)[0]

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from converters.layout import tp_split
 from converters.sources import open_megatron
-from recipes import checkpointing, inference
+from recipes.infer import inference
+from recipes.train import checkpointing
 
 CANON = {"embedding.word_embeddings.weight": "embedding", "decoder.final_layernorm.weight": "final_norm",
          "output_layer.weight": "output", "input_layernorm.weight": "input_norm",
@@ -25,7 +26,7 @@ CANON = {"embedding.word_embeddings.weight": "embedding", "decoder.final_layerno
 what = sys.argv[1]
 result = {}
 if what == "train":
-    from recipes import pretrain
+    from recipes.train import pretrain
 
     base = sys.argv[2]
     argv = sys.argv[sys.argv.index("--") + 1:]

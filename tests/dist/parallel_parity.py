@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 import ascend_patches
 from megatron.core import parallel_state
-from recipes import llama2, parallel, training
+from recipes import llama2, parallel
+from recipes.train import training
 from tests.helpers.parity import batch, rel_err, tiny_shape
 
 STEPS, SEQ, MBS, GLOBAL_MB = 8, 32, 2, 4

@@ -7,7 +7,7 @@ import sys
 
 from megatron.core import dist_checkpointing
 
-from recipes import pretrain, training
+from recipes.train import pretrain, training
 
 fault = os.environ["FAULT"]
 if fault == "crash_in_save":

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from recipes.errors import BadInput
-from recipes import checkpointing, llama2, parallel
+from recipes import llama2, parallel
+from recipes.train import checkpointing
 
 
 @dataclass
@@ -56,7 +57,7 @@ def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None
     model = model.to(dtype)
     checkpointing.load(load_dir, [model], restore_rng=False)
     if lora_load:
-        from recipes import lora
+        from recipes.train import lora
 
         cfg = lora.read_config(lora_load)
         wrapped = lora.apply_lora(model, cfg["target_modules"], cfg["r"], cfg["alpha"], 0.0, cfg["modules_to_save"])
@@ -78,7 +79,7 @@ def add_checkpoint_flags(p) -> None:
 
 def open_checkpoint(args):
     """(``Loaded``, tokenizer) from the flags of ``add_checkpoint_flags``."""
-    from recipes.tokenizer import load_tokenizer
+    from recipes.data.tokenizer import load_tokenizer
 
     saved = checkpointing.load_args(args.load)
     tok_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")

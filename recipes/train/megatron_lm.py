@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from recipes.errors import BadInput
-from recipes.run_settings import RunSettings
+from recipes.train.run_settings import RunSettings
 
 CLONE = "git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM"
 ENV = "MEGATRON_LM_PATH"

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import List
 
 from recipes.errors import BadInput, MissingInput
-from recipes import checkpointing, lora
-from recipes.run_settings import RunSettings
+from recipes.train import checkpointing, lora
+from recipes.train.run_settings import RunSettings
 
 FRESH = {"iteration": 0, "consumed_samples": 0}
 

@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 import ascend_patches
 from ascend_patches.device import cpu_heap
-from recipes import checkpointing, llama2, parallel, throughput, training, weights
-from recipes.run_settings import RunSettings
+from recipes import llama2, parallel
+from recipes.train import checkpointing, throughput, training, weights
+from recipes.train.run_settings import RunSettings
 
 
 class MetricsLog:

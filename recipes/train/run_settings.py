@@ -18,7 +18,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from recipes import checkpointing, llama2
+from recipes import llama2
+from recipes.train import checkpointing
 from recipes.errors import BadInput, Exists, MissingInput
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -291,7 +292,7 @@ def _train_iters(args, global_batch: int) -> int:
 def _lora(args) -> Optional[Lora]:
     if not args.lora_target_modules:
         return None
-    from recipes import lora
+    from recipes.train import lora
 
     return Lora(tuple(lora.resolve_targets(args.lora_target_modules)), args.lora_r, args.lora_alpha, args.lora_dropout,
                 tuple(lora.resolve_modules_to_save(args.lora_modules_to_save)), args.lora_load)
@@ -300,19 +301,19 @@ def _lora(args) -> Optional[Lora]:
 def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     """Every setting of a run, from the parsed flags (and what ``--load`` records).
     ``passthrough``: flags the recipe does not know, for the Megatron-LM engine."""
-    from recipes.tokenizer import load_tokenizer
+    from recipes.data.tokenizer import load_tokenizer
 
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = None
     if args.deepspeed:
-        from recipes import deepspeed_engine
+        from recipes.train import deepspeed_config
 
         if not args.deepspeed_config:
             raise BadInput("--deepspeed needs --deepspeed_config ds_config.json "
                            "(recipes/deepspeed_configs/ has one per LLaMA-2 size)")
-        ds_config = deepspeed_engine.read_config(args.deepspeed_config)
+        ds_config = deepspeed_config.read_config(args.deepspeed_config)
         # the file's values for the flags not given (a given flag that contradicts it is an error)
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in deepspeed_engine.check_flags_against_config(
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in deepspeed_config.check_flags_against_config(
             args, ds_config, args.deepspeed_config).items() if getattr(args, k, None) in (None, False)}})
     dist_backend = _check_pasted(args)
     lora = _lora(args)

@@ -207,7 +207,7 @@ def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, sched
     """Adapter-only checkpoint; same atomic protocol as recipes.checkpointing."""
     from megatron.core import parallel_state as ps
 
-    from recipes import checkpointing
+    from recipes.train import checkpointing
 
     state = {"adapters": adapter_state(model, wrapped, modules_to_save), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "progress": progress, "rng": checkpointing.rng_state()}
@@ -223,7 +223,7 @@ def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, sched
 
 
 def read_config(root) -> dict:
-    from recipes import checkpointing
+    from recipes.train import checkpointing
 
     it = checkpointing.latest_iteration(root)
     if it is None:
@@ -237,7 +237,7 @@ def read_config(root) -> dict:
 def load(root, model, wrapped, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
     from megatron.core import parallel_state as ps
 
-    from recipes import checkpointing
+    from recipes.train import checkpointing
 
     cfg = read_config(root)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()

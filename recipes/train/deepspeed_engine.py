@@ -29,50 +29,11 @@ import torch.distributed as dist
 import ascend_patches
 from ascend_patches.device import cpu_heap
 from ascend_patches.with_deepspeed import accelerator_note, mpu
-from recipes import checkpointing, llama2, parallel, throughput, training
+from recipes import llama2, parallel
+from recipes.train import checkpointing, throughput, training
 from recipes.errors import BadInput
-from recipes.run_settings import RunSettings
-from recipes.trainer import Trainer, dp_mean
-
-
-def read_config(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"--deepspeed_config {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise BadInput(f"--deepspeed_config {path}: not JSON ({e})") from None
-
-
-def flags_from_config(cfg: dict) -> dict:
-    """The recipe settings a DeepSpeed config states, keyed by this recipe's flag dest."""
-    out = {"micro_batch_size": cfg.get("train_micro_batch_size_per_gpu"), "global_batch_size": cfg.get("train_batch_size"),
-           "zero_stage": (cfg.get("zero_optimization") or {}).get("stage"), "clip_grad": cfg.get("gradient_clipping")}
-    if (cfg.get("bf16") or {}).get("enabled"):
-        out["bf16"] = True
-    if (cfg.get("fp16") or {}).get("enabled"):
-        out["fp16"] = True
-    params = (cfg.get("optimizer") or {}).get("params") or {}
-    out["lr"] = params.get("lr")
-    return {k: v for k, v in out.items() if v is not None and v != "auto"}  # "auto": the flags decide
-
-
-CONFIG_NAMES = {"micro_batch_size": "train_micro_batch_size_per_gpu", "global_batch_size": "train_batch_size",
-                "zero_stage": "zero_optimization.stage", "clip_grad": "gradient_clipping", "bf16": "bf16.enabled",
-                "fp16": "fp16.enabled", "lr": "optimizer.params.lr"}
-
-
-def check_flags_against_config(args, cfg: dict, path: str) -> dict:
-    """The config's values for flags not given; an error for a given flag that disagrees."""
-    stated = flags_from_config(cfg)
-    conflicts = []
-    for dest, value in stated.items():
-        given = getattr(args, dest, None)
-        if given not in (None, False) and given != value:
-            conflicts.append(f"--{dest.replace('_', '-')} {given} contradicts {CONFIG_NAMES[dest]} = {value} in {path}")
-    if conflicts:
-        raise BadInput("; ".join(conflicts) + "; drop the flag or change the file")
-    return stated
+from recipes.train.run_settings import RunSettings
+from recipes.train.trainer import Trainer, dp_mean
 
 
 # "auto" in the zero_optimization section, as Hugging Face's DeepSpeed integration reads it:
@@ -171,7 +132,7 @@ class DeepSpeedEngine(Trainer):
 
         s = self.s
         if self.pipeline:
-            from recipes.deepspeed_pipe import pipeline_module
+            from recipes.train.deepspeed_pipe import pipeline_module
 
             return pipeline_module(s, self._config(), self.s.deepspeed.pipeline_stages)
         if s.deepspeed.zero_stage == 3:

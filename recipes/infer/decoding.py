@@ -21,7 +21,7 @@ from typing import Callable, List, Optional
 import torch
 
 from recipes.errors import BadInput
-from recipes import inference
+from recipes.infer import inference
 
 
 @dataclass

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from recipes import llama2, training
+from recipes import llama2
+from recipes.train import training
 
 
 class _Embedding(torch.nn.Module):

@@ -1,0 +1,308 @@
+"""Text generation from a Megatron checkpoint at any TP/PP: greedy, sampling, beam search,
+and an interactive chat in the LLaMA-2 chat template.
+
+    torchrun --nproc-per-node 2 -m recipes.generate --load ./llama2-7b-tp8pp1 \\
+        --tokenizer-name-or-path ./llama-2-7b-hf --max-new-tokens 256 \\
+        [--prompt "how are you?" ... | --interactive] \\
+        [--greedy | --temperature 0.7 --top-k 50 --top-p 0.95 --seed 42] \\
+        [--num-beams 4 [--do-sample]] [--num-return-sequences N] [--return-log-probs]
+
+Mode: greedy unless ``--do-sample`` or a sampling flag (temperature / top-k / top-p) is given
+(``--greedy`` forces greedy).  Prompts get BOS prepended, as HF tokenizers do.  In the chat,
+``q``/``quit``/``exit`` quits, ``clear`` clears the screen and starts a new conversation
+(``new`` only the latter).  When a turn would not fit the model's positions, the oldest
+turns are dropped (the system prompt stays), with a notice.  Ctrl-C during a reply stops it
+and keeps the conversation; Ctrl-C at the prompt quits.  Under torchrun rank 0 reads the
+terminal and the other ranks follow; torchrun, not the ranks, receives the terminal's Ctrl-C
+and stops every rank (each exits quietly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from recipes.errors import ArgumentParser, BadInput
+from recipes import parallel
+from recipes.infer import decoding, inference
+
+QUIT_WORDS = {"q", "quit", "exit"}
+CLEAR_WORDS = {"clear", "new"}
+CLEAR_SCREEN = "\033[H\033[2J"
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    inference.add_checkpoint_flags(p)
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append", default=None, help="repeat for a batch of prompts (default: BOS alone)")
+    g.add_argument("--prompt-file", default=None, help="one prompt per line")
+    g.add_argument("--interactive", action="store_true", help="chat in the LLaMA-2-chat template")
+    g.add_argument("--system-prompt", default=None, help="chat: the <<SYS>> block of the first turn")
+    g.add_argument("--show-prompt", action="store_true", help="chat: print the full templated prompt each turn")
+    g.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    g.add_argument("--greedy", action="store_true", help="argmax even if sampling flags are given")
+    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy unless a sampling flag is given)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens (default: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default 1: off)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**this (default 1.0)")
+    g.add_argument("--early-stopping", default="false", choices=("true", "false", "never"),
+                   help="beam search stopping rule, as HF generate's (default false)")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="outputs per prompt (default 1)")
+    g.add_argument("--return-log-probs", action="store_true", help="print and save each token's log-probability")
+    g.add_argument("--output-json", default=None, help="write prompts, outputs (and log-probs) here")
+    g.add_argument("--compile-decode", action="store_true",
+                   help="run the cached decode step through torch.compile (TP=1, CPU/CUDA): it compiles once per "
+                        "batch size, then steps faster; pays off over long generations")
+    return p
+
+
+def sampling_params(args) -> decoding.SamplingParams:
+    sampling = not args.greedy and (args.do_sample or any(v is not None for v in
+                                                          (args.temperature, args.top_k, args.top_p)))
+    if args.temperature is not None and args.temperature <= 0:
+        raise BadInput("--temperature must be > 0 (use --greedy for argmax)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise BadInput("--top-p must be in (0, 1]")
+    return decoding.SamplingParams(greedy=not sampling, temperature=args.temperature or 1.0,
+                                   top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
+
+
+def chat_tokens(tokenizer, history, user: str, system: Optional[str]) -> List[int]:
+    """LLaMA-2-chat: <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s> per turn."""
+    ids: List[int] = []
+    turns = history + [(user, None)]
+    for i, (u, a) in enumerate(turns):
+        if i == 0 and system:
+            u = f"<<SYS>>\n{system}\n<</SYS>>\n\n{u}"
+        ids += [tokenizer.bos_id] + tokenizer.encode(f"[INST] {u.strip()} [/INST]")
+        if a is not None:
+            ids += tokenizer.encode(f" {a.strip()} ") + [tokenizer.eos_id]
+    return ids
+
+
+class Streamer:
+    """Prints a sequence's text as its tokens arrive (decoding the whole tail keeps
+    sentencepiece's spaces right)."""
+
+    def __init__(self, tokenizer, enabled: bool):
+        self.tok, self.enabled, self.ids, self.printed = tokenizer, enabled, [], ""
+
+    def __call__(self, _row: int, token: int):
+        if token == self.tok.eos_id:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if self.enabled and text.startswith(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def continuation(tokenizer, prompt_ids, tokens) -> str:
+    """The generated text as it continues the prompt (sentencepiece drops a leading space
+    when a piece is decoded on its own, so decode prompt + output and cut the prompt off)."""
+    body = [t for t in prompt_ids if t != tokenizer.bos_id]
+    out = [t for t in tokens if t != tokenizer.eos_id]
+    full, head = tokenizer.decode(body + out), tokenizer.decode(body)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(out)
+
+
+def fit_turn(tokenizer, history, user: str, system: Optional[str], positions: int, max_new_tokens: int):
+    """(prompt ids, new-token budget, turns dropped): the oldest turns go first; a single turn
+    that still does not fit gets the positions left (None when none are)."""
+    dropped = 0
+    ids = chat_tokens(tokenizer, history, user, system)
+    while len(ids) + max_new_tokens > positions and dropped < len(history):
+        dropped += 1
+        ids = chat_tokens(tokenizer, history[dropped:], user, system)
+    budget = min(max_new_tokens, positions - len(ids))
+    return ids, (budget if budget > 0 else None), dropped
+
+
+def _broadcast_text(text: Optional[str]) -> Optional[str]:
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_generation(lm, tokenizer, args, prompts_ids, on_token=None, max_new_tokens: Optional[int] = None):
+    params = sampling_params(args)
+    max_new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
+    gen = torch.Generator().manual_seed(args.seed)
+    eos = tokenizer.eos_id
+    if args.num_beams > 1:
+        results = []
+        for ids in prompts_ids:
+            early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+            results.append(decoding.beam_search(lm, ids, max_new, args.num_beams, eos,
+                                                args.length_penalty, early, args.do_sample,
+                                                None if params.greedy else params, args.num_return_sequences, gen))
+        return results
+    if args.num_return_sequences > 1:
+        if params.greedy:
+            raise BadInput("--num-return-sequences > 1 needs sampling or --num-beams")
+        prompts_ids = [ids for ids in prompts_ids for _ in range(args.num_return_sequences)]
+    out = decoding.generate(lm, prompts_ids, max_new, params, eos, gen, on_token,
+                            log_probs=args.return_log_probs)
+    n = args.num_return_sequences
+    return [out[i:i + n] for i in range(0, len(out), n)]
+
+
+def _read_prompt(rank: int, alone: bool) -> Optional[str]:
+    if rank != 0:
+        return None
+    try:
+        return input("\nYou: ")
+    except EOFError:
+        return "quit"
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: quit (single process; under torchrun it stops all)
+        print(flush=True)
+        return "quit"
+
+
+def interactive(lm, tokenizer, args, rank: int):
+    history = []
+    alone = dist.get_world_size() == 1
+    if rank == 0:
+        print("chat: q/quit/exit to quit, clear to clear the screen and start over, new for a new conversation"
+              + ("; Ctrl-C stops a reply" if alone else ""), flush=True)
+    while True:
+        text = _broadcast_text(_read_prompt(rank, alone)).strip()
+        if text.lower() in QUIT_WORDS:
+            break
+        if text.lower() in CLEAR_WORDS:
+            history = []
+            if rank == 0:
+                if text.lower() == "clear" and sys.stdout.isatty():
+                    sys.stdout.write(CLEAR_SCREEN)
+                print("(new conversation)", flush=True)
+            continue
+        if not text:
+            continue
+        ids, budget, dropped = fit_turn(tokenizer, history, text, args.system_prompt, lm.shape.seq_length,
+                                        args.max_new_tokens)
+        if rank == 0 and dropped:
+            print(f"(dropped the oldest {dropped} turn{'s' * (dropped > 1)} to fit the model's "
+                  f"{lm.shape.seq_length} positions)", flush=True)
+        if budget is None:
+            if rank == 0:
+                print(f"(that message is {len(ids)} tokens, the model holds {lm.shape.seq_length}: shorten it)",
+                      flush=True)
+            continue
+        history = history[dropped:]
+        if rank == 0 and budget < args.max_new_tokens:
+            print(f"(this reply gets at most {budget} tokens: the model's positions are nearly full)", flush=True)
+        if rank == 0 and args.show_prompt:
+            print(f"[prompt, {len(ids)} tokens] {tokenizer.decode(ids)!r}", flush=True)
+        t0 = time.time()
+        streamer = Streamer(tokenizer, rank == 0)
+        try:  # from the reply's first character: a Ctrl-C once "Assistant: " shows stops the reply
+            if rank == 0:
+                sys.stdout.write("Assistant: ")
+                sys.stdout.flush()
+            out = run_generation(lm, tokenizer, args, [ids], on_token=streamer if args.num_beams == 1 else None,
+                                 max_new_tokens=budget)[0][0]
+            tokens = out.tokens
+        except KeyboardInterrupt:
+            if not alone:
+                raise
+            tokens = streamer.ids  # what was shown; the conversation keeps it
+            print("\n(reply stopped)", end="", flush=True)
+        answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
+        if rank == 0:
+            if args.num_beams > 1:
+                sys.stdout.write(answer)
+            print(f"\n[{len(tokens)} tokens in {time.time() - t0:.2f} s]", flush=True)
+        history.append((text, answer))
+
+
+def _enable_compiled_decode(lm) -> None:
+    import ascend_patches
+
+    why_not = ascend_patches.compiled_decode_unavailable(lm.model)
+    if why_not:
+        raise BadInput(f"--compile-decode: {why_not}")
+    ascend_patches.configure(compile_decode=True)
+
+
+def _prompts(args) -> List[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    return prompts or [""]  # nothing given: unconditional, from BOS alone
+
+
+def _records(args, tokenizer, prompts, prompts_ids, results, rank: int) -> List[dict]:
+    records = []
+    for prompt, ids, group in zip(prompts, prompts_ids, results):
+        for g in group:
+            text = continuation(tokenizer, ids, g.tokens)
+            rec = {"prompt": prompt, "text": text, "tokens": g.tokens}
+            if args.return_log_probs:
+                rec["log_probs"] = g.log_probs
+            if g.score is not None:
+                rec["score"] = g.score
+            records.append(rec)
+            if rank == 0:
+                print(f"\n=== prompt: {prompt!r}\n{prompt}{text}", flush=True)
+                if args.return_log_probs:
+                    print(f"log-probs: {[round(x, 4) for x in g.log_probs]}", flush=True)
+    return records
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    lm, tokenizer = inference.open_checkpoint(args)
+    if args.compile_decode:
+        _enable_compiled_decode(lm)
+    from megatron.core import parallel_state as ps
+
+    rank = dist.get_rank()
+    if rank == 0:
+        print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={ps.get_tensor_model_parallel_world_size()} "
+              f"PP={ps.get_pipeline_model_parallel_world_size()}, {lm.dtype}", flush=True)
+    if args.interactive:
+        try:
+            interactive(lm, tokenizer, args, rank)
+        except KeyboardInterrupt:
+            if dist.get_world_size() == 1:  # Ctrl-C between a reply and the prompt: quit, as at the prompt
+                print(flush=True)
+            else:  # under torchrun its Ctrl-C reaches every rank: leave without a traceback
+                if rank == 0:
+                    print("\n(interrupted)", flush=True)
+                sys.stdout.flush()
+                os._exit(130)
+        parallel.destroy()
+        return None
+    prompts = _prompts(args)
+    bos = [] if args.no_bos else [tokenizer.bos_id]
+    prompts_ids = [bos + tokenizer.encode(p) for p in prompts]
+    t0 = time.time()
+    results = run_generation(lm, tokenizer, args, prompts_ids)
+    elapsed = time.time() - t0
+    records = _records(args, tokenizer, prompts, prompts_ids, results, rank)
+    if rank == 0:
+        n_tokens = sum(len(r["tokens"]) for r in records)
+        print(f"\n{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)", flush=True)
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump(records, f, indent=1)
+    parallel.destroy()
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The import graph of the project, read from every module's AST (function-level imports
+included): no circle anywhere, and the layers import one way (docs/architecture.md).
+
+    ascend_patches  <-  recipes (data <- train <- infer; the commands on top)  <-  converters
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+from tests.helpers.launch import ROOT
+
+PACKAGES = ("ascend_patches", "recipes", "converters")
+SHARED = {"recipes.errors", "recipes.llama2", "recipes.parallel", "recipes.progress"}
+COMMANDS = {"recipes.pretrain", "recipes.generate", "recipes.evaluate", "recipes.preprocess_data",
+            "recipes.compare_loss", "recipes.demo"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict:
+    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = defaultdict(set)
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for t in targets:
+                while t and t not in modules:  # a name inside a module: the module
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    graph[name].add(t)
+        graph.setdefault(name, set())
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _layer(module: str) -> str:
+    if module in COMMANDS:
+        return "commands"
+    for layer in ("recipes.data", "recipes.train", "recipes.infer"):
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    return "recipes.shared" if module in SHARED or module == "recipes" else module.split(".")[0]
+
+
+# which layer may import which (besides itself)
+ALLOWED = {
+    "ascend_patches": set(),
+    "recipes.shared": {"ascend_patches"},
+    "recipes.data": {"recipes.shared", "ascend_patches"},
+    "recipes.train": {"recipes.data", "recipes.shared", "ascend_patches"},
+    "recipes.infer": {"recipes.train", "recipes.data", "recipes.shared", "ascend_patches"},
+    "commands": {"recipes.infer", "recipes.train", "recipes.data", "recipes.shared", "ascend_patches"},
+    "converters": {"recipes.train", "recipes.data", "recipes.shared", "ascend_patches"},
+}
+
+
+def test_no_import_circle_in_the_project():
+    graph = import_graph()
+    assert "recipes.train.run_settings" in graph and graph["recipes.train.trainer"], "the walk found nothing"
+    assert _cycles(graph) == []
+
+
+def test_layers_import_one_way():
+    graph = import_graph()
+    wrong = sorted(f"{a} imports {b}" for a, deps in graph.items() for b in deps
+                   if _layer(a) != _layer(b) and _layer(b) not in ALLOWED[_layer(a)])
+    assert wrong == []
+
+
+def test_the_circle_check_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_commands_are_thin_entry_modules():
+    """``python -m recipes.<command>`` keeps working: each top-level command module only hands
+    over to the subpackage that holds it."""
+    for cmd in COMMANDS - {"recipes.demo"}:
+        path = ROOT / (cmd.replace(".", "/") + ".py")
+        tree = ast.parse(path.read_text())
+        imports = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
+        assert len(imports) == 1 and imports[0].names[0].name == "main", cmd
+        assert len(path.read_text().splitlines()) < 10, cmd
