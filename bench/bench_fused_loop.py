@@ -1,4 +1,4 @@
-"""The pretrain loop's step (``recipes.training.train_step``) at the CPU-sized LLaMA-2 shape
+"""The pretrain loop's step (``recipes.train.training.train_step``) at the CPU-sized LLaMA-2 shape
 with gradient accumulation fusion + compiled CPU ops ("fused") and without ("plain"),
 alternated step by step in one process on one model.  This machine's speed drifts by up to
 2x within a minute, so separate runs (``bench_pretrain.py --variants``) cannot resolve a

@@ -1,4 +1,4 @@
-"""Generation throughput (greedy, KV cache, batch 1 and 8) of recipes.decoding on the
+"""Generation throughput (greedy, KV cache, batch 1 and 8) of recipes.infer.decoding on the
 converted Megatron model vs HF transformers' ``generate`` on the same weights, interleaved
 in one run; and the converter's time and peak RSS on a synthetic multi-shard HF checkpoint.
 

@@ -1,7 +1,7 @@
 """Checkpoint converters: HuggingFace <-> Megatron, TP/PP resharding, LoRA merging.
 
 Converters build on the recipes' shape and checkpoint pieces (``recipes.llama2``,
-``recipes.checkpointing``, ``recipes.lora``); the recipes never import converters."""
+``recipes.train.checkpointing``, ``recipes.train.lora``); the recipes never import converters."""
 
 from recipes import errors  # noqa: F401  (registers the recipes' refusals with ascend_patches' hook)
 

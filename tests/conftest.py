@@ -18,6 +18,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or compiling tests; `pytest -m \"not slow\"` skips them")
+    config.addinivalue_line("markers", "full: a long equivalence run, skipped unless CI_FULL=1 (`CI_FULL=1 bash .ci/run`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("CI_FULL") == "1":
+        return
+    skip = pytest.mark.skip(reason="full tier: a long equivalence run; CI_FULL=1 runs it")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

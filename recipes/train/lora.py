@@ -21,7 +21,7 @@ word_embeddings -> embedding.word_embeddings, lm_head / output_layer -> output_l
 
 Checkpoints hold only adapters (and modules to save), the optimizer, scheduler, RNG and data
 position, one file per TP/PP rank (``adapter_mp_rank_XX_YYY.pt``), written atomically like
-``recipes.checkpointing``.  Resuming needs the same TP/PP; ``converters.merge_lora`` merges
+``recipes.train.checkpointing``.  Resuming needs the same TP/PP; ``converters.merge_lora`` merges
 them into the base at any layout.
 """
 
@@ -204,7 +204,7 @@ def rank_file(tp_rank: int, pp_rank: int) -> str:
 
 def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, scheduler, progress: dict,
          config: dict, args: dict):
-    """Adapter-only checkpoint; same atomic protocol as recipes.checkpointing."""
+    """Adapter-only checkpoint; same atomic protocol as recipes.train.checkpointing."""
     from megatron.core import parallel_state as ps
 
     from recipes.train import checkpointing

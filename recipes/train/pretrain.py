@@ -13,7 +13,7 @@
 ``recipes.preprocess_data`` and only response tokens train.
 
 The run: flags -> ``run_settings.resolve`` (every setting, once) -> an engine's ``run()``.
-The built-in engine is ``recipes.trainer.Trainer``.
+The built-in engine is ``recipes.train.trainer.Trainer``.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _checkpoint_flags(p):
 
 
 def _lora_flags(p):
-    g = p.add_argument_group("LoRA (recipes.lora)")
+    g = p.add_argument_group("LoRA (recipes.train.lora)")
     g.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="query_key_value dense gate_proj up_proj down_proj (or linear_qkv ... linear_fc2)")
     g.add_argument("--lora-r", type=int, default=16, help="adapter rank (default 16)")

@@ -2,7 +2,7 @@
 
 ``GPTModel`` chunks -> megatron ``DistributedDataParallel`` -> ``get_megatron_optimizer`` +
 ``OptimizerParamScheduler`` -> ``get_forward_backward_func`` (1F1B / interleaved pipeline
-schedules) each step, checkpoints through ``dist_checkpointing`` (``recipes.checkpointing``).
+schedules) each step, checkpoints through ``dist_checkpointing`` (``recipes.train.checkpointing``).
 The other engines (stock Megatron-LM's ``pretrain()``, DeepSpeed) take the same
 ``RunSettings`` and replace ``Trainer`` as a whole.
 """
