@@ -10,9 +10,11 @@ from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
 from . import with_deepspeed
-from .device import checkpoint_writer, cpu, cuda_queries, megatron_lm, rng, torch_compat, transformer_engine
+from .device import (checkpoint_writer, cpu, cuda_queries, megatron_lm, megatron_lm_convert, rng, torch_compat,
+                     transformer_engine)
 from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
+from .versions import for_megatron_core
 
 CPU, NPU = frozenset({"cpu"}), frozenset({"npu"})
 _NPU_RNG_WHY = ("megatron's private RNG helpers index torch.cuda.default_generators, which transfer_to_npu "
@@ -68,7 +70,8 @@ _(Patch("collectives.new_group", "torch.distributed:new_group",
         group="collectives", why="Megatron-LM scripts ask for 'nccl'; the CPU needs 'gloo'"))
 
 _(Patch("device.checkpoint_writer_queue",
-        "megatron.core.dist_checkpointing.strategies.filesystem_async:_get_write_results_queue",
+        for_megatron_core({"<0.17": "megatron.core.dist_checkpointing.strategies.filesystem_async:_get_write_results_queue",
+                           ">=0.17": "megatron.core.dist_checkpointing.strategies.filesystem_async:get_write_results_queue"}),
         wrapper=checkpoint_writer.results_queue_wrapper, group="device",
         why="the torch_dist writer's manager process outlived a killed rank; started so it dies with it"))
 _(Patch("device.te_min_version", "megatron.core.utils:is_te_min_version",
@@ -114,6 +117,18 @@ _(Patch("megatron_lm.fused_kernels", "megatron.legacy.fused_kernels:load", repla
 _(Patch("megatron_lm.compile_helpers", "megatron.core.datasets.utils:compile_helpers",
         wrapper=megatron_lm.compile_helpers_wrapper, group="megatron_lm",
         why="PyPI's megatron-core ships the built dataset helpers and no Makefile: nothing to make"))
+_(Patch("megatron_lm.convert_te_check", "saver_base:MegatronCheckpointSaverBase.insert_megatron_path_and_check_te",
+        wrapper=megatron_lm_convert.check_te_wrapper, group="megatron_lm", sweep=False,
+        why="tools/checkpoint's saver asserts Transformer Engine even with --saver-transformer-impl local"))
+_(Patch("megatron_lm.convert_dp_groups", "saver_base:MegatronCheckpointSaverBase.initialize_megatron_env",
+        wrapper=megatron_lm_convert.saver_env_wrapper, group="megatron_lm", sweep=False,
+        why="the saver fakes TP/EP groups but no data-parallel one, which GPTModel asks for (size 1 here)"))
+_(Patch("megatron_lm.convert_transformers_version", "loader_llama_mistral:verify_transformers_version",
+        replacement=megatron_lm_convert.verify_transformers_version, group="megatron_lm",
+        why="the loader's check reads minor >= 31 alone, so transformers 5.x fails it; 4.31+ compared as a version"))
+_(Patch("megatron_lm.legacy_norm_1p", "megatron.legacy.model.utils:get_norm",
+        wrapper=megatron_lm_convert.legacy_norm_wrapper, group="megatron_lm",
+        why="the legacy model reads args.apply_layernorm_1p, which 0.16's parser no longer defines (default False)"))
 
 _(Patch("flash_attention", "megatron.core.transformer.dot_product_attention:DotProductAttention.forward",
         wrapper=flash_attention.dot_product_attention_forward,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import importlib.metadata as md
 import sys
 import warnings
+from typing import Dict
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-# .ci/run tests the oldest release and the newest of each minor below 0.16 (its import-order
-# and parity tests) beside the installed 0.16.1 (the whole suite); 0.11 lacks the local layer
-# spec's RMSNorm that LLaMA-2 needs, and 0.17+ needs Python 3.12
-TESTED_MEGATRON_CORE = (">=0.12.0", "<0.17.0")
+# .ci/run tests the oldest release and the newest of each other minor (its import-order, parity
+# and registry tests) beside the installed 0.16.1 (the whole suite); 0.11 lacks the local layer
+# spec's RMSNorm that LLaMA-2 needs.  0.17+ declare Python >= 3.12 but ship cp311 wheels whose
+# sources compile on 3.11: .ci/run installs them with --ignore-requires-python.
+TESTED_MEGATRON_CORE = (">=0.12.0", "<0.20.0")
 OLDER_RELEASES_TESTED = ("0.12.0", "0.12.3", "0.13.1", "0.14.0", "0.15.3")
+NEWER_RELEASES_TESTED = ("0.17.1", "0.18.2", "0.19.2")
 
 
 def version_of(dist: str) -> str:
@@ -30,6 +33,20 @@ def installed_versions() -> str:
     if npu is not None and getattr(npu, "__version__", None):
         found["torch_npu"] = npu.__version__  # imported: trust the module (also the test emulation)
     return ", ".join(f"{n} {v}" for n, v in found.items())
+
+
+def for_megatron_core(choices: Dict[str, str]) -> str:
+    """The value that fits the installed megatron-core, from ``{specifier: value}``: a patch
+    target that moved between releases is declared with each release's name.  With no
+    megatron-core installed, the newest release's."""
+    installed = version_of("megatron-core")
+    if installed == "not installed":
+        return list(choices.values())[-1]
+    fits = [v for spec, v in choices.items() if SpecifierSet(spec, prereleases=True).contains(installed, prereleases=True)]
+    if len(fits) != 1:
+        raise ValueError(f"megatron-core {installed} fits {len(fits)} of {list(choices)}: the table must cover each "
+                         "release once")
+    return fits[0]
 
 
 def megatron_in_tested_range(version: str) -> bool:

@@ -6,8 +6,9 @@
 - preprocess: ``recipes.preprocess_data`` vs Megatron-LM's ``tools/preprocess_data.py`` on
   the same jsonl corpus and LLaMA-2 tokenizer, 1 and 2 workers, documents/s of the whole
   command (start-up included, for both);
-- convert: ``tools/checkpoint/convert.py`` (loader llama_mistral, saver core) on the shipped
-  stories260K, which reports why it does not run at core_v0.16.1.
+- convert: ``converters.hf_to_megatron`` vs ``tools/checkpoint/convert.py`` (loader
+  llama_mistral, saver core, local implementation) on the shipped stories260K: time and the
+  peak RSS of each command's process tree.
 
     python bench/bench_megatron_lm.py --megatron-lm ../shared/third_party/Megatron-LM [--parts step,preprocess,convert]
         [--rounds 2] [--iters 5] [--dtype fp32|bf16] [--docs 40000]
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -127,17 +129,58 @@ def bench_step(checkout: Path, data: Path, work: Path, iters: int, dtype: str, r
     print(f"  built-in / stock step time: {statistics.median(pairs):.2f} (per round {[round(p, 2) for p in pairs]})")
 
 
-def bench_convert(checkout: Path, work: Path):
+def _run_measured(cmd, cwd) -> tuple:
+    """(seconds, peak RSS in bytes of the command's whole process tree: stock convert.py runs its
+    saver in a second process, so the tree's sum, polled every 20 ms)."""
+    import psutil
+
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: convert.py prints more than a pipe holds
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root] + root.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    seconds = time.perf_counter() - t0
+    log.seek(0)
+    out = log.read()
+    log.close()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd[:4]))} failed (rc {proc.returncode}):\n{out[-3000:]}")
+    return seconds, peak
+
+
+def bench_convert(checkout: Path, work: Path, rounds: int):
+    """converters.hf_to_megatron vs stock tools/checkpoint/convert.py on the same HF model
+    (stories260K), alternated run by run, whole commands (start-up included, for both)."""
+    from tests.helpers.megatron_lm import convert_command
+
     hf = ROOT.parent / "shared" / "fixtures" / "stories260K"
-    cmd = [sys.executable, str(checkout / "tools" / "checkpoint" / "convert.py"), "--model-type", "GPT", "--loader",
-           "llama_mistral", "--checkpoint-type", "hf", "--model-size", "llama2-7B", "--load-dir", str(hf),
-           "--save-dir", str(work / "convert_out"), "--saver", "core", "--tokenizer-model", str(hf),
-           "--target-tensor-parallel-size", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout, env=_env())
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines()
-              if re.match(r"^\w*(Error|Exception)\b|^\w+\.\w+Error|^AssertionError", line)]
-    print(f"tools/checkpoint/convert.py (llama_mistral -> core) on stories260K: rc {proc.returncode}; "
-          f"{errors[-1] if errors else 'no error line'}")
+    commands = {
+        "ours": lambda out: ([sys.executable, "-m", "converters.hf_to_megatron", "--input-model-dir", str(hf),
+                              "--output-model-dir", str(out)], ROOT),
+        "stock": lambda out: (convert_command(checkout, hf, out), checkout),
+    }
+    runs = {name: [] for name in commands}
+    for r in range(rounds):
+        for name, make in commands.items():
+            out = work / f"convert_{name}_{r}"
+            cmd, cwd = make(out)
+            runs[name].append(_run_measured(cmd, cwd))
+            shutil.rmtree(out, ignore_errors=True)
+    t = {n: statistics.median(s for s, _ in v) for n, v in runs.items()}
+    m = {n: statistics.median(b for _, b in v) for n, v in runs.items()}
+    print(f"HF -> Megatron on stories260K, {rounds} interleaved rounds (median):")
+    for n in commands:
+        print(f"  {n}: {t[n]:.2f} s, peak RSS {m[n] / 2**20:.0f} MiB "
+              f"(runs {[(round(s, 2), round(b / 2**20)) for s, b in runs[n]]})")
+    pairs = [a[0] / b[0] for a, b in zip(runs["ours"], runs["stock"])]  # round by round: the machine's noise cancels
+    print(f"  ours / stock: time {statistics.median(pairs):.2f} (median of the rounds' ratios "
+          f"{[round(x, 2) for x in pairs]}; goal <= 0.5), peak RSS {m['ours'] / m['stock']:.2f} (goal <= 1.0)")
 
 
 def main():
@@ -153,10 +196,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        checkout = copy_checkout(work / "Megatron-LM")
-        for script in ("tools/checkpoint/convert.py",):
-            path = checkout / script
-            path.write_text("import ascend_patches\n" + path.read_text())
+        checkout = copy_checkout(work / "Megatron-LM")  # import ascend_patches added to its scripts
         parts = args.parts.split(",")
         data = None
         if "preprocess" in parts or "step" in parts:
@@ -165,7 +205,7 @@ def main():
         if "step" in parts:
             bench_step(checkout, data, work, args.iters, args.dtype, args.rounds)
         if "convert" in parts:
-            bench_convert(checkout, work)
+            bench_convert(checkout, work, max(args.rounds, 3))
 
 
 if __name__ == "__main__":

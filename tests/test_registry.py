@@ -207,3 +207,28 @@ def test_wrapper_that_changes_nothing_is_reported_as_kept(fake_lib):
     r.apply(CPU)
     assert lib.f is f and "fill" not in r.applied
     assert r.status["fill"] == ("skipped", "fake_lib_ap:f already provides it; kept")
+
+
+def test_a_moved_target_follows_the_installed_release(monkeypatch):
+    """megatron-core 0.17 renamed filesystem_async's queue getter (``_get_write_results_queue``
+    -> ``get_write_results_queue(mp_mode)``): the patch is declared with both names and takes the
+    one the installed release has, and it applies there."""
+    import importlib.metadata as md
+
+    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401  (the target)
+    from packaging.version import Version
+
+    import ascend_patches
+    from ascend_patches import versions
+
+    patch = ascend_patches.REGISTRY.patches["device.checkpoint_writer_queue"]
+    renamed = Version(md.version("megatron-core")) >= Version("0.17")
+    assert patch.target.endswith(":get_write_results_queue" if renamed else ":_get_write_results_queue")
+    assert ascend_patches.REGISTRY.status[patch.name][0] == "applied"
+    table = {"<0.17": "old", ">=0.17": "new"}
+    for installed, want in (("0.16.1", "old"), ("0.17.0", "new"), ("0.20.0rc1", "new"), ("not installed", "new")):
+        monkeypatch.setattr(versions, "version_of", lambda dist, v=installed: v)
+        assert versions.for_megatron_core(table) == want, installed
+    monkeypatch.setattr(versions, "version_of", lambda dist: "0.17.0")
+    with pytest.raises(ValueError, match="fits 2"):
+        versions.for_megatron_core({">=0.16": "a", ">=0.17": "b"})

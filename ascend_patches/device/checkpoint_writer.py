@@ -28,13 +28,14 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def results_queue_wrapper(original):
-    """``filesystem_async._get_write_results_queue``: the module-level cached queue, its
-    manager started with ``die_with_parent``."""
+    """``filesystem_async``'s results-queue getter (``_get_write_results_queue()`` before
+    megatron-core 0.17, ``get_write_results_queue(mp_mode='spawn')`` from 0.17): the
+    module-level cached queue, its manager started with ``die_with_parent``."""
     import megatron.core.dist_checkpointing.strategies.filesystem_async as module
 
-    def get_write_results_queue():
+    def get_write_results_queue(mp_mode: str = "spawn"):
         if getattr(module, "_results_queue", None) is None:
-            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))
             manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
             _managers.append(manager)
             module._results_queue = manager.Queue()

@@ -25,11 +25,14 @@ class FusedAdamW:
     """A factory with Apex FusedAdam's signature that returns the backend's fused optimizer."""
 
     def __new__(cls, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                adam_w_mode=True, **unsupported):
+                adam_w_mode=True, capturable=False, **unsupported):
         if unsupported:
             raise TypeError(f"ascend_patches FusedAdamW does not support {sorted(unsupported)}; "
                             "disable the 'adamw' patch to use megatron's own choice")
-        opt = cls._build(params, 0.0 if lr is None else lr, betas, eps, weight_decay, adam_w_mode)
+        if capturable and _state.backend() != "cuda":  # megatron-core 0.17+ passes optimizer_cuda_graph
+            raise NotImplementedError(f"a CUDA-graph-capturable optimizer (optimizer_cuda_graph) on the "
+                                      f"{_state.backend()} backend: there are no CUDA graphs here; turn it off")
+        opt = cls._build(params, 0.0 if lr is None else lr, betas, eps, weight_decay, adam_w_mode, capturable)
         if lr is None:
             opt.defaults["lr"] = None
             for group in opt.param_groups:
@@ -38,7 +41,7 @@ class FusedAdamW:
         return opt
 
     @staticmethod
-    def _build(params, lr, betas, eps, weight_decay, adam_w_mode):
+    def _build(params, lr, betas, eps, weight_decay, adam_w_mode, capturable):
         if _state.backend() == "npu":
             import torch_npu
 
@@ -47,6 +50,8 @@ class FusedAdamW:
                                           "use decoupled_weight_decay=True or disable the 'adamw' patch")
             return torch_npu.optim.NpuFusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         opt_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+        if capturable:
+            return opt_cls(params, fused=True, capturable=True, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         return opt_cls(params, fused=True, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+import inspect
 from typing import Callable, Optional
 
 from .. import _state
@@ -151,11 +152,16 @@ def apply_rotary_pos_emb_bshd(original):
         raise PatchNotApplicable(f"torch_npu's npu_rotary_mul schema fits no known calling convention: "
                                  f"{installed_rotary_schema()}")
 
-    def _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
-        if rotary_interleaved or multi_latent_attention or mscale != 1.0 or t.dim() != 4:
+    signature = inspect.signature(original)  # 0.16: multi_latent_attention=False; 0.17+: mla_rotary_interleaved
+
+    def _apply_rotary_pos_emb_bshd(t, freqs, *args, **kwargs):
+        given = signature.bind(t, freqs, *args, **kwargs)
+        given.apply_defaults()
+        options = {k: v for k, v in given.arguments.items() if k not in ("t", "freqs")}
+        if any(v for k, v in options.items() if k != "mscale") or options.get("mscale", 1.0) != 1.0 or t.dim() != 4:
             warn_once("ascend_patches RoPE covers rotate-half 4-D inputs only; running stock RoPE "
-                      f"(interleaved={rotary_interleaved}, mla={multi_latent_attention}, mscale={mscale}, dim={t.dim()})")
-            return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+                      f"({', '.join(f'{k}={v}' for k, v in options.items())}, dim={t.dim()})")
+            return original(t, freqs, *args, **kwargs)
         return apply_rope(t, freqs)
 
     return _apply_rotary_pos_emb_bshd

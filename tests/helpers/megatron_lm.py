@@ -48,7 +48,8 @@ def copy_checkout(dest: Path, with_core: bool = True, import_where: str = "first
     else:
         shutil.rmtree(dest / "megatron" / "core")
     add_import(dest / "pretrain_gpt.py", import_where)
-    for script in ("examples/run_simple_mcore_train_loop.py", "tools/run_text_generation_server.py"):
+    for script in ("examples/run_simple_mcore_train_loop.py", "tools/run_text_generation_server.py",
+                   "tools/checkpoint/convert.py"):
         add_import(dest / script, "first")
     return dest
 
@@ -71,3 +72,12 @@ ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+) \|.
 def iterations(log: str) -> dict:
     """{iteration: (lm loss, grad norm)} as Megatron-LM logs them."""
     return {int(i): (float(loss), float(norm)) for i, loss, norm in ITERATION.findall(log)}
+
+
+def convert_command(root: Path, hf_dir: Path, save_dir: Path, tp: int = 1) -> list:
+    """Stock ``tools/checkpoint/convert.py``, HF LLaMA-2 -> Megatron-Core (loader llama_mistral,
+    saver core, the local implementation: no Transformer Engine)."""
+    return [sys.executable, str(root / "tools" / "checkpoint" / "convert.py"), "--model-type", "GPT",
+            "--loader", "llama_mistral", "--checkpoint-type", "hf", "--model-size", "llama2-7B",
+            "--load-dir", str(hf_dir), "--save-dir", str(save_dir), "--tokenizer-model", str(hf_dir),
+            "--saver", "core", "--saver-transformer-impl", "local", "--target-tensor-parallel-size", str(tp)]

@@ -7,8 +7,23 @@ lists both with its harness edits)."""
 
 import json
 import os
+import sys
+import typing
 
 import pytest
+
+if os.environ.get("GATE_TYPING_OVERRIDE") == "1" and not hasattr(typing, "override"):
+    # core_v0.19.0's tests import megatron.training, whose models/ use Python 3.12's
+    # typing.override; PEP 698's decorator only marks the method at run time (run_gate lists this)
+    def _override(method):
+        try:
+            method.__override__ = True
+        except (AttributeError, TypeError):
+            pass
+        return method
+
+    typing.override = _override
+    assert sys.version_info < (3, 12)
 
 if os.environ.get("GATE_MODE", "cpu") != "none":
     import ascend_patches  # noqa: F401
@@ -38,16 +53,24 @@ def pytest_runtest_logreport(report):
     _save()
 
 
+def _at(report) -> str:
+    """The failing source line (pytest's '>' line) deepest in the traceback: where an error
+    without a telling message (a None called) happened."""
+    text = getattr(report, "longreprtext", "") or ""
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith(">")]
+    return lines[-1][:200] if lines else ""
+
+
 def _record(report):
     nodeid = report.nodeid
     if report.when == "call":
         outcome = "passed" if report.passed else "skipped" if report.skipped else "failed"
         _results[nodeid] = {"outcome": outcome, "why": "" if report.passed else _why(report),
-                            "seconds": round(report.duration, 2)}
+                            "at": "" if report.passed else _at(report), "seconds": round(report.duration, 2)}
     elif report.skipped:  # skipped in setup: skipif / importorskip
         _results[nodeid] = {"outcome": "skipped", "why": _why(report)}
     elif report.failed and (report.when == "setup" or _results.get(nodeid, {}).get("outcome") == "passed"):
-        _results[nodeid] = {"outcome": "error", "why": _why(report)}
+        _results[nodeid] = {"outcome": "error", "why": _why(report), "at": _at(report)}
 
 
 NOT_REPORTED = "no outcome: the session ended (ran past its time limit) before this test reported"
