@@ -69,6 +69,7 @@ def test_zero_matches_plain_adamw(data, reference, tmp_path, flags):
     assert worst <= 1e-5, (worst, losses, reference)
 
 
+@pytest.mark.full  # ~5 min on 2 cores: bf16 DeepSpeed vs bf16 megatron, step by step
 def test_shipped_tiny_config_and_bf16_track_megatron_bf16(data, tmp_path):
     """DeepSpeed's bf16 (ZeRO-1, the shipped llama2-tiny config) against megatron's own bf16
     path (the built-in loop, distributed optimizer), AscendSpeed's criterion: mean relative
@@ -132,6 +133,7 @@ def test_resume_from_deepspeed_checkpoint_is_exact(data, tmp_path):
     assert part == full  # fp32, every iteration 1..10
 
 
+@pytest.mark.full  # the longest test (bf16 resume at ZeRO 1-3, 1 and 4 micro-batches, and the drift shown)
 def test_bf16_resume_is_exact_and_why(data, tmp_path):
     """bf16 resumes exactly because DeepSpeed reloads its fp32 master partition
     (zero_optimization.load_from_fp32_weights, on by default).  Rebuilding the master weights

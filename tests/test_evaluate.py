@@ -45,7 +45,7 @@ def _compare(ours, theirs):
     return worst
 
 
-@pytest.mark.parametrize("shots,limit", [(0, None), (5, 40)])
+@pytest.mark.parametrize("shots,limit", [pytest.param(0, None, marks=pytest.mark.full), (5, 40)])  # all MMLU rows: full tier
 def test_mmlu_agrees_with_lm_eval(model, fixtures_dir, tmp_path, single_process_group, shots, limit):
     tasks = ref.mmlu_tasks(fixtures_dir / "mmlu" / "data", tmp_path, limit=limit)
     theirs = ref.run(model / "hf", tmp_path, tasks, shots)

@@ -217,7 +217,7 @@ def _put(port, payload, deadline):
             time.sleep(1)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.full)])
 def test_text_generation_server_equals_recipes_generate(checkout, fixtures_dir, tmp_path, tp):
     """tools/run_text_generation_server.py serves a checkpoint from converters.hf_to_megatron;
     a real HTTP client gets the same greedy text as recipes.generate."""

@@ -104,6 +104,7 @@ def test_nan_loss_stops_with_iteration_and_rank(data, tmp_path):
     assert checkpointing.latest_iteration(tmp_path) == 2
 
 
+@pytest.mark.full  # two more TP=2 runs against the fp32 one
 @pytest.mark.parametrize("dtype", ["--bf16", "--fp16"])
 def test_half_precision_tracks_fp32_within_the_seeds_threshold(data, tp2_run, tmp_path, dtype):
     """bf16 (fp32 main weights) and fp16 (dynamic loss scaling) against the fp32 run, judged
