@@ -308,3 +308,31 @@ def test_the_npu_rng_patches_are_needed_where_transfer_to_npu_does_not_alias_the
     aliases = any(isinstance(n, ast.Assign) and wheel._dotted(n.targets[0]) == "torch.cuda.default_generators"
                   for n in ast.walk(ast.parse(src)))
     assert aliases == (version == "2.14.0")
+
+
+# What the emulated transfer_to_npu redirects that torch-npu 2.14.0's does not.  The emulation
+# installs the CPU device layer as its redirect; torch.cuda.nvtx is not among the modules the
+# real one points at torch_npu.npu, so on an Ascend host megatron's nvtx ranges (off unless
+# enabled) would reach torch's CUDA stub.
+EMULATION_ONLY = {"torch.cuda.nvtx:range_push", "torch.cuda.nvtx:range_pop"}
+
+
+def test_the_emulated_redirect_covers_only_what_transfer_to_npu_redirects():
+    """torch-npu 2.14.0's transfer_to_npu points torch.cuda (and torch.cuda.random) at
+    torch_npu.npu (and .random) through ``_patch_cuda``: every name in those modules' ``__all__``
+    (``_init/patches/monkey_patches.py``).  Each torch.cuda function the emulation redirects is
+    one of them, but for EMULATION_ONLY."""
+    from ascend_patches.device import cpu
+
+    def exported(rel):
+        tree = ast.parse(wheel.source(CONTRACT, rel))
+        return set(next(ast.literal_eval(n.value) for n in tree.body
+                        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__all__"))
+
+    patch_cuda = ast.unparse(wheel.find_def(wheel.source(CONTRACT, "contrib/transfer_to_npu.py"), "_patch_cuda"))
+    assert "['cuda', torch_npu.npu]" in patch_cuda and "['cuda.random', torch_npu.npu.random]" in patch_cuda
+    assert "for attr in patch.__all__" in wheel.source(CONTRACT, "_init/patches/monkey_patches.py")
+    real = {f"torch.cuda:{n}" for n in exported("npu/__init__.py")} | \
+        {f"torch.cuda.random:{n}" for n in exported("npu/random.py")}
+    emulated = {p.target for p in cpu.patches() if p.target.startswith("torch.cuda")}
+    assert emulated - real == EMULATION_ONLY

@@ -19,6 +19,7 @@ kept under ``.cache/torch_npu/<version>/`` in the checkout (the schemas as text,
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import re
 import subprocess
@@ -43,6 +44,8 @@ PYTHON_FILES = (
     "optim/npu_fused_optim_base.py",
     "npu/utils.py",
     "npu/random.py",
+    "npu/__init__.py",
+    "_init/patches/monkey_patches.py",
     "contrib/transfer_to_npu.py",
     "_op_plugin_docs.py",
 )
@@ -65,7 +68,8 @@ def _download(version: str, into: Path) -> Path:
 
 def fetch(version: str) -> Path:
     """The folder holding ``schemas.txt`` and the Python files of torch-npu ``version``."""
-    dest = CACHE / version
+    digest = hashlib.sha1("\n".join(PYTHON_FILES).encode()).hexdigest()[:8]  # a new file list: a new folder
+    dest = CACHE / f"{version}-{digest}"
     if (dest / "schemas.txt").is_file():
         return dest
     CACHE.mkdir(parents=True, exist_ok=True)
