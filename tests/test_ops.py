@@ -266,3 +266,24 @@ def test_layer_norm_under_sequence_parallelism_is_marked_for_the_tp_all_reduce()
     cfg.sequence_parallel = False
     plain = WrappedTorchNorm(config=cfg, hidden_size=16, eps=1e-5)
     assert not any(getattr(p, "sequence_parallel", False) for p in plain.parameters())
+
+
+def test_rope_patch_takes_only_plain_rotate_half_whatever_the_release_calls_its_options():
+    """megatron's own options (0.16: multi_latent_attention; 0.17+: mla_rotary_interleaved) send
+    the call to stock RoPE; the defaults take the fused one, which equals stock."""
+    import inspect
+
+    import ascend_patches
+    from megatron.core.models.common.embeddings import rope_utils
+
+    stock = ascend_patches.REGISTRY.original("rope")
+    patched = rope_utils._apply_rotary_pos_emb_bshd
+    assert patched is not stock
+    x = torch.randn(6, 2, 4, 16, generator=torch.Generator().manual_seed(4))
+    freqs = torch.rand(6, 1, 1, 16)
+    torch.testing.assert_close(patched(x, freqs), stock(x, freqs), **FP32)
+    for name in list(inspect.signature(stock).parameters)[2:]:
+        value = 2.0 if name == "mscale" else True
+        torch.testing.assert_close(patched(x, freqs, **{name: value}), stock(x, freqs, **{name: value}), **FP32)
+    torch.testing.assert_close(patched(x, freqs, True), stock(x, freqs, True), **FP32)  # interleaved, positional
+    assert not torch.allclose(stock(x, freqs, True), stock(x, freqs))  # the options do change the result

@@ -109,8 +109,8 @@ _npu_call = {"schema": None, "call": None}
 
 
 def npu_rotary_call() -> Optional[Callable]:
-    schema = installed_rotary_schema()
-    if _npu_call["schema"] is None or str(_npu_call["schema"]) != str(schema):
+    schema = installed_rotary_schema()  # the op's own schema object: the same one on every call
+    if _npu_call["schema"] is not schema:
         _npu_call.update(schema=schema, call=rotary_call_for(schema))
     return _npu_call["call"]
 
@@ -152,13 +152,15 @@ def apply_rotary_pos_emb_bshd(original):
         raise PatchNotApplicable(f"torch_npu's npu_rotary_mul schema fits no known calling convention: "
                                  f"{installed_rotary_schema()}")
 
-    signature = inspect.signature(original)  # 0.16: multi_latent_attention=False; 0.17+: mla_rotary_interleaved
+    # its options after (t, freqs): 0.16 multi_latent_attention=False; 0.17+ mla_rotary_interleaved
+    # and a deprecated multi_latent_attention=None; every one off/None by default, mscale 1.0
+    names = list(inspect.signature(original).parameters)[2:]
+    known = frozenset(names)
 
     def _apply_rotary_pos_emb_bshd(t, freqs, *args, **kwargs):
-        given = signature.bind(t, freqs, *args, **kwargs)
-        given.apply_defaults()
-        options = {k: v for k, v in given.arguments.items() if k not in ("t", "freqs")}
-        if any(v for k, v in options.items() if k != "mscale") or options.get("mscale", 1.0) != 1.0 or t.dim() != 4:
+        options = dict(zip(names, args), **kwargs)
+        if (len(args) > len(names) or not known.issuperset(kwargs) or t.dim() != 4
+                or options.get("mscale", 1.0) != 1.0 or any(v for k, v in options.items() if k != "mscale")):
             warn_once("ascend_patches RoPE covers rotate-half 4-D inputs only; running stock RoPE "
                       f"({', '.join(f'{k}={v}' for k, v in options.items())}, dim={t.dim()})")
             return original(t, freqs, *args, **kwargs)
