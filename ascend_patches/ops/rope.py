@@ -13,10 +13,10 @@
 
 from __future__ import annotations
 
-import torch
-
 import inspect
 from typing import Callable, Optional
+
+import torch
 
 from .. import _state
 from . import compiled
@@ -81,9 +81,9 @@ def _rotary_mode_half(x, cos, sin):
 def rotary_call_for(schema) -> Optional[Callable]:
     """The call that fits a registered ``npu_rotary_mul`` schema, or None.
 
-    torch_npu has registered the op two ways: three tensors and nothing else (2.1.0 before
-    .post17, rotate-half being its only mode), and with ``str rotary_mode='half'`` fourth
-    (later 2.1 releases on; 2.14 appends an optional ``rotate`` matrix).  Anything else is a
+    torch_npu has registered the op two ways: three tensors and nothing else (2.1.0.post8,
+    rotate-half being its only mode), and with ``str rotary_mode='half'`` fourth (2.1.0.post17,
+    2.5.1; 2.14.0 appends an optional ``rotate`` matrix).  Anything else is a
     convention this code has not seen, and guessing a keyword would fail on the first call.
     """
     args = list(schema.arguments)
