@@ -50,6 +50,8 @@ def use_tree(name: str) -> None:
     """Point the gate at another Megatron-LM tree's tests and its expected outcomes."""
     global SOURCE, EXPECTED
     SOURCE, EXPECTED = TREES[name]
+
+
 MODES = ("cpu", "cuda_queries", "npu", "none")
 
 # (file under tests/, text, replacement, why, modes it applies to)
