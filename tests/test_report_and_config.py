@@ -73,12 +73,12 @@ def test_compile_ops_is_cpu_only_and_reported():
 
 
 def test_megatron_version_outside_range_warns(monkeypatch):
-    monkeypatch.setattr(versions, "version_of", lambda d: "0.19.2" if d == "megatron-core" else "1.0")
-    with pytest.warns(UserWarning, match=r"megatron-core 0.19.2 is outside the range .*>=0.12.0,<0.17.0"):
+    monkeypatch.setattr(versions, "version_of", lambda d: "0.20.0" if d == "megatron-core" else "1.0")
+    with pytest.warns(UserWarning, match=r"megatron-core 0.20.0 is outside the range .*>=0.12.0,<0.20.0"):
         note = versions.check_megatron_version()
-    assert "0.19.2" in note
-    assert versions.megatron_in_tested_range("0.16.1") and versions.megatron_in_tested_range("0.12.0")
-    assert not versions.megatron_in_tested_range("0.11.0") and not versions.megatron_in_tested_range("0.17.0")
+    assert "0.20.0" in note
+    assert all(versions.megatron_in_tested_range(v) for v in ("0.12.0", "0.16.1", "0.17.1", "0.19.2"))
+    assert not versions.megatron_in_tested_range("0.11.0") and not versions.megatron_in_tested_range("0.20.0")
 
 
 def test_renamed_upstream_target_fails_loudly_naming_target_and_versions():
