@@ -4,6 +4,7 @@ prints RESULT {...}."""
 
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,6 @@ from megatron.core.tensor_parallel.utils import gather_split_1d_tensor, split_te
 ps.initialize_model_parallel(tensor_model_parallel_size=world)
 full = torch.arange(24, dtype=torch.float32)
 result["gather_split_1d_tensor"] = torch.equal(gather_split_1d_tensor(split_tensor_into_1d_equal_chunks(full)), full)
-print("RESULT " + json.dumps({"rank": rank, **result}), flush=True)
+sys.stdout.write("RESULT " + json.dumps({"rank": rank, **result}) + "\n")  # one write: ranks share the pipe (torchrun runs them -u)
 ps.destroy_model_parallel()
 dist.destroy_process_group()

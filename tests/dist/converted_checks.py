@@ -91,4 +91,4 @@ for load, ref in pairs:
         result[load] = rows
         result["compiled_steps"] = compiled_steps()
 if dist.get_rank() == 0:
-    print("RESULT " + json.dumps(result), flush=True)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")  # one write: ranks share the pipe (torchrun runs them -u)

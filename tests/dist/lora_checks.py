@@ -50,7 +50,7 @@ if what == "train":
         checked += 1
     result = {"base_tensors_equal": checked, "trainable": sorted(set(n.rsplit(".", 1)[-1] for n in trainable)),
               "n_trainable": len(trainable)}
-    print(f"RESULT{tp_rank} " + json.dumps(result), flush=True)
+    sys.stdout.write(f"RESULT{tp_rank} " + json.dumps(result) + "\n")  # one write: ranks share the pipe (torchrun runs them -u)
 elif what == "merged":
     tp, base, lora_dir, merged = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -64,4 +64,4 @@ elif what == "merged":
               "adapter_effect": (with_adapter - plain).abs().max().item()}
     if dist.get_rank() == 0:
         torch.save({"tokens": tokens, "logits": with_adapter}, sys.argv[6])
-        print("RESULT " + json.dumps(result), flush=True)
+        sys.stdout.write("RESULT " + json.dumps(result) + "\n")  # one write: ranks share the pipe (torchrun runs them -u)
