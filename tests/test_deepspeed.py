@@ -87,6 +87,7 @@ def test_shipped_tiny_config_and_bf16_track_megatron_bf16(data, tmp_path):
 TRACKER_ROUTING = "deepspeed.get_cuda_rng_tracker,deepspeed.model_parallel_cuda_manual_seed"
 
 
+@pytest.mark.full  # recompute on and off through DeepSpeed, gradients compared
 def test_recompute_through_deepspeed_gives_the_same_gradients(data, tmp_path):
     """TP=2 with dropout 0.1: DeepSpeed's activation checkpointing recomputes each layer; with
     megatron's RNG tracker routed to DeepSpeed's, every gradient equals the run without

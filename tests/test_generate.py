@@ -28,7 +28,8 @@ COMPILE = {"ASCEND_PATCHES_COMPILE_DECODE": "1"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,nproc,env", [(1, 1, 1, None), (2, 1, 2, None), (1, 2, 2, None), (1, 1, 1, COMPILE)],
+@pytest.mark.parametrize("tp,pp,nproc,env", [(1, 1, 1, None), (2, 1, 2, None), (1, 2, 2, None),
+                                              pytest.param(1, 1, 1, COMPILE, marks=pytest.mark.full)],
                          ids=["tp1", "tp2", "pp2", "tp1-compiled"])
 def test_greedy_from_bos_reproduces_llama2c(stories_ckpt, fixtures_dir, tp, pp, nproc, env):
     res = _result(run_torchrun("converted_checks.py", tp, pp, "greedy200", stories_ckpt,
@@ -39,7 +40,7 @@ def test_greedy_from_bos_reproduces_llama2c(stories_ckpt, fixtures_dir, tp, pp, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,nproc,env", [(1, 1, None), (2, 2, None), (1, 1, COMPILE)],
+@pytest.mark.parametrize("tp,nproc,env", [(1, 1, None), (2, 2, None), pytest.param(1, 1, COMPILE, marks=pytest.mark.full)],
                          ids=["tp1", "tp2", "tp1-compiled"])
 def test_greedy_and_beam_search_equal_hf_generate(stories_ckpt, fixtures_dir, tp, nproc, env):
     res = _result(run_torchrun("converted_checks.py", tp, 1, "hf_generate", stories_ckpt,

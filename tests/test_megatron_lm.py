@@ -125,6 +125,7 @@ def resumed(checkout, alpaca, tmp_path_factory):
     return {"full": full, "part": part, "log_full": a.stdout + a.stderr, "log_resumed": c.stdout + c.stderr}
 
 
+@pytest.mark.full  # two more pretrain_gpt.py runs (saved and resumed) against the uninterrupted one
 def test_resume_equals_uninterrupted_bit_for_bit(resumed):
     from converters.sources import open_megatron
 
@@ -148,6 +149,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(resumed):
     assert compared == 3 + 6 * 2
 
 
+@pytest.mark.full  # uses the resumed run above
 def test_checkpoint_of_pretrain_gpt_exports_to_hf(resumed, tmp_path):
     """converters.megatron_to_hf reads the checkpoint stock pretrain_gpt.py wrote (its
     arguments from common.pt, TP=2); transformers' logits equal the Megatron model's, fp32."""
@@ -240,6 +242,7 @@ def test_text_generation_server_equals_recipes_generate(checkout, fixtures_dir, 
     assert reply["text"] == expected, (reply, expected, (tmp_path / "server.log").read_text()[-2000:])
 
 
+@pytest.mark.full  # the built-in and the Megatron-LM engine run side by side
 def test_recipe_engines_agree_and_megatron_lm_engine_checkpoints(checkout, alpaca, tmp_path):
     """recipes.pretrain --megatron-lm runs stock pretrain_gpt.py with the size table written as
     its flags (printed); from the same checkpoint both engines build the same parameters per

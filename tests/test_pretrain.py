@@ -118,6 +118,7 @@ def test_half_precision_tracks_fp32_within_the_seeds_threshold(data, tp2_run, tm
     assert r["iterations"] == 20 and r["mean_rel"] <= 0.02, r
 
 
+@pytest.mark.full  # interleaved PP resume (plain PP2 learning and plain resume stay in the default tier)
 def test_interleaved_pipeline_resume_equals_uninterrupted(data, tmp_path):
     """Virtual pipeline chunks are saved as model0/model1 (Megatron-LM's keys) and restored."""
     vpp = ["--pipeline-model-parallel-size", 2, "--num-layers", 4, "--num-layers-per-virtual-pipeline-stage", 1,
