@@ -2,12 +2,14 @@
 
 ``import ascend_patches`` installs it.  A refusal is an exception of a type registered with
 ``register`` (``ConfigurationError`` for a bad ASCEND_PATCHES_* setting; the recipes and
-converters register theirs).  This module imports nothing of the package, so a command that
-never needs the patches (``recipes.preprocess_data``: importing ascend_patches applies them,
-seconds of start-up) can load it alone; it is the same module object either way.  Uncaught, it prints ``error: ...`` on rank 0 only, goes into
+converters register theirs).  Uncaught, it prints ``error: ...`` on rank 0 only, goes into
 torchrun's per-rank error file (so torchrun's failure summary carries the sentence instead of
 ``error_file: <N/A>``), and every rank exits with status 2.  Any other exception keeps its
 traceback, and ``--debug`` or ``ASCEND_PATCHES_DEBUG=1`` shows a refusal's traceback too.
+
+This module imports nothing of the package, so a command that never needs the patches
+(``recipes.preprocess_data``: importing ascend_patches applies them, seconds of start-up) can
+load it alone; it is the same module object either way.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ def _refusal_hook():
     return sys.modules[name]
 
 
-_refusal_hook().register(UserError)
-_refusal_hook().install()
+_hook = _refusal_hook()
+_hook.register(UserError)
+_hook.install()
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -176,7 +176,7 @@ EXPECTED_CONVENTION = {"2.1.0.post8": "_rotary_three_tensors", "2.5.1": "_rotary
 
 def _ast_call_of(fn) -> ast.Call:
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    return next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and wheel._dotted(n.func) == "torch_npu.npu_rotary_mul")
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and wheel.dotted_name(n.func) == "torch_npu.npu_rotary_mul")
 
 
 @pytest.mark.parametrize("version", wheel.RELEASES)
@@ -276,7 +276,7 @@ def _hccl_wrapped_targets(src: str) -> set:
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.Assign) and any(isinstance(n, ast.Name) and n.id == "_wrapper_hccl"
                                                 for n in ast.walk(node.value)):
-            dotted = wheel._dotted(node.targets[0])
+            dotted = wheel.dotted_name(node.targets[0])
             mod, _, attr = dotted.rpartition(".")
             out.add(f"{mod}:{attr}")
     return out
@@ -305,7 +305,7 @@ def test_the_npu_rng_patches_are_needed_where_transfer_to_npu_does_not_alias_the
     transfer_to_npu points that at the NPU's (lazily, after device init), so the device layer
     routes megatron's helpers to ``torch_npu.npu.get/set_rng_state`` on every release."""
     src = wheel.source(version, "contrib/transfer_to_npu.py")
-    aliases = any(isinstance(n, ast.Assign) and wheel._dotted(n.targets[0]) == "torch.cuda.default_generators"
+    aliases = any(isinstance(n, ast.Assign) and wheel.dotted_name(n.targets[0]) == "torch.cuda.default_generators"
                   for n in ast.walk(ast.parse(src)))
     assert aliases == (version == "2.14.0")
 

@@ -252,7 +252,7 @@ def torch_npu_calls(package: Path, prefix: str = "torch_npu."):
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
-            dotted = _dotted(node.func)
+            dotted = dotted_name(node.func)
             if dotted is None or not dotted.startswith(prefix):
                 continue
             starred = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
@@ -260,7 +260,7 @@ def torch_npu_calls(package: Path, prefix: str = "torch_npu."):
                    [k.arg for k in node.keywords if k.arg], starred)
 
 
-def _dotted(node) -> Optional[str]:
+def dotted_name(node) -> Optional[str]:
     parts = []
     while isinstance(node, ast.Attribute):
         parts.append(node.attr)
