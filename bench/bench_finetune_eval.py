@@ -1,7 +1,8 @@
 """Evaluation throughput (questions/s) of recipes.evaluate vs lm-eval's HF backend on the same
 model and questions, and LoRA step time vs full fine-tuning, each as a ratio in one run.
 
-    OMP_NUM_THREADS=2 python bench/bench_finetune_eval.py [--eval] [--lora] [--rounds 3]
+    OMP_NUM_THREADS=2 python bench/bench_finetune_eval.py [--eval [--batches 1 8] [--tasks mmlu boolq] [--profile]]
+        [--lora] [--rounds 3]
 
 Model: the real stories260K (converted to Megatron; its HF export for lm-eval).
 """
@@ -26,41 +27,63 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
-def bench_eval(tmp: Path, rounds: int):
+def _task_questions(evaluate, task):
+    if task == "mmlu":
+        return evaluate.mmlu_questions(FIXTURES / "mmlu" / "data" / "test", 0)
+    return evaluate.boolq_questions(FIXTURES / "boolq" / "superglue_BoolQ_val_first200.jsonl")
+
+
+def bench_eval(tmp: Path, rounds: int, batches, tasks, profile: bool):
+    """Per task and batch size: ours and lm-eval's scoring core (HFLM.loglikelihood, the model
+    already loaded, tokenization included as in ours), alternated round by round; the
+    predictions must be identical."""
     from converters import hf_to_megatron, megatron_to_hf
     from recipes.infer import evaluate, inference
     from recipes.data.tokenizer import load_tokenizer
-    from tests.helpers import lm_eval_reference as ref
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
 
     tmp.mkdir(parents=True)
     hf_to_megatron.main(["--input-model-dir", str(FIXTURES / "stories260K"), "--output-model-dir", str(tmp / "mg")])
     megatron_to_hf.main(["--input-model-dir", str(tmp / "mg"), "--output-model-dir", str(tmp / "hf")])
-    tasks = ref.mmlu_tasks(FIXTURES / "mmlu" / "data", tmp, limit=None)
-    questions = evaluate.mmlu_questions(FIXTURES / "mmlu" / "data" / "test", 0)
     lm = inference.load(tmp / "mg", 1, 1)
     tok = load_tokenizer(str(tmp / "hf"))
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
+    print(f"stories260K (fp32, {torch.get_num_threads()} threads); ours = recipes.evaluate's scoring, lm-eval = "
+          f"HFLM.loglikelihood on the HF export; median of {rounds} alternated rounds")
+    print(f"  {'task':<6} {'batch':>5} {'questions':>9} {'ours q/s':>9} {'lm-eval q/s':>11} {'ours/lm-eval':>12}  "
+          "predictions")
+    for task in tasks:
+        questions = _task_questions(evaluate, task)
+        requests = [Instance(request_type="loglikelihood", doc={}, arguments=(q.context, " " + c), idx=k)
+                    for q in questions for k, c in enumerate(q.choices)]
+        for bs in batches:
+            hflm = HFLM(pretrained=str(tmp / "hf"), dtype="float32", batch_size=bs, device="cpu")
+            t_ours, t_ref = [], []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                ours = evaluate.evaluate(lm, tok, questions, lm.shape.seq_length, batch_size=bs)
+                t_ours.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                theirs = hflm.loglikelihood(requests, disable_tqdm=True)
+                t_ref.append(time.perf_counter() - t)
+            preds, k = [], 0
+            for q in questions:
+                ll = [theirs[k + c][0] for c in range(len(q.choices))]
+                preds.append(max(range(len(ll)), key=lambda c: (ll[c], -c)))
+                k += len(q.choices)
+            same = sum(p == r["prediction"] for p, r in zip(preds, ours))
+            a, b = statistics.median(t_ours), statistics.median(t_ref)
+            n = len(questions)
+            print(f"  {task:<6} {bs:>5} {n:>9} {n / a:>9.1f} {n / b:>11.1f} {b / a:>11.2f}x  "
+                  f"{same}/{n} identical", flush=True)
+            if profile:
+                import cProfile
+                import pstats
 
-    hflm = HFLM(pretrained=str(tmp / "hf"), dtype="float32", batch_size=16, device="cpu")
-    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(q.context, " " + c), idx=k)
-                for q in questions for k, c in enumerate(q.choices)]
-    t_ours, t_ref, t_ref_full = [], [], []
-    for _ in range(rounds):  # interleaved
-        t = time.perf_counter()
-        evaluate.evaluate(lm, tok, questions, lm.shape.seq_length, batch_size=16)
-        t_ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        hflm.loglikelihood(requests, disable_tqdm=True)  # lm-eval's scoring core, model already loaded
-        t_ref.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ref.run(tmp / "hf", tmp, tasks, 0)  # the whole harness run: model load, task setup, scoring
-        t_ref_full.append(time.perf_counter() - t)
-    n = len(questions)
-    a, b, c = statistics.median(t_ours), statistics.median(t_ref), statistics.median(t_ref_full)
-    print(f"MMLU 0-shot, {n} questions (4 subjects, {len(requests)} answer log-likelihoods), stories260K, batch 16: "
-          f"recipes.evaluate {n / a:.1f} questions/s; lm-eval HF backend scoring {n / b:.1f} questions/s "
-          f"(whole harness run {n / c:.1f}); ours/lm-eval = {b / a:.2f}x (scoring), {c / a:.2f}x (whole run)")
+                prof = cProfile.Profile()
+                prof.runcall(evaluate.evaluate, lm, tok, questions, lm.shape.seq_length, bs)
+                print(f"  profile of ours, {task} batch {bs} (own time, top 8):")
+                pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(8)
 
 
 def bench_lora(tmp: Path, rounds: int, iters: int, wide: bool):
@@ -113,12 +136,16 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--wide", action="store_true", help="LoRA vs full on a 4-layer, 1024-wide model")
+    p.add_argument("--tasks", nargs="+", default=["mmlu", "boolq"], choices=["mmlu", "boolq"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8],
+                   help="batch sizes (default: 1 and recipes.evaluate's default --micro-batch-size, 8)")
+    p.add_argument("--profile", action="store_true", help="and a cProfile of ours per task and batch")
     args = p.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(tempfile.mkdtemp())
     if args.eval or not args.lora:
-        bench_eval(tmp / "eval", args.rounds)
+        bench_eval(tmp / "eval", args.rounds, args.batches, args.tasks, args.profile)
     if args.lora or not args.eval:
         bench_lora(tmp / "lora", args.rounds, args.iters, args.wide)
 

@@ -22,6 +22,7 @@ from .. import _state
 from ..registry import warn_once
 
 _COMPRESSED_CAUSAL = {}
+_CACHE_LINE = 64  # bytes, x86 and Arm server cores
 
 
 def _compressed_causal_mask(device) -> torch.Tensor:
@@ -60,6 +61,10 @@ def attention_sdpa(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: f
                    gqa: Optional[bool] = None):
     sq, b, n, d = q.shape
     gqa = k.shape[2] != n if gqa is None else gqa
+    if v.device.type == "cpu" and v.shape[-1] * v.element_size() < _CACHE_LINE and not v.is_contiguous():
+        # v is a view into the fused QKV projection: with heads narrower than a cache line,
+        # the CPU kernel's reads of V rows each touch a line of their own
+        v = v.contiguous()
     qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d], views
     attn_mask = None if mask is None else ~mask.bool()
     out = F.scaled_dot_product_attention(

@@ -15,8 +15,7 @@ Prompts (AscendSpeed's, and lm-evaluation-harness's, so scores can be checked ag
 Tokens: BOS + context, continuation = tokens(context + choice) after the context's (lm-eval's
 rule); sequences longer than the model keep their last ``seq_length`` tokens.
 
-Scoring is batched and KV-free: one forward pass per batch of sequences; choices whose
-scoring input is identical (single-token answers) share one pass.
+Scoring does each context's work once (see ``score``), in batches of similar lengths.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import csv
 import json
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -159,52 +159,172 @@ def boolq_questions(data_path, limit: Optional[int] = None, skipped: Optional[Li
 
 
 # ---------------------------------------------------------------- scoring
-def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+def encode_pair(tokenizer, context: str, continuation: str, encode=None) -> Tuple[List[int], List[int]]:
     """lm-eval's rule: trailing context spaces move to the continuation; the continuation's
-    tokens are those of context+continuation after the context's."""
+    tokens are those of context+continuation after the context's.  ``encode``: a caching
+    encoder a caller shares across a question's choices."""
+    encode = encode or tokenizer.encode
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    ctx = [tokenizer.bos_id] + tokenizer.encode(context)
-    whole = [tokenizer.bos_id] + tokenizer.encode(context + continuation)
+    ctx = [tokenizer.bos_id] + list(encode(context))
+    whole = [tokenizer.bos_id] + list(encode(context + continuation))
     return ctx, whole[len(ctx):]
+
+
+@dataclass
+class _Group:
+    """The requests that share one (window-truncated) context."""
+    context: Tuple[int, ...]
+    members: List[int]           # request indices
+    inputs: List[Tuple[int, ...]]  # per member: the context + its continuation but the last token
+
+
+def _plan(requests, max_len: int) -> List[_Group]:
+    groups: Dict[Tuple[int, ...], _Group] = {}
+    for k, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise BadInput("empty continuation")
+        whole = (ctx + cont)[-(max_len + 1):]  # lm-eval's window: the last max_len + 1 tokens
+        context = tuple(whole[:len(whole) - len(cont)])
+        g = groups.setdefault(context, _Group(context, [], []))
+        g.members.append(k)
+        g.inputs.append(tuple(whole[:-1]))
+    return list(groups.values())
+
+
+def _chain(inputs) -> Optional[Tuple[int, ...]]:
+    """The longest input when every other is a prefix of it (then one forward scores them
+    all: causal attention makes a position's logits depend on the tokens before it only)."""
+    longest = max(inputs, key=len)
+    return longest if all(longest[:len(t)] == t for t in inputs) else None
+
+
+def _gather_scores(logits: torch.Tensor, rows, starts, conts) -> torch.Tensor:
+    """Sum over each continuation of log p(token): row ``rows[i]``, positions from
+    ``starts[i]``, tokens ``conts[i]``; every position in one gather (no loop over tokens)."""
+    lens = torch.tensor([len(c) for c in conts])
+    seg = torch.repeat_interleave(torch.arange(len(conts)), lens)
+    first = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    pos = torch.repeat_interleave(torch.tensor(starts), lens) + torch.arange(int(lens.sum())) - first
+    row = torch.repeat_interleave(torch.tensor(rows), lens)
+    tok = torch.tensor([t for c in conts for t in c])
+    sel = logits[row, pos]
+    lp = sel.gather(1, tok.unsqueeze(1)).squeeze(1) - torch.logsumexp(sel, dim=-1)
+    return torch.zeros(len(conts), dtype=lp.dtype).index_add_(0, seg, lp)
+
+
+def _score_chains(lm, requests, jobs, batch_size: int, out: List[float], bar) -> None:
+    """``jobs``: (longest input, members); right-padded batches of similar lengths."""
+    jobs = sorted(jobs, key=lambda j: -len(j[0]))
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        width = max(len(t) for t, _ in chunk)
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (t, _) in enumerate(chunk):
+            tokens[i, :len(t)] = torch.tensor(t)  # right padding: causal attention never looks at it
+        logits = inference.full_logits(lm, tokens)
+        rows, starts, conts, ks = [], [], [], []
+        for i, (_, members) in enumerate(chunk):
+            for k, inp in members:
+                cont = requests[k][1]
+                # the logits at position p predict token p + 1
+                rows.append(i), starts.append(len(inp) - len(cont)), conts.append(cont), ks.append(k)
+        for k, v in zip(ks, _gather_scores(logits, rows, starts, conts).tolist()):
+            out[k] = v
+        bar.update(len(chunk))
+
+
+def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_positions: int, out: List[float],
+                    bar) -> None:
+    """Contexts whose continuations diverge after their first token: each context runs once,
+    left-padded so every row ends at the same position, into megatron's KV cache; then each
+    continuation runs on its own copy of its context's cache.  Left padding keeps every
+    distance between real tokens, which is all RoPE sees; the mask hides the padding."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    groups = sorted(groups, key=lambda g: -len(g.context))
+    start = 0
+    while start < len(groups):
+        chunk = [groups[start]]
+        width = len(chunk[0].context)
+        # a batch's contexts and branches must fit the model's positions together
+        while (start + len(chunk) < len(groups) and len(chunk) < batch_size
+               and width + max(len(requests[k][1]) - 1 for g in chunk + [groups[start + len(chunk)]]
+                               for k in g.members) <= max_positions):
+            chunk.append(groups[start + len(chunk)])
+        start += len(chunk)
+        branches = [(gi, k) for gi, g in enumerate(chunk) for k in g.members]
+        blen = max(len(requests[k][1]) - 1 for _, k in branches)
+        b, nb = len(chunk), len(branches)
+        tokens = torch.zeros(b, width, dtype=torch.long)
+        pad = torch.zeros(b, width, dtype=torch.bool)
+        for i, g in enumerate(chunk):
+            tokens[i, width - len(g.context):] = torch.tensor(g.context)
+            pad[i, :width - len(g.context)] = True
+        mask = None  # no padding: the causal kernel, which is faster than any mask
+        if pad.any():  # padding rows see themselves only, so they stay finite in the cache
+            causal = torch.ones(width, width, dtype=torch.bool).triu_(1)
+            mask = ((causal | pad[:, None, :]) & ~torch.eye(width, dtype=torch.bool))[:, None]
+        ctx = StaticInferenceContext(nb, width + blen)
+        stage = inference.stage_info()
+        pos = torch.arange(width).unsqueeze(0).expand(b, width)
+        last = inference.forward(lm, tokens, pos, ctx, stage, attention_mask=mask)
+        last = inference.broadcast_from_last_stage(last, (b, 1, lm.vocab_size), torch.float32, stage)
+        ctx.sequence_len_offset += width
+        ctx.swap_key_value_dict(torch.tensor([gi for gi, _ in branches]))  # each branch its context's cache
+        btok = torch.zeros(nb, blen, dtype=torch.long)
+        for j, (_, k) in enumerate(branches):
+            cont = requests[k][1][:-1]
+            btok[j, :len(cont)] = torch.tensor(cont)
+        if blen == 1 and mask is None:
+            bmask = None  # one token per branch and nothing padded: every cached key is visible
+        else:
+            bpad = pad[[gi for gi, _ in branches]]
+            bmask = torch.cat([bpad[:, None, :].expand(nb, blen, width),
+                               torch.ones(blen, blen, dtype=torch.bool).triu_(1).expand(nb, blen, blen)], dim=2)
+            bmask = bmask[:, None]
+        ctx.materialize_only_last_token_logits = False
+        bpos = torch.arange(width, width + blen).unsqueeze(0).expand(nb, blen)
+        blog = inference.forward(lm, btok, bpos, ctx, stage, attention_mask=bmask)
+        blog = inference.broadcast_from_last_stage(blog, (nb, blen, lm.vocab_size), torch.float32, stage)
+        # per branch: the context's last logits, then the branch's own
+        logits = torch.cat([last[[gi for gi, _ in branches]], blog], dim=1)
+        conts = [requests[k][1] for _, k in branches]
+        for (_, k), v in zip(branches, _gather_scores(logits, list(range(nb)), [0] * nb, conts).tolist()):
+            out[k] = v
+        bar.update(len(chunk))
 
 
 def score(lm, requests: Sequence[Tuple[List[int], List[int]]], max_len: int, batch_size: int,
           progress: bool = False) -> List[float]:
-    """Sum of log-probs of each continuation given its context; one forward per distinct input."""
-    plan = []
-    for ctx, cont in requests:
-        if not cont:
-            raise BadInput("empty continuation")
-        whole = (ctx + cont)[-(max_len + 1):]
-        plan.append((tuple(whole[:-1]), cont))
-    uniq = sorted({inp for inp, _ in plan}, key=lambda t: -len(t))  # similar lengths together: less padding
-    logprobs: Dict[tuple, torch.Tensor] = {}
-    bar = progress_bar(len(uniq), "scoring", "seq", enabled=progress)
-    for start in range(0, len(uniq), batch_size):
-        chunk = uniq[start:start + batch_size]
-        width = max(len(t) for t in chunk)
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, t in enumerate(chunk):
-            tokens[i, :len(t)] = torch.tensor(t)  # right padding: causal attention never looks at it
-        logp = torch.log_softmax(inference.full_logits(lm, tokens), dim=-1)
-        for i, t in enumerate(chunk):
-            logprobs[t] = logp[i, :len(t)]
-        bar.update(len(chunk))
+    """Sum of log-probs of each continuation given its context, one context's work done once:
+    a context whose continuations' inputs nest (one-token answers, or " B" beside " "+"A")
+    takes one forward over the longest; one whose continuations diverge (" yes" / " no" in a
+    small vocabulary) runs once into a KV cache, its continuations then as branches on it."""
+    groups = _plan(requests, max_len)
+    chains, branched = [], []
+    for g in groups:
+        longest = _chain(g.inputs)
+        if longest is None:
+            branched.append(g)
+        else:
+            chains.append((longest, list(zip(g.members, g.inputs))))
+    out: List[float] = [0.0] * len(requests)
+    bar = progress_bar(len(groups), "scoring", "context", enabled=progress)
+    _score_chains(lm, requests, chains, batch_size, out, bar)
+    if branched:
+        _score_branches(lm, requests, branched, batch_size, lm.shape.seq_length, out, bar)
     bar.close()
-    out = []
-    for inp, cont in plan:
-        tail = logprobs[inp][-len(cont):]
-        out.append(float(tail.gather(1, torch.tensor(cont).unsqueeze(1)).sum()))
     return out
 
 
 def evaluate(lm, tokenizer, questions: List[Question], max_len: int, batch_size: int, progress=False):
     requests, owners = [], []
     for qi, q in enumerate(questions):
+        encode = lru_cache(maxsize=None)(tokenizer.encode)  # the context once per question
         for c in q.choices:
-            requests.append(encode_pair(tokenizer, q.context, " " + c))
+            requests.append(encode_pair(tokenizer, q.context, " " + c, encode))
             owners.append(qi)
     scores = score(lm, requests, max_len, batch_size, progress)
     per_q: List[List[float]] = [[] for _ in questions]

@@ -114,17 +114,19 @@ def stage_info() -> StageInfo:
 
 @torch.no_grad()
 def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, context=None,
-            stage=None) -> Optional[torch.Tensor]:
+            stage=None, attention_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Run the pipeline; the last stage returns full-vocabulary fp32 logits [b, s, vocab]
     (only the last position when ``context`` materialises only the last token), others None.
-    ``stage``: ``stage_info()`` kept by a caller that steps many times."""
+    ``stage``: ``stage_info()`` kept by a caller that steps many times.  ``attention_mask``:
+    megatron's convention, [b, 1, s, keys] with True where a query may not look (it then
+    replaces the causal mask)."""
     stage = stage or stage_info()
     b, s = tokens.shape
     if not stage.first:
         hidden = torch.empty(s, b, lm.shape.hidden_size, dtype=lm.dtype)
         dist.recv(hidden, src=stage.prev_rank)
         lm.model.set_input_tensor(hidden)
-    out = lm.model(tokens, position_ids, attention_mask=None, inference_context=context,
+    out = lm.model(tokens, position_ids, attention_mask=attention_mask, inference_context=context,
                    runtime_gather_output=True)  # full-vocabulary logits on every TP rank
     if not stage.last:
         dist.send(out.contiguous(), dst=stage.next_rank)
