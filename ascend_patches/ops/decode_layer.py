@@ -37,12 +37,25 @@ def _layer_ok(layer, ctx) -> bool:
     return layer.layer_number in ctx.key_value_memory_dict and layer_types_ok(layer)
 
 
-def decode_step(layer, hidden, rope, ctx):
-    """A megatron TransformerLayer's decode step through ``layer_math`` (``rope``: ``step_rows``)."""
-    k_mem, v_mem = ctx.key_value_memory_dict[layer.layer_number]
-    return layer_math(hidden, LayerWeights.of(layer), CacheSlot(k_mem, v_mem, ctx.sequence_len_offset,
-                                                                ctx.batch_size_offset),
-                      rope, AttnDims.of(layer.self_attention), megatron_classes()["mappings"]._reduce)
+def decode_step(layer, hidden, rope, ctx, parts=None):
+    """A megatron TransformerLayer's decode step through ``layer_math`` (``rope``: ``step_rows``;
+    ``parts``: the layer's (LayerWeights, AttnDims) when a caller keeps them)."""
+    w, dims = parts or (LayerWeights.of(layer), AttnDims.of(layer.self_attention))
+    k_mem, v_mem = ctx.key_value_memory_dict[layer.layer_number]  # re-read: beam search swaps them
+    return layer_math(hidden, w, CacheSlot(k_mem, v_mem, ctx.sequence_len_offset, ctx.batch_size_offset),
+                      rope, dims, megatron_classes()["mappings"]._reduce)
+
+
+def _layer_parts(model, ctx):
+    """Every layer's (LayerWeights, AttnDims), read off the modules once per generation and
+    kept on its inference context (neither changes under it): at one token per step the ~40
+    module attribute lookups per layer that build them are a visible share of the step."""
+    cached = getattr(ctx, "_ascend_patches_layer_parts", None)
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    parts = tuple((LayerWeights.of(layer), AttnDims.of(layer.self_attention)) for layer in model.decoder.layers)
+    ctx._ascend_patches_layer_parts = (model, parts)
+    return parts
 
 
 def transformer_layer_forward(original):
@@ -102,8 +115,8 @@ def gpt_model_forward(original):
             logits = decode_compiled.model_step(plan, hidden, tables, ctx)
         else:
             rows = step_rows(tables, ctx.sequence_len_offset)
-            for layer in layers:
-                hidden = decode_step(layer, hidden, rows, ctx)
+            for layer, parts in zip(layers, _layer_parts(self, ctx)):
+                hidden = decode_step(layer, hidden, rows, ctx, parts)
             logits = F.linear(apply_norm(Norm.of(self.decoder.final_layernorm), hidden), self.output_layer.weight)
         if kwargs.get("runtime_gather_output") or self.output_layer.gather_output:
             gather = megatron_classes()["mappings"].gather_from_tensor_model_parallel_region
