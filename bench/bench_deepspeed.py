@@ -65,6 +65,17 @@ def run(data: str, flags, iters: int, dtype: str, work: Path, tag: str, ds_confi
             "peak": max(r["peak_rss_gib"] for r in recs) - recs[0]["rss_at_start_gib"]}
 
 
+def held_arithmetic(p: int, n: int, dtype: str) -> dict:
+    """Bytes each variant holds between steps, per rank (the module docstring's arithmetic)."""
+    w = 4 if dtype == "fp32" else 2  # bytes per model weight (and per ZeRO-3 kept gradient)
+    # fp32 main params: megatron's and ZeRO-0's only in bf16 (ZeRO 1-3 keep an fp32 partition in both)
+    main = 0 if dtype == "fp32" else 4
+    return {"built-in, distributed optimizer": w * p + 4 * p + (main + 8) * p / n,
+            "DeepSpeed ZeRO-0": (w + main + 8) * p,
+            "DeepSpeed ZeRO-1": w * p + 12 * p / n, "DeepSpeed ZeRO-2": w * p + 12 * p / n,
+            "DeepSpeed ZeRO-3": (w + 4 + 8 + w) * p / n}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
@@ -96,14 +107,11 @@ def main():
                   f"{m['held'] / med['DeepSpeed ZeRO-0']['held']:.2f}x ZeRO-0's), peak {m['peak']:.2f} GiB; runs "
                   f"{[(round(x['step'], 2), round(x['held'], 2), round(x['peak'], 2)) for x in runs[name]]}",
                   flush=True)
-        if args.dtype == "fp32":
-            p, n = runs["DeepSpeed ZeRO-1"][0]["params"], 2
-            theory = {"built-in, distributed optimizer": 8 * p + 8 * p / n, "DeepSpeed ZeRO-0": 12 * p,
-                      "DeepSpeed ZeRO-1": 4 * p + 12 * p / n, "DeepSpeed ZeRO-2": 4 * p + 12 * p / n,
-                      "DeepSpeed ZeRO-3": 20 * p / n}
-            print(f"  held against the arithmetic (P = {p:,}, N = {n}, fp32):")
-            for name, want in theory.items():
-                print(f"    {name}: {med[name]['held']:.3f} GiB measured, {want / 2 ** 30:.3f} GiB computed")
+        p, n = runs["DeepSpeed ZeRO-1"][0]["params"], 2
+        theory = held_arithmetic(p, n, args.dtype)
+        print(f"  held against the arithmetic (P = {p:,}, N = {n}, {args.dtype}):")
+        for name, want in theory.items():
+            print(f"    {name}: {med[name]['held']:.3f} GiB measured, {want / 2 ** 30:.3f} GiB computed")
 
 
 if __name__ == "__main__":
