@@ -88,6 +88,20 @@ def test_evaluate_cli_at_tp2_gives_the_same_predictions(model, fixtures_dir, tmp
     assert tp2["questions"] == 100
 
 
+def test_boolq_branches_at_tp2_give_the_same_scores(model, fixtures_dir, tmp_path, single_process_group):
+    """BoolQ's " yes" / " no" diverge at their first token in stories260K's vocabulary, so they
+    run as KV-cached branches: at TP=2 (megatron's cache split by heads) as at TP=1."""
+    data = fixtures_dir / "boolq" / "superglue_BoolQ_val_first200.jsonl"
+    out = tmp_path / "tp2.json"
+    run_torchrun("recipes.evaluate", "--task", "boolq", "--task-data-path", data, "--load", model / "mg",
+                 "--tokenizer-name-or-path", model / "hf", "--limit", "24", "--output-json", out)
+    tp2 = json.loads(out.read_text())["predictions"]
+    tp1 = _ours(model, evaluate.boolq_questions(data, 24), single_process_group)
+    assert [r["prediction"] for r in tp2] == [r["prediction"] for r in tp1]
+    worst = max(abs(a - b) for x, y in zip(tp2, tp1) for a, b in zip(x["loglikelihoods"], y["loglikelihoods"]))
+    assert worst < 1e-4, worst
+
+
 def test_bad_task_data_is_named(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "x_test.csv").write_text("q,a,b,c,d,E\n")

@@ -272,7 +272,8 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
         last = inference.forward(lm, tokens, pos, ctx, stage, attention_mask=mask)
         last = inference.broadcast_from_last_stage(last, (b, 1, lm.vocab_size), torch.float32, stage)
         ctx.sequence_len_offset += width
-        ctx.swap_key_value_dict(torch.tensor([gi for gi, _ in branches]))  # each branch its context's cache
+        owner = torch.tensor([gi for gi, _ in branches])
+        ctx.swap_key_value_dict(owner)  # each branch its context's cache
         btok = torch.zeros(nb, blen, dtype=torch.long)
         for j, (_, k) in enumerate(branches):
             cont = requests[k][1][:-1]
@@ -280,8 +281,7 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
         if blen == 1 and mask is None:
             bmask = None  # one token per branch and nothing padded: every cached key is visible
         else:
-            bpad = pad[[gi for gi, _ in branches]]
-            bmask = torch.cat([bpad[:, None, :].expand(nb, blen, width),
+            bmask = torch.cat([pad[owner][:, None, :].expand(nb, blen, width),
                                torch.ones(blen, blen, dtype=torch.bool).triu_(1).expand(nb, blen, blen)], dim=2)
             bmask = bmask[:, None]
         ctx.materialize_only_last_token_logits = False
@@ -289,7 +289,7 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
         blog = inference.forward(lm, btok, bpos, ctx, stage, attention_mask=bmask)
         blog = inference.broadcast_from_last_stage(blog, (nb, blen, lm.vocab_size), torch.float32, stage)
         # per branch: the context's last logits, then the branch's own
-        logits = torch.cat([last[[gi for gi, _ in branches]], blog], dim=1)
+        logits = torch.cat([last[owner], blog], dim=1)
         conts = [requests[k][1] for _, k in branches]
         for (_, k), v in zip(branches, _gather_scores(logits, list(range(nb)), [0] * nb, conts).tolist()):
             out[k] = v
