@@ -68,8 +68,7 @@ def bench_eval(tmp: Path, rounds: int, batches, tasks, profile: bool):
                 t_ref.append(time.perf_counter() - t)
             preds, k = [], 0
             for q in questions:
-                ll = [theirs[k + c][0] for c in range(len(q.choices))]
-                preds.append(max(range(len(ll)), key=lambda c: (ll[c], -c)))
+                preds.append(evaluate.predict([ll for ll, _ in theirs[k:k + len(q.choices)]]))
                 k += len(q.choices)
             same = sum(p == r["prediction"] for p, r in zip(preds, ours))
             a, b = statistics.median(t_ours), statistics.median(t_ref)

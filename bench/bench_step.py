@@ -153,13 +153,10 @@ def bench_ops(shape, seq, b, steps, dtype=torch.float32):
     return rows
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", choices=list(SHAPES) + ["all"], default="all")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: megatron's bf16 (bf16 weights, fp32 main params), HF's Trainer --bf16 (autocast)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
@@ -174,7 +171,7 @@ def main():
 
 def run_shape(name, args):
     shape, seq, b = SHAPES[name]
-    dtype = DTYPES[args.dtype]
+    dtype = llama2.DTYPES[args.dtype]
     gemm = throughput.measured_gemm_tflops(dtype, seconds=2.0) * 1e3
     flops = throughput.train_flops_per_token(shape, seq, shape.vocab_size) * seq * b
     print(f"backend {ascend_patches.settings().backend}, threads {torch.get_num_threads()}, "

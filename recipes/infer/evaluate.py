@@ -319,6 +319,11 @@ def score(lm, requests: Sequence[Tuple[List[int], List[int]]], max_len: int, bat
     return out
 
 
+def predict(loglikelihoods: Sequence[float]) -> int:
+    """The most likely choice; ties go to the first, as argmax (and lm-eval) break them."""
+    return max(range(len(loglikelihoods)), key=lambda k: (loglikelihoods[k], -k))
+
+
 def evaluate(lm, tokenizer, questions: List[Question], max_len: int, batch_size: int, progress=False):
     requests, owners = [], []
     for qi, q in enumerate(questions):
@@ -332,7 +337,7 @@ def evaluate(lm, tokenizer, questions: List[Question], max_len: int, batch_size:
         per_q[qi].append(s)
     results = []
     for q, s in zip(questions, per_q):
-        pred = max(range(len(s)), key=lambda k: (s[k], -k))  # ties: the first choice, as argmax
+        pred = predict(s)
         results.append({"id": q.qid, "group": q.group, "loglikelihoods": s, "prediction": pred, "answer": q.answer,
                         "correct": pred == q.answer})
     return results
