@@ -81,7 +81,8 @@ def breakdown(fn: Callable[[], None]) -> Tuple[Dict[str, float], float]:
         node = _backward_node(e)
         if node is not None:
             kind = forward_kind.get(node.sequence_nr) if node.sequence_nr >= 0 else None
-            kind = kind or "autograd (grad accumulation, views)"
+            # a custom autograd.Function's backward has no aten forward op: its own frames decide
+            kind = kind or _scope_kind(e) or "autograd (grad accumulation, views)"
         elif e.name.startswith("autograd::engine::evaluate_function:"):
             kind = "autograd (grad accumulation, views)"
         else:

@@ -5,6 +5,9 @@
   GQA with k/v at their own head count (no repeat).
 - CUDA and CPU: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-
   efficient kernels), ``enable_gqa`` so k/v are not materialised per query head.
+- CPU, fp32 causal self-attention in eager mode, 256 to 1023 tokens, heads of 32+:
+  ``attention_blocked``, the causal triangle in query blocks of ``BLOCK_ROWS`` rows, each
+  against its prefix of keys.
 
 Megatron's masks are boolean with True = masked out (NPU agrees; SDPA wants the opposite).
 Stock fills masked scores with -10000 rather than -inf; the two agree whenever a row keeps
@@ -74,12 +77,95 @@ def attention_sdpa(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: f
     return out.permute(2, 0, 1, 3).reshape(sq, b, n * v.shape[3])
 
 
+BLOCK_ROWS = 64  # query rows per block: GEMMs of 64 rows still run near the CPU's GEMM rate,
+# and the masked half of each diagonal block adds only 64 / s to the triangle's work
+
+
+def _block_probs(qs, k, i0, e, future):
+    """softmax of query rows i0:e against keys 0:e, the diagonal block's future masked."""
+    scores = torch.bmm(qs[:, i0:e], k[:, :e].mT)
+    scores[:, :, i0:e].masked_fill_(future[:e - i0, :e - i0], float("-inf"))
+    return torch.softmax(scores, -1)
+
+
+class _BlockedCausal(torch.autograd.Function):
+    """Causal attention as batched GEMMs over query blocks, [bn, s, d] in and out.
+
+    At the lengths ``blocked_applies`` admits, torch's CPU flash kernel runs far below the
+    CPU's GEMM rate; here each block of rows is one ``bmm`` against its whole key prefix,
+    so most of the work runs as large GEMMs and keys past the block are never touched.
+    Like flash attention it saves only q, k, v: the backward recomputes each block's
+    probabilities (one more GEMM per block) instead of holding the s x s/2 triangle."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        s = q.shape[1]
+        qs = q * scale
+        future = torch.ones(BLOCK_ROWS, BLOCK_ROWS, dtype=torch.bool, device=q.device).triu(1)
+        blocks = []
+        for i0 in range(0, s, BLOCK_ROWS):
+            e = min(i0 + BLOCK_ROWS, s)
+            blocks.append(torch.bmm(_block_probs(qs, k, i0, e, future), v[:, :e]))
+        out = torch.cat(blocks, 1)
+        ctx.save_for_backward(qs, k, v, future)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qs, k, v, future = ctx.saved_tensors
+        s = qs.shape[1]
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+        for i0 in range(0, s, BLOCK_ROWS):
+            e = min(i0 + BLOCK_ROWS, s)
+            probs, do = _block_probs(qs, k, i0, e, future), dout[:, i0:e]
+            dv[:, :e] += torch.bmm(probs.mT, do)
+            dscores = torch._softmax_backward_data(torch.bmm(do, v[:, :e].mT), probs, -1, probs.dtype)
+            dq[:, i0:e] = torch.bmm(dscores, k[:, :e])
+            dk[:, :e] += torch.bmm(dscores.mT, qs[:, i0:e])
+        return dq.mul_(ctx.scale), dk, dv, None
+
+
+def attention_blocked(q, k, v, scale: float):
+    """q: [s, b, n, d]; k, v: [s, b, ng, d]; causal, no dropout. Returns [s, b, n*d]."""
+    s, b, n, d = q.shape
+    ng = k.shape[2]
+
+    def heads_first(t):  # [s, b, ng, d] -> [b*n, s, d], each k/v head repeated for its query heads
+        t = t.permute(1, 2, 0, 3)
+        if ng != n:
+            t = t.unsqueeze(2).expand(b, ng, n // ng, s, t.shape[-1])
+        return t.reshape(b * n, s, t.shape[-1])
+
+    q2 = q.permute(1, 2, 0, 3).reshape(b * n, s, d)
+    out = _BlockedCausal.apply(q2, heads_first(k), heads_first(v), scale)
+    return out.view(b, n, s, -1).permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+# Where bench/bench_attention_cpu.py finds the blocked path ahead of torch's CPU flash
+# kernel: below 256 rows (a triangle of a few blocks), from 1024 rows on, and for heads
+# narrower than 32 (the score GEMM's inner dimension), the fused kernel is as fast or faster.
+BLOCKED_MIN_SEQ = 256
+BLOCKED_MAX_SEQ = 1024
+BLOCKED_MIN_HEAD_DIM = 32
+
+
+def blocked_applies(q, k, causal, mask, dropout_p) -> bool:
+    s = q.shape[0]
+    return (causal and mask is None and dropout_p == 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
+            and s == k.shape[0] and BLOCKED_MIN_SEQ <= s < BLOCKED_MAX_SEQ and q.shape[3] >= BLOCKED_MIN_HEAD_DIM
+            and not torch.compiler.is_compiling())
+
+
 def attention(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0,
               gqa: Optional[bool] = None):
     """q: [sq, b, n, d]; k, v: [sk, b, ng, d] with ng dividing n. Returns [sq, b, n*d].
     ``gqa`` (ng != n) given by a caller under torch.compile, where comparing shapes is symbolic."""
     if _state.backend() == "npu":
         return attention_npu(q, k, v, causal, mask, scale, dropout_p)
+    if blocked_applies(q, k, causal, mask, dropout_p):
+        return attention_blocked(q, k, v, scale)
     return attention_sdpa(q, k, v, causal, mask, scale, dropout_p, gqa)
 
 
