@@ -89,16 +89,16 @@ def test_attention_causal(path, ng):
 def test_attention_blocked_causal(ng):
     """The CPU's blocked causal attention over several query blocks, the last one partial."""
     s = fa.BLOCKED_MIN_SEQ + 22  # the last block partial
-    q, k, v = _qkv(sq=s, ng=ng, d=fa.BLOCKED_MIN_HEAD_DIM)
+    d = fa.BLOCKED_MIN_HEAD_DIM
+    b = fa.BLOCKED_MIN_WIDTH // (8 * d)
+    q, k, v = _qkv(sq=s, b=b, ng=ng, d=d)
     assert fa.blocked_applies(q, k, True, None, 0.0)
     _check(lambda q, k, v: fa.attention(q, k, v, True, None, 0.25),
            lambda q, k, v: fa.attention_reference(q, k, v, True, None, 0.25), q, k, v)
     _check(lambda q, k, v: fa.attention_blocked(q, k, v, 0.25),
            lambda q, k, v: fa.attention_sdpa(q, k, v, True, None, 0.25, 0.0), q, k, v)
-    long = _qkv(sq=fa.BLOCKED_MAX_SEQ, ng=ng, d=fa.BLOCKED_MIN_HEAD_DIM)
-    assert not fa.blocked_applies(*long[:2], True, None, 0.0)  # torch's kernel from there on
-    assert not fa.blocked_applies(*_qkv(sq=s, ng=ng)[:2], True, None, 0.0)  # heads of 16
-    assert not fa.blocked_applies(*_qkv(sq=fa.BLOCKED_MIN_SEQ - 1, ng=ng, d=32)[:2], True, None, 0.0)
+    for sq, b_, d_ in [(fa.BLOCKED_MAX_SEQ, b, d), (fa.BLOCKED_MIN_SEQ - 1, b, d), (s, 2 * b, d // 2), (s, b // 2, d)]:
+        assert not fa.blocked_applies(*_qkv(sq=sq, b=b_, ng=ng, d=d_)[:2], True, None, 0.0), (sq, b_, d_)
 
 
 def test_attention_padding_mask(path):

@@ -5,7 +5,7 @@
   GQA with k/v at their own head count (no repeat).
 - CUDA and CPU: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-
   efficient kernels), ``enable_gqa`` so k/v are not materialised per query head.
-- CPU, fp32 causal self-attention in eager mode, 256 to 1023 tokens, heads of 32+:
+- CPU, fp32 causal self-attention in eager mode, 256 to 1023 tokens, heads of 32+ wide:
   ``attention_blocked``, the causal triangle in query blocks of ``BLOCK_ROWS`` rows, each
   against its prefix of keys.
 
@@ -144,18 +144,21 @@ def attention_blocked(q, k, v, scale: float):
 
 
 # Where bench/bench_attention_cpu.py finds the blocked path ahead of torch's CPU flash
-# kernel: below 256 rows (a triangle of a few blocks), from 1024 rows on, and for heads
-# narrower than 32 (the score GEMM's inner dimension), the fused kernel is as fast or faster.
+# kernel.  The fused kernel is as fast or faster below 256 rows (a triangle of a few
+# blocks), from 1024 rows on, for heads narrower than 32 (the score GEMM's inner
+# dimension), and when batch x heads x head width is under 1024 (too few, too thin
+# batched GEMMs to amortise the per-block calls).
 BLOCKED_MIN_SEQ = 256
 BLOCKED_MAX_SEQ = 1024
 BLOCKED_MIN_HEAD_DIM = 32
+BLOCKED_MIN_WIDTH = 1024
 
 
 def blocked_applies(q, k, causal, mask, dropout_p) -> bool:
-    s = q.shape[0]
+    s, b, n, d = q.shape
     return (causal and mask is None and dropout_p == 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
-            and s == k.shape[0] and BLOCKED_MIN_SEQ <= s < BLOCKED_MAX_SEQ and q.shape[3] >= BLOCKED_MIN_HEAD_DIM
-            and not torch.compiler.is_compiling())
+            and s == k.shape[0] and BLOCKED_MIN_SEQ <= s < BLOCKED_MAX_SEQ and d >= BLOCKED_MIN_HEAD_DIM
+            and b * n * d >= BLOCKED_MIN_WIDTH and not torch.compiler.is_compiling())
 
 
 def attention(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0,
