@@ -18,20 +18,16 @@ import torch
 TOKENS, HIDDEN, FFN2, VOCAB = 1024, 1024, 5632, 32000
 
 
-def rate(a, b, reps=10):
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / ((time.perf_counter() - t) / reps) / 1e9
-
-
 def seconds(fn, reps=8):
     fn()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t) / reps
+
+
+def rate(a, b, reps=10):
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / seconds(lambda: a @ b, reps) / 1e9
 
 
 def rates():
