@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
-from . import with_deepspeed
+from . import distrib_optimizer, with_deepspeed
 from .device import (checkpoint_writer, cpu, cuda_queries, megatron_lm, megatron_lm_convert, rng, torch_compat,
                      transformer_engine)
 from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
@@ -151,6 +151,20 @@ _(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", repla
         requires=("adamw",), create=True,
         why="makes megatron take its Apex-style Adam slot, which 'adamw' fills (0.15+; 0.14 has no switch and "
             "always takes the slot)"))
+_(Patch("distrib_optimizer.state_dict", "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
+        wrapper=distrib_optimizer.state_dict_wrapper, group="device",
+        why="without Apex/TE, loading a distributed-optimizer checkpoint asks an optimizer that has not stepped "
+            "for its step count and asserts (assert len(steps) == 1): it has taken 0 steps"))
+_(Patch("distrib_optimizer.load_state_dict",
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+        wrapper=distrib_optimizer.load_state_dict_wrapper, group="device",
+        why="without Apex/TE, a loaded distributed optimizer gives every parameter one shared step tensor, which "
+            "torch's fused/foreach Adam advances once per parameter per step: each gets its own"))
+_(Patch("distrib_optimizer.set_param_state",
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._set_main_param_and_optimizer_states",
+        wrapper=distrib_optimizer.set_param_state_wrapper, group="device",
+        why="without Apex/TE, loading overwrote the checkpoint's step with the load template's 0 (the param state "
+            "keeps none) and copied into fp32 main params (views of leaves) outside no_grad"))
 _(Patch("multi_tensor_l2norm", "megatron.core.utils:local_multi_tensor_l2_norm",
         replacement=multi_tensor.multi_tensor_l2_norm,
         why="torch._foreach_norm instead of one torch.norm per tensor (grad clipping without Apex)"))

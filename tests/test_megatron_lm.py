@@ -10,21 +10,15 @@ local``, ``--distributed-backend nccl``); nothing CPU-specific.
 """
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 
 from converters import hf_to_megatron, megatron_to_hf
-from recipes.data import preprocess_data
 from tests.helpers import megatron_lm as mlm
-from tests.helpers.launch import env_for_ranks, free_port, run_module, run_torchrun, torchrun_command
+from tests.helpers.launch import env_for_ranks, run_torchrun
 
 pytestmark = pytest.mark.slow  # multi-process runs of Megatron-LM
 
@@ -46,26 +40,11 @@ def training_only(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alpaca(tmp_path_factory, fixtures_dir):
-    """The Alpaca sample's responses as pretraining text (jsonl, as Megatron-LM's tool reads),
-    preprocessed by this project's recipe."""
-    out = tmp_path_factory.mktemp("alpaca")
-    rows = json.loads((fixtures_dir / "alpaca" / "alpaca_data_sample.json").read_text())
-    with open(out / "alpaca.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps({"text": r["output"]}) + "\n")
-    tok = fixtures_dir / "stories260K" / "tokenizer.model"
-    preprocess_data.main(["--input", str(out / "alpaca.jsonl"), "--tokenizer-name-or-path", str(tok),
-                          "--output-prefix", str(out / "ours"), "--append-eod"])
-    return {"jsonl": out / "alpaca.jsonl", "ours": str(out / "ours_text_document"), "tokenizer": tok, "dir": out}
+    return mlm.alpaca_pretraining_text(tmp_path_factory.mktemp("alpaca"), fixtures_dir)
 
 
 def _pretrain_gpt(root, data, *extra, nproc=2, iters=10, check=True, env=None):
-    args = [*mlm.tiny_llama(), "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "3e-3",
-            "--train-iters", iters, "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 1000,
-            "--data-path", data["ours"], "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
-            data["tokenizer"], *extra]
-    proc = run_torchrun(str(root / "pretrain_gpt.py"), *args, nproc=nproc, cwd=root, check=False, timeout=600,
-                        env=env)
+    proc = mlm.pretrain_gpt(root, data, *extra, nproc=nproc, iters=iters, env=env)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -130,13 +109,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(resumed):
     from converters.sources import open_megatron
 
     full, again = mlm.iterations(resumed["log_full"]), mlm.iterations(resumed["log_resumed"])
-    assert sorted(again) == [6, 7, 8, 9, 10]
     assert resumed["log_full"].count(RNG_WARNING) == resumed["log_resumed"].count(RNG_WARNING) == 0
-    for i in (6, 8, 9, 10):
-        assert again[i] == full[i], (i, again[i], full[i])
-    # Megatron-LM does not reset its loss accumulator on a process's first iteration
-    # (training_log: "don't reset accumulators"), so after a resume iteration 7 logs the mean of 6 and 7
-    assert again[7][1] == full[7][1] and abs(again[7][0] - (full[6][0] + full[7][0]) / 2) < 2e-6
+    assert mlm.resume_mismatches(full, again, start=5, end=10) == []
     a, b = open_megatron(resumed["full"]), open_megatron(resumed["part"])
     compared = 0
     for name in ("embedding", "final_norm", "output"):
@@ -169,77 +143,20 @@ def test_preprocess_data_tools_agree_and_cross_train(checkout, alpaca, tmp_path)
     """Megatron-LM's tools/preprocess_data.py and recipes.preprocess_data write the same token
     streams for the same input and tokenizer; Megatron-LM's output trains in recipes.pretrain
     (ours trains in pretrain_gpt.py above)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    theirs = tmp_path / "theirs"
-    proc = subprocess.run([__import__("sys").executable, str(checkout / "tools" / "preprocess_data.py"), "--input",
-                           str(alpaca["jsonl"]), "--output-prefix", str(theirs), "--tokenizer-type", "Llama2Tokenizer",
-                           "--tokenizer-model", str(alpaca["tokenizer"]), "--append-eod", "--workers", "1"],
-                          capture_output=True, text=True, cwd=checkout, env=env_for_ranks(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = IndexedDataset(f"{theirs}_text_document"), IndexedDataset(alpaca["ours"])
-    assert len(a) == len(b) == 1724
-    assert all(list(a[i]) == list(b[i]) for i in range(len(a)))
-    assert open(f"{theirs}_text_document.bin", "rb").read() == open(alpaca["ours"] + ".bin", "rb").read()
-    # the index differs only in Megatron-LM's document boundaries for the 3 empty responses,
-    # which hold no sequence (this recipe skips and lists those rows instead)
-    assert len(a.document_indices) == len(b.document_indices) + 3
-    run_torchrun("recipes.pretrain", "--model", "llama2-tiny", "--data-path", f"{theirs}_text_document",
+    theirs = mlm.preprocess_with_tools(checkout, alpaca, tmp_path / "theirs")
+    run_torchrun("recipes.pretrain", "--model", "llama2-tiny", "--data-path", theirs,
                  "--tokenizer-name-or-path", alpaca["tokenizer"], "--train-iters", 10, "--seq-length", 64,
                  "--metrics-file", tmp_path / "m.jsonl")
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "m.jsonl")]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.5, losses
 
 
-def _serve(checkout, ckpt, tp, port, log):
-    args = ["--num-layers", 5, "--hidden-size", 64, "--ffn-hidden-size", 172, "--num-attention-heads", 8,
-            "--group-query-attention", "--num-query-groups", 4, "--seq-length", 512, "--max-position-embeddings", 512,
-            *mlm.LLAMA, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", ckpt["tokenizer"],
-            "--load", ckpt["path"], "--micro-batch-size", 1, "--port", port, "--make-vocab-size-divisible-by", 128,
-            "--tensor-model-parallel-size", tp]
-    cmd = torchrun_command(str(checkout / "tools" / "run_text_generation_server.py"), *args, nproc=tp)
-    return subprocess.Popen(cmd, cwd=checkout, env=env_for_ranks(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _put(port, payload, deadline):
-    """Megatron-LM's text_generation_cli.py request: PUT /api with JSON; retried until the server is up."""
-    body = json.dumps(payload).encode()
-    while True:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api", data=body, method="PUT",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError:
-            raise  # the server answered: an error of its own, not "not up yet"
-        except (ConnectionError, urllib.error.URLError):
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
-
-
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.full)])
 def test_text_generation_server_equals_recipes_generate(checkout, fixtures_dir, tmp_path, tp):
     """tools/run_text_generation_server.py serves a checkpoint from converters.hf_to_megatron;
     a real HTTP client gets the same greedy text as recipes.generate."""
-    ckpt = tmp_path / "stories"
-    hf_to_megatron.main(["--input-model-dir", str(fixtures_dir / "stories260K"), "--output-model-dir", str(ckpt)])
-    prompts = ["Once upon a time", "The little dog"]
-    ours = run_module("recipes.generate", "--load", ckpt, *sum((["--prompt", p] for p in prompts), []),
-                      "--max-new-tokens", 24, "--greedy", "--output-json", tmp_path / "ours.json",
-                      env={"MASTER_PORT": str(free_port())})
-    assert ours.returncode == 0, ours.stderr[-3000:]
-    expected = [p + r["text"] for p, r in zip(prompts, json.loads((tmp_path / "ours.json").read_text()))]
-    port = free_port()
-    with open(tmp_path / "server.log", "w") as log:
-        server = _serve(checkout, {"path": ckpt, "tokenizer": fixtures_dir / "stories260K"}, tp, port, log)
-        try:
-            reply = _put(port, {"prompts": prompts, "tokens_to_generate": 24, "top_k": 1}, time.time() + 240)
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-    assert reply["text"] == expected, (reply, expected, (tmp_path / "server.log").read_text()[-2000:])
+    served, expected, log = mlm.server_and_recipes_generate(checkout, fixtures_dir / "stories260K", tmp_path, tp)
+    assert served == expected, (served, expected, log[-2000:])
 
 
 @pytest.mark.full  # the built-in and the Megatron-LM engine run side by side
