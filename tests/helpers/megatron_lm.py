@@ -103,14 +103,16 @@ def pretrain_gpt(root: Path, data: dict, *extra, nproc: int = 2, iters: int = 10
                         env=env)
 
 
-def serve(root: Path, ckpt: dict, tp: int, port: int, log):
+def serve(root: Path, ckpt: dict, tp: int, port: int, log, tokenizer: str = "HuggingFaceTokenizer"):
     """``tools/run_text_generation_server.py`` on stories260K's shape (a converted checkpoint),
-    in a session of its own (stop it with ``os.killpg``)."""
+    in a session of its own (stop it with ``os.killpg``).  ``tokenizer``: Megatron-LM's
+    --tokenizer-type (Llama2Tokenizer reads the folder's tokenizer.model)."""
     from tests.helpers.launch import env_for_ranks, torchrun_command
 
     args = ["--num-layers", 5, "--hidden-size", 64, "--ffn-hidden-size", 172, "--num-attention-heads", 8,
             "--group-query-attention", "--num-query-groups", 4, "--seq-length", 512, "--max-position-embeddings", 512,
-            *LLAMA, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", ckpt["tokenizer"],
+            *LLAMA, "--tokenizer-type", tokenizer, "--tokenizer-model",
+            ckpt["tokenizer"] / "tokenizer.model" if tokenizer == "Llama2Tokenizer" else ckpt["tokenizer"],
             "--load", ckpt["path"], "--micro-batch-size", 1, "--port", port, "--make-vocab-size-divisible-by", 128,
             "--tensor-model-parallel-size", tp]
     cmd = torchrun_command(str(root / "tools" / "run_text_generation_server.py"), *args, nproc=tp)
@@ -135,7 +137,8 @@ def put_api(port: int, payload: dict, deadline: float) -> dict:
             time.sleep(1)
 
 
-def server_and_recipes_generate(root: Path, hf_dir: Path, tmp_path: Path, tp: int):
+def server_and_recipes_generate(root: Path, hf_dir: Path, tmp_path: Path, tp: int,
+                                tokenizer: str = "HuggingFaceTokenizer", generate_flags=()):
     """The HF model at ``hf_dir`` converted by converters.hf_to_megatron, served by the
     checkout's text generation server at ``tp`` and asked by a real HTTP client for greedy
     text, and the same prompts through recipes.generate: (served texts, recipes' texts, the
@@ -150,13 +153,13 @@ def server_and_recipes_generate(root: Path, hf_dir: Path, tmp_path: Path, tp: in
     hf_to_megatron.main(["--input-model-dir", str(hf_dir), "--output-model-dir", str(ckpt)])
     prompts = ["Once upon a time", "The little dog"]
     ours = run_module("recipes.generate", "--load", ckpt, *sum((["--prompt", p] for p in prompts), []),
-                      "--max-new-tokens", 24, "--greedy", "--output-json", tmp_path / "ours.json",
+                      "--max-new-tokens", 24, "--greedy", "--output-json", tmp_path / "ours.json", *generate_flags,
                       env={"MASTER_PORT": str(free_port())})
     assert ours.returncode == 0, ours.stderr[-3000:]
     expected = [p + r["text"] for p, r in zip(prompts, json.loads((tmp_path / "ours.json").read_text()))]
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
-        server = serve(root, {"path": ckpt, "tokenizer": hf_dir}, tp, port, log)
+        server = serve(root, {"path": ckpt, "tokenizer": hf_dir}, tp, port, log, tokenizer)
         try:
             reply = put_api(port, {"prompts": prompts, "tokens_to_generate": 24, "top_k": 1}, time.time() + 240)
         finally:
