@@ -20,11 +20,12 @@ iteration count between torch's per-parameter ``state[p]["step"]`` and the param
   no step (dp_reshardable holds it as a non-persistent object: the template's own tensor, 0
   from the template load above), so the step that ``load_state_dict`` had just set from the
   checkpoint's param groups was overwritten with 0, and every resumed run restarted Adam's
-  bias correction.  The step comes from the param groups alone.  Also, in fp32 the main
-  parameters are views of the model's own parameters (leaves that require grad), and the
-  copy ran outside ``no_grad``, which autograd refuses ("a view of a leaf Variable that
-  requires grad is being used in an in-place operation"); its sibling loaders run under
-  ``torch.no_grad()``, and so does it here.
+  bias correction.  The step comes from the param groups alone: the copy is handed the
+  optimizer's own step tensor, a copy onto itself.  Also, in fp32 the main parameters are
+  views of the model's own parameters (leaves that require grad), and the copy ran outside
+  ``no_grad``, which autograd refuses ("a view of a leaf Variable that requires grad is being
+  used in an in-place operation"); its sibling loaders run under ``torch.no_grad()``, and so
+  does it here.
 
 With Apex or TE installed megatron takes its other branch, which these wrappers leave alone.
 """
@@ -82,8 +83,19 @@ def load_state_dict_wrapper(original):
 
 def set_param_state_wrapper(original):
     def set_main_param_and_optimizer_states(self, model_param, tensors):
-        if _torch_branch():
-            tensors = dict(tensors, step=None)  # not a tensor: the copy loop passes it by
+        if _torch_branch() and "step" in tensors:
+            own = _own_step(self, model_param)
+            if own is not None:  # copied onto itself: the step load_state_dict set stays
+                tensors = dict(tensors, step=own)
         with torch.no_grad():
             return original(self, model_param, tensors)
     return set_main_param_and_optimizer_states
+
+
+def _own_step(optimizer, model_param):
+    where = getattr(optimizer, "model_param_group_index_map", {}).get(model_param)
+    if where is None:
+        return None
+    group_index, group_order = where
+    main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
+    return optimizer.optimizer.state.get(main_param, {}).get("step")

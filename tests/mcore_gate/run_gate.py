@@ -40,9 +40,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 THIRD_PARTY = ROOT.parent / "shared" / "third_party"
 # each Megatron-LM tree's tests, with the outcomes recorded for them (run against the megatron-core
-# release of that tag: 0.16.1 installed, 0.19.2 from PyPI for core_v0.19.0)
+# release of that tag: 0.16.1 on Python 3.11 / torch 2.13; 0.19.2 for core_v0.19.0, recorded per
+# stack: on Python 3.11 / torch 2.13 with 0.19.2 installed past its Requires-Python, and on Python
+# 3.12 / torch 2.14, the stack pip resolves for 0.19.2 (.ci/run's Python 3.12 job))
+_STACK_312 = sys.version_info >= (3, 12)
 TREES = {"core_v0.16.1": (THIRD_PARTY / "Megatron-LM" / "tests", HERE / "expected.json"),
-         "core_v0.19.0": (THIRD_PARTY / "Megatron-LM-core_v0.19.0" / "tests", HERE / "expected_core_v0.19.0.json")}
+         "core_v0.19.0": (THIRD_PARTY / "Megatron-LM-core_v0.19.0" / "tests",
+                          HERE / ("expected_core_v0.19.0_py312.json" if _STACK_312 else "expected_core_v0.19.0.json"))}
 SOURCE, EXPECTED = TREES["core_v0.16.1"]
 
 
