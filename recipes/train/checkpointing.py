@@ -107,8 +107,11 @@ def _sharded(models, optimizer, scheduler, is_loading: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    # the distributed optimizer's state in dp_reshardable form, Megatron-LM's default: sharded as
+    # each rank holds it (no gather), loadable at another data-parallel size; megatron's default
+    # here, fully_sharded_model_space, is refused by its torch_dist writer (flattened_range)
     metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
-                "singleton_local_shards": False}
+                "singleton_local_shards": False, "distrib_optim_sharding_type": "dp_reshardable"}
     state = {key: unwrap(m).sharded_state_dict(prefix="", metadata=metadata)
              for key, m in zip(_model_keys(models), models)}
     model_sd = dict(state)

@@ -31,8 +31,12 @@ def train_flops_per_token(s, seq_length: int, vocab_size: int) -> float:
 
 
 def measured_gemm_tflops(dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    """The GEMM rate at ``n``: its operands come from a generator of their own, never the default
+    one, which on the CPU is dropout's stream (a draw here, at a resumed run's start or between
+    steps, would shift every later dropout mask)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, dtype=dtype, generator=g)
+    b = torch.randn(n, n, dtype=dtype, generator=g)
     a @ b  # warm up
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
