@@ -1,10 +1,11 @@
 """Which accelerator this process drives: Ascend NPU if torch_npu imports, else CUDA, else CPU.
 
-torch_npu needs Ascend's CANN libraries; where they are missing its import fails, and we
-say so in the report instead of pretending an NPU is there.
+torch_npu needs Ascend's CANN libraries.  Where torch_npu is installed but its import fails
+(CANN's environment not sourced, a torch / torch_npu mismatch), that is an error naming the
+import's failure, never a quiet fall back to the CPU: on an Ascend host a run would otherwise
+train on the host's cores and look healthy.  ``ASCEND_PATCHES_BACKEND=cpu|cuda`` runs
+without the NPU on purpose, and then torch_npu is not imported at all.
 """
-
-from __future__ import annotations
 
 import importlib
 import importlib.util
@@ -19,7 +20,8 @@ DIST_BACKEND = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
 def torch_npu_module():
-    """The imported torch_npu module, or None."""
+    """The imported torch_npu module, or None where it is not installed; an installed one that
+    fails to import is a ConfigurationError saying why and what to do."""
     mod = sys.modules.get("torch_npu")
     if mod is not None:
         return mod
@@ -27,8 +29,12 @@ def torch_npu_module():
         return None
     try:
         return importlib.import_module("torch_npu")
-    except Exception:  # CANN libraries missing: not an NPU machine
-        return None
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigurationError(
+            f"torch_npu is installed but its import failed ({type(e).__name__}: {first}): source CANN's set_env.sh "
+            "(in the Ascend toolkit's install folder) before running, or set ASCEND_PATCHES_BACKEND=cpu or "
+            "ASCEND_PATCHES_BACKEND=cuda to run without the NPU on purpose") from e
 
 
 def detect(forced: Optional[str] = None) -> Tuple[str, str]:
@@ -37,7 +43,8 @@ def detect(forced: Optional[str] = None) -> Tuple[str, str]:
         if forced not in BACKENDS:
             raise ConfigurationError(f"unsupported backend {forced!r}: expected one of {', '.join(BACKENDS)}")
         if forced == "npu" and torch_npu_module() is None:
-            raise ConfigurationError("backend 'npu' was asked for but torch_npu does not import (CANN missing?)")
+            raise ConfigurationError("backend 'npu' was asked for but torch_npu is not installed: pip install -e '.[npu]' "
+                                     "(torch_npu, with CANN on the host)")
         if forced == "cuda" and not torch.cuda.is_available():
             raise ConfigurationError("backend 'cuda' was asked for but torch.cuda.is_available() is False")
         return forced, "forced by configuration"
@@ -45,10 +52,7 @@ def detect(forced: Optional[str] = None) -> Tuple[str, str]:
         return "npu", "torch_npu imported"
     if torch.cuda.is_available():
         return "cuda", f"torch.cuda.is_available() ({torch.cuda.device_count()} devices)"
-    why = "no torch_npu"
-    if importlib.util.find_spec("torch_npu") is not None:
-        why = "torch_npu is installed but failed to import (CANN libraries missing?)"
-    return "cpu", f"{why} and no CUDA device"
+    return "cpu", "no torch_npu and no CUDA device"
 
 
 def dist_backend(backend: str) -> str:

@@ -13,7 +13,7 @@ from tests.helpers.launch import ROOT
 
 def _run(*args, env=None):
     return subprocess.run([sys.executable, "-W", "ignore", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def test_module_report_lists_every_patch():
@@ -60,7 +60,7 @@ def test_unsupported_backend_is_an_error():
     out = _run("-c", "import ascend_patches", env={"ASCEND_PATCHES_BACKEND": "tpu"})
     assert out.returncode != 0 and "ASCEND_PATCHES_BACKEND='tpu'" in out.stderr
     out = _run("-c", "import ascend_patches", env={"ASCEND_PATCHES_BACKEND": "npu"})
-    assert out.returncode != 0 and "torch_npu does not import" in out.stderr
+    assert out.returncode != 0 and "torch_npu is not installed" in out.stderr
 
 
 def test_compile_ops_is_cpu_only_and_reported():
@@ -140,3 +140,22 @@ def test_tensor_memory_counts_weights_gradients_and_adam_state():
     gc.collect()
     added = (throughput.tensor_memory_gib() - before) * 2 ** 30
     assert abs(added - 4 * 4 * 2 ** 20) < 64 * 1024, added
+
+
+def test_installed_but_broken_torch_npu_is_an_error_not_the_cpu(tmp_path):
+    """A torch_npu whose import fails as CANN's missing libraries make it fail: importing
+    ascend_patches stops with one line naming the failure and both ways out; asked for the CPU
+    on purpose, it runs there and never imports torch_npu."""
+    (tmp_path / "torch_npu").mkdir()
+    (tmp_path / "torch_npu" / "__init__.py").write_text(
+        'raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")\n')
+    path = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    out = _run("-c", "import ascend_patches", env=path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    line = out.stderr.strip()
+    assert "torch_npu is installed but its import failed (ImportError: libhccl.so" in line
+    assert "set_env.sh" in line and "ASCEND_PATCHES_BACKEND=cpu" in line
+    on_purpose = _run("-c", "import sys, ascend_patches; print(ascend_patches.settings().backend, "
+                            "'torch_npu' in sys.modules)", env={**path, "ASCEND_PATCHES_BACKEND": "cpu"})
+    assert on_purpose.returncode == 0 and on_purpose.stdout.split() == ["cpu", "False"], on_purpose.stderr
