@@ -17,8 +17,8 @@ Modes: ``cpu`` (ascend_patches on the CPU backend), ``cuda_queries`` (the same, 
 do not skip), ``npu`` (the emulated NPU backend, with the same answers: what torch_npu's
 ``transfer_to_npu`` gives on an Ascend host), ``none`` (without ascend_patches).
 
-A test that newly fails (or errors) against the expected outcome fails the gate; one that
-newly passes is listed, so ``expected.json`` is tightened (``--record`` rewrites the mode).
+A test that newly fails (or errors) against the expected outcome fails the gate, and so does one
+that passed and is now skipped or deselected (it no longer runs); one that newly passes is listed, so ``expected.json`` is tightened (``--record`` rewrites the mode).
 The harness edits below are made on the temp copy only, and listed in every report.
 """
 
@@ -259,6 +259,8 @@ def compare(results: dict, expected: dict) -> tuple:
         want = expected.get(nodeid, {"outcome": "new"})["outcome"]
         if r["outcome"] in ("failed", "error") and want not in ("failed", "error"):
             newly_failing.append(f"{nodeid}: {r['outcome']} ({r['why'][:200]}), expected {want}")
+        elif r["outcome"] == "skipped" and want == "passed":  # skipped or deselected now: it no longer runs
+            newly_failing.append(f"{nodeid}: skipped ({r.get('why', '')[:200]}), expected passed")
         elif r["outcome"] == "passed" and want != "passed":
             newly_passing.append(f"{nodeid}: passed, expected {want}")
     for nodeid, e in sorted(expected.items()):
