@@ -154,11 +154,16 @@ class HFSource:
         return _check(ts[0], expected(s, name, None), names[0])
 
 
-def _tokenizer_vocab(args: dict) -> Optional[int]:
-    """The true vocabulary of a checkpoint that records only its padded rows (Megatron-LM's)."""
+def _tokenizer_vocab(args: dict, where: Path, padded_rows: int) -> int:
+    """The true vocabulary of a checkpoint that records only its padded rows (Megatron-LM's):
+    its tokenizer's.  Where that tokenizer is gone the size is refused, not guessed: the padded
+    row count would give the HF model rows no token has (and a wrong ``vocab_size``)."""
     path = args.get("tokenizer_name_or_path")
     if not path or not Path(path).exists():
-        return None
+        missing = f"its tokenizer {path} is gone" if path else "it records no tokenizer"
+        raise MissingInput(f"{where}: the checkpoint records only its padded vocabulary ({padded_rows} rows) and "
+                           f"{missing}, so the true vocabulary size is unknown: give --vocab-size N (the "
+                           "tokenizer's size), or restore the tokenizer at that path")
     from recipes.data.tokenizer import load_tokenizer
 
     return load_tokenizer(path).vocab_size
@@ -175,9 +180,6 @@ class DistSource:
             raise MissingInput(f"{self.dir}: no .metadata (not a torch_dist checkpoint)")
         self.md = FileSystemReader(str(self.dir)).read_metadata()
         self.args = args
-        shape = ModelShape(**{k: v for k, v in args["shape"].items() if k in ModelShape.__dataclass_fields__})
-        self.shape = replace(shape, vocab_size=vocab_size or args.get("vocab_size") or _tokenizer_vocab(args)
-                             or shape.vocab_size)
         self._chunks = {}
         for idx, info in self.md.storage_data.items():
             if idx.offset is not None:
@@ -187,6 +189,9 @@ class DistSource:
                 raise ConversionError(f"{self.dir}: tensor {key} ({name}) missing from the checkpoint")
         emb = self.md.state_dict_metadata[DIST_KEYS["embedding"]]
         self.padded_vocab = emb.size[0]
+        shape = ModelShape(**{k: v for k, v in args["shape"].items() if k in ModelShape.__dataclass_fields__})
+        self.shape = replace(shape, vocab_size=vocab_size or args.get("vocab_size")
+                             or _tokenizer_vocab(args, self.dir, self.padded_vocab))
         self.dtype = emb.properties.dtype
         self.meta = {"tokenizer_name_or_path": args.get("tokenizer_name_or_path")}
         self._file_name, self._file = None, None

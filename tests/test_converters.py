@@ -6,6 +6,7 @@ and reshards move bytes only, so they must be bit-exact.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import torch
 
 from converters import hf_to_megatron, megatron_to_hf, reshard
 from converters.sources import ConversionError, DistSource, open_megatron
+from recipes.errors import MissingInput
 from tests.helpers.launch import ROOT, run_torchrun
 
 RANDOM_CONFIGS = {
@@ -275,3 +277,28 @@ def test_truncated_safetensors_is_named(tmp_path, fixtures_dir):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert f"error: {weights}: not a readable weights file" in out.stderr and "truncated" in out.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_padded_only_vocabulary_with_its_tokenizer_gone_is_refused(converted, tmp_path):
+    """A checkpoint that records only its padded rows (as Megatron-LM's do: vocab_size None)
+    and a tokenizer path that no longer exists: the export refuses, naming the checkpoint and
+    --vocab-size, instead of writing the padded rows as vocabulary; --vocab-size 300 writes
+    an HF model whose vocabulary is the true 300 (and equals the original HF weights' rows)."""
+    from safetensors.torch import load_file
+
+    src = tmp_path / "mg"
+    shutil.copytree(converted["mg"][("mha", 1, 1)], src)
+    args_file = src / "release" / "args.json"
+    args = json.loads(args_file.read_text())
+    assert args["padded_vocab_size"] == 384 and args["vocab_size"] == 300
+    args.update(vocab_size=None, tokenizer_name_or_path=str(tmp_path / "gone" / "tokenizer.model"))
+    args_file.write_text(json.dumps(args))
+    with pytest.raises(MissingInput, match=r"only its padded vocabulary \(384 rows\) and its tokenizer .*gone/"
+                                           r"tokenizer.model is gone.*--vocab-size N"):
+        megatron_to_hf.main(["--input-model-dir", str(src), "--output-model-dir", str(tmp_path / "hf")])
+    megatron_to_hf.main(["--input-model-dir", str(src), "--output-model-dir", str(tmp_path / "hf"), "--vocab-size", "300"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 300
+    written = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        written.update(load_file(str(f)))
+    assert tuple(written["model.embed_tokens.weight"].shape) == (300, 32)
