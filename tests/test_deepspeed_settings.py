@@ -37,6 +37,35 @@ def test_config_fills_and_flags_must_agree(tmp_path):
     assert final["optimizer"]["params"]["fused"] is True  # its one-kernel CPU form
 
 
+def test_config_optimizer_params_reach_deepspeed_or_a_contradicting_flag_is_refused(tmp_path):
+    """The file's betas, eps and weight decay are the run's (they reached DeepSpeed as the flags'
+    defaults before); a flag that contradicts one names both; without file or flag, the
+    defaults."""
+    from recipes.train.deepspeed_engine import ds_config
+
+    cfg = {"optimizer": {"type": "AdamW", "params": {"betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.0}}}
+    s = _resolve(tmp_path, cfg)
+    assert (s.optim.betas, s.optim.eps, s.optim.weight_decay) == ((0.8, 0.9), 1e-6, 0.0)
+    params = ds_config(s)["optimizer"]["params"]
+    assert (params["betas"], params["eps"], params["weight_decay"]) == ([0.8, 0.9], 1e-6, 0.0)
+    for flag, value, name in (("--adam-beta2", 0.95, r"optimizer\.params\.betas\[1\] = 0\.9"),
+                              ("--weight-decay", 0.1, r"optimizer\.params\.weight_decay = 0\.0"),
+                              ("--adam-eps", 1e-8, r"optimizer\.params\.eps = 1e-06")):
+        with pytest.raises(BadInput, match=rf"--{flag[2:]} {value} contradicts {name} in .*ds\.json"):
+            _resolve(tmp_path, cfg, flag, value)
+    plain = _resolve(tmp_path, {})
+    assert (plain.optim.betas, plain.optim.eps, plain.optim.weight_decay) == ((0.9, 0.95), 1e-8, 0.1)
+
+
+def test_scheduler_block_and_flags_the_engine_ignores_are_refused(tmp_path):
+    with pytest.raises(BadInput, match=r"a scheduler block \(WarmupLR\) would step the learning rate beside"):
+        _resolve(tmp_path, {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}})
+    with pytest.raises(BadInput, match=r"--use-distributed-optimizer .*not honoured by the DeepSpeed engine"):
+        _resolve(tmp_path, {}, "--use-distributed-optimizer")
+    with pytest.raises(BadInput, match=r"--sequence-parallel .*not honoured by the DeepSpeed engine"):
+        _resolve(tmp_path, {}, "--tensor-model-parallel-size", 2, "--sequence-parallel")
+
+
 def test_auto_values_follow_the_model_or_the_flags(tmp_path):
     """Hugging Face-style "auto": batch sizes come from the flags (never a contradiction), the
     bucket sizes from the hidden size; an "auto" the recipe cannot fill names the key."""

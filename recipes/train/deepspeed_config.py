@@ -31,13 +31,30 @@ def flags_from_config(cfg: dict) -> dict:
     if (cfg.get("fp16") or {}).get("enabled"):
         out["fp16"] = True
     params = (cfg.get("optimizer") or {}).get("params") or {}
-    out["lr"] = params.get("lr")
+    betas = params.get("betas")
+    if betas not in (None, "auto") and (not isinstance(betas, (list, tuple)) or len(betas) != 2):
+        raise BadInput(f"optimizer.params.betas = {betas!r}: expected [beta1, beta2]")
+    out.update(lr=params.get("lr"), weight_decay=params.get("weight_decay"), adam_eps=params.get("eps"),
+               adam_beta1=None if betas in (None, "auto") else betas[0],
+               adam_beta2=None if betas in (None, "auto") else betas[1])
     return {k: v for k, v in out.items() if v is not None and v != "auto"}  # "auto": the flags decide
 
 
 CONFIG_NAMES = {"micro_batch_size": "train_micro_batch_size_per_gpu", "global_batch_size": "train_batch_size",
                 "zero_stage": "zero_optimization.stage", "clip_grad": "gradient_clipping", "bf16": "bf16.enabled",
-                "fp16": "fp16.enabled", "lr": "optimizer.params.lr"}
+                "fp16": "fp16.enabled", "lr": "optimizer.params.lr", "weight_decay": "optimizer.params.weight_decay",
+                "adam_eps": "optimizer.params.eps", "adam_beta1": "optimizer.params.betas[0]",
+                "adam_beta2": "optimizer.params.betas[1]"}
+
+
+def check_config(cfg: dict, path: str) -> None:
+    """What the recipe cannot honour in a DeepSpeed config, refused: a ``scheduler`` block (the
+    recipe's megatron scheduler steps the learning rate; DeepSpeed's would step it as well)."""
+    if cfg.get("scheduler"):
+        kind = (cfg["scheduler"] or {}).get("type", "?")
+        raise BadInput(f"--deepspeed_config {path}: a scheduler block ({kind}) would step the learning rate beside "
+                       "the recipe's own scheduler (--lr, --min-lr, --lr-decay-style, --lr-warmup-iters); remove the "
+                       "block and give those flags")
 
 
 def check_flags_against_config(args, cfg: dict, path: str) -> dict:

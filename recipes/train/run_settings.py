@@ -312,6 +312,7 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
             raise BadInput("--deepspeed needs --deepspeed_config ds_config.json "
                            "(recipes/deepspeed_configs/ has one per LLaMA-2 size)")
         ds_config = deepspeed_config.read_config(args.deepspeed_config)
+        deepspeed_config.check_config(ds_config, args.deepspeed_config)
         # the file's values for the flags not given (a given flag that contradicts it is an error)
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in deepspeed_config.check_flags_against_config(
             args, ds_config, args.deepspeed_config).items() if getattr(args, k, None) in (None, False)}})
@@ -363,6 +364,13 @@ def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
                        "built-in engine)")
     if s.layout.vpp:
         raise BadInput("--num-layers-per-virtual-pipeline-stage: DeepSpeed's pipeline has no virtual stages")
+    ignored = [why for given, why in (
+        (s.layout.distributed_optimizer, "--use-distributed-optimizer (megatron's ZeRO-1; with DeepSpeed give "
+                                         "--zero-stage 1 or the config's zero_optimization.stage)"),
+        (s.layout.sequence_parallel, "--sequence-parallel (the DeepSpeed engine's tensor-parallel layers do not "
+                                     "split activations over the sequence)")) if given]
+    if ignored:
+        raise BadInput(f"{'; '.join(ignored)}: not honoured by the DeepSpeed engine; drop it")
     if args.partition_activations and not args.deepspeed_activation_checkpointing:
         raise BadInput("--partition-activations partitions DeepSpeed's activation checkpoints: add "
                        "--deepspeed-activation-checkpointing")
@@ -386,14 +394,19 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
     return replace(s, engine="megatron-lm", megatron_lm=checkout, passthrough=passthrough)
 
 
+# the optimizer flags' defaults (their flags default to None: given, or stated by a DeepSpeed config)
+OPTIM_DEFAULTS = {"weight_decay": 0.1, "clip_grad": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8}
+
+
 def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora, layout, batches):
     from ascend_patches.ops import grad_accum
 
     dtype = torch.bfloat16 if d["bf16"] and not args.fp16 else torch.float16 if args.fp16 else torch.float32
     warmup = args.lr_warmup_iters or int((args.lr_warmup_fraction or 0) * args.train_iters)
+    o = {k: OPTIM_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in OPTIM_DEFAULTS}
     optim = Optim(d["lr"], d["min_lr"], args.lr_decay_style, warmup, args.lr_decay_iters or args.train_iters,
-                  args.weight_decay, 1.0 if args.clip_grad is None else args.clip_grad,
-                  (args.adam_beta1, args.adam_beta2), args.adam_eps, args.initial_loss_scale)
+                  o["weight_decay"], o["clip_grad"], (o["adam_beta1"], o["adam_beta2"]), o["adam_eps"],
+                  args.initial_loss_scale)
     logging = Logging(args.log_interval, args.eval_interval, args.eval_iters,
                       args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None),
                       args.peak_tflops, args.measure_peak_every,
