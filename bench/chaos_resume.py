@@ -6,9 +6,10 @@ TP=2 run with dropout on, resume it each time, and compare with the uninterrupte
 
 The run: llama2-tiny at TP=2 (DP=2 with ``--distributed-optimizer``: ZeRO-1 needs a data-parallel
 group to shard over), dropout 0.1, a save every 4 iterations and an evaluation every 3, so a
-moment can fall in a step, a save or an evaluation.  Each kill waits for a random iteration's
-log line past the checkpoint it resumed from, then a random 0-0.8 s more, and kills the whole
-process tree (torchrun gives each rank a process group of its own, so killing torchrun's group
+moment can fall in a step, a save or an evaluation.  Each kill waits for the log line of a random
+iteration among the next six past the checkpoint it resumed from, then a random 0-0.8 s more
+(or, for "the next zero", 1-12 s into the launch: imports, process groups, the load), and kills
+the whole process tree (torchrun gives each rank a process group of its own, so killing torchrun's group
 would leave the ranks running and writing into the same folder, as no node failure does).
 
 Checked, else the exit status is 1 and the failing check is printed:
@@ -168,19 +169,26 @@ def run(kills: int, seed: int, distopt: bool, iters: int, work: Path) -> int:
     reference = {r["iteration"]: (r["loss"], r.get("grad_norm")) for r in metrics(work / "reference" / "metrics.jsonl")}
 
     save, failures, rows, started = work / "chaos", [], [], time.time()
+    made = 0
     for k in range(1, kills + 1):
         before = latest(save) or 0
         if before >= iters:  # a kill fell after the last save: the run is done
             print(f"kill {k}/{kills}: none left to make, the run ended at iteration {before}", flush=True)
             break
-        target = rng.randint(before + 1, iters)
+        # a moment in the next few iterations past the resume point (the run must outlast N kills);
+        # target == before: during the launch itself (imports, process groups, the checkpoint load)
+        target = min(iters, before + rng.randint(0, 6))
         launch = Launch(command(data, iters, distopt, save), work / "chaos.log")
-        deadline = time.time() + 600
-        while launch.iteration < target and launch.proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.8))
+        if target == before:
+            time.sleep(rng.uniform(1.0, 12.0))
+        else:
+            deadline = time.time() + 600
+            while launch.iteration < target and launch.proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.8))
         finished = launch.proc.poll() is not None
         pids = launch.kill_tree()
+        made += not finished
         time.sleep(5)
         survivors = alive(pids)
         if survivors:
@@ -198,6 +206,8 @@ def run(kills: int, seed: int, distopt: bool, iters: int, work: Path) -> int:
         print(f"kill {k}/{kills}: resumed from {before}, killed after iteration {launch.iteration} "
               f"(target {target}); latest now {after}; ETA {eta:.0f} s", flush=True)
 
+    if made < kills:
+        failures.append(f"{made} of the {kills} kills fell in a running launch (the run ended first): give more --iters")
     before = latest(save) or 0
     final = Launch(command(data, iters, distopt, save), work / "chaos.log")
     if final.wait(timeout=900) != 0:
@@ -217,7 +227,7 @@ def run(kills: int, seed: int, distopt: bool, iters: int, work: Path) -> int:
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
-    print(f"\nsummary: {kills} kills (seed {seed}, {name}); {len(records)} iterations logged once each: "
+    print(f"\nsummary: {made} of {kills} kills in a running launch (seed {seed}, {name}); {len(records)} iterations logged once each: "
           f"{'yes' if seen == list(range(1, iters + 1)) else 'no'}; equal to the uninterrupted run: "
           f"{'yes' if records and not differ else 'no'}; {time.time() - started:.0f} s")
     for f in failures:
@@ -231,7 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=None, help="the kill moments' seed (default: drawn, and printed)")
     p.add_argument("--distributed-optimizer", action="store_true", help="DP=2 with --use-distributed-optimizer")
-    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--iters", type=int, default=80, help="enough to outlast the kills (about 3 per kill)")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
