@@ -121,6 +121,20 @@ def test_distributed_optimizer_saves_and_resumes_exactly(data, distopt_run, tmp_
     assert _resume_from(data, tmp_path, ["--use-distributed-optimizer", "--save-interval", 10], stop=10) == full
 
 
+@pytest.mark.full  # three more runs per layout; DP=2 above is the default tier's
+@pytest.mark.parametrize("layout, nproc", [(["--tensor-model-parallel-size", 2], 2),
+                                           (["--pipeline-model-parallel-size", 2], 2),
+                                           (["--tensor-model-parallel-size", 2], 4)], ids=["tp2", "pp2", "tp2_dp2"])
+def test_distributed_optimizer_resumes_exactly_in_other_layouts(data, tmp_path, layout, nproc):
+    flags = ["--use-distributed-optimizer", *layout, "--save-interval", 10]
+    run_torchrun("recipes.pretrain", *common(data), *flags, "--save", tmp_path / "full", nproc=nproc)
+    run_torchrun("recipes.pretrain", *common(data), *flags, "--save", tmp_path / "part", "--exit-after-iters", 10,
+                 nproc=nproc)
+    run_torchrun("recipes.pretrain", *common(data), *flags, "--save", tmp_path / "part", "--load", tmp_path / "part",
+                 nproc=nproc)
+    assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
+
+
 def test_distributed_optimizer_checkpoint_loads_at_another_data_parallel_size(data, distopt_run, tmp_path):
     """The DP=2 checkpoint of iteration 20 continued for 2 iterations at DP=2 and at DP=1 (the
     same global batch: DP=1 accumulates both micro-batches), and DP=1's checkpoint back at DP=2:
@@ -140,6 +154,19 @@ def test_distributed_optimizer_checkpoint_loads_at_another_data_parallel_size(da
     one.update(losses(tmp_path / "dp1" / "metrics.jsonl"))
     assert sorted(one) == [21, 22, 23]
     assert all(abs(one[i] - two[i]) / two[i] < 1e-6 for i in one), (one, two)
+
+
+def test_distributed_optimizer_checkpoint_exports_to_hf_and_loads_for_inference(distopt_run, tmp_path):
+    """converters.megatron_to_hf reads the model out of a --use-distributed-optimizer
+    checkpoint (the optimizer's dp_reshardable shards beside it), and the inference loader
+    recipes.generate and recipes.evaluate use loads it: its logits equal transformers' on the
+    export, fp32 (1e-4 absolute: the two sum in different orders; logits are of order 10)."""
+    from converters import megatron_to_hf
+
+    megatron_to_hf.main(["--input-model-dir", str(distopt_run), "--output-model-dir", str(tmp_path / "hf")])
+    out = run_torchrun("converted_checks.py", 1, 1, "logits", distopt_run, tmp_path / "hf", nproc=1)
+    (err, scale), = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:]).values()
+    assert err < 1e-4 and scale > 1, (err, scale)
 
 
 def test_killed_save_leaves_previous_checkpoint(data, tmp_path):
