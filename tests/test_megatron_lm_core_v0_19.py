@@ -108,6 +108,26 @@ def test_resume_after_exit_interval_equals_uninterrupted(checkout, alpaca, unint
 
 
 @needs_312
+def test_kill_during_async_save_leaves_the_last_complete_checkpoint(checkout, alpaca, uninterrupted, tmp_path):
+    """--ckpt-format torch_dist --async-save, saving every 3 with the distributed optimizer: the
+    whole launch SIGKILLed as iteration 7 is logged (the save of 6 in flight or just done).
+    "latest" names a complete checkpoint, and the resume from it equals the uninterrupted run."""
+    from recipes.train import checkpointing
+
+    layout = [*LAYOUTS["tp2_distopt"], "--ckpt-format", "torch_dist", "--async-save", "--save-interval", 3]
+    mlm.pretrain_gpt_killed_at(checkout, alpaca, "iteration        7/", *layout, "--train-iters", 10,
+                               "--save", tmp_path)
+    last = checkpointing.latest_iteration(tmp_path)
+    assert last in (3, 6), last
+    folder = tmp_path / f"iter_{last:07d}"
+    assert (folder / ".metadata").is_file() and (folder / "metadata.json").is_file(), sorted(folder.iterdir())
+    resumed = _run(checkout, alpaca, "tp2_distopt", "--ckpt-format", "torch_dist", "--async-save", "--save-interval", 3,
+                   "--save", tmp_path, "--load", tmp_path)
+    full = uninterrupted("tp2_distopt")
+    assert mlm.resume_mismatches(full, resumed, start=last, end=10) == []
+
+
+@needs_312
 def test_preprocess_data_tools_agree_both_ways(checkout, alpaca, tmp_path):
     """core_v0.19.0's tools/preprocess_data.py and recipes.preprocess_data write the same token
     streams; its output trains in recipes.pretrain (ours trains in pretrain_gpt.py above)."""

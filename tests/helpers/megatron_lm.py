@@ -220,3 +220,35 @@ def preprocess_with_tools(root: Path, data: dict, prefix: Path) -> str:
     assert open(f"{theirs}.bin", "rb").read() == open(data["ours"] + ".bin", "rb").read()
     assert len(a.document_indices) == len(b.document_indices) + 3
     return theirs
+
+
+def pretrain_gpt_killed_at(root: Path, data: dict, line: str, *extra, nproc: int = 2, timeout: int = 600) -> str:
+    """``pretrain_gpt.py`` as ``pretrain_gpt`` runs it, SIGKILLed, torchrun and every rank (each
+    rank is a process group of its own: killing torchrun's group alone leaves them writing), as
+    soon as a log line contains ``line``; the log up to then.  Every process is gone on return."""
+    import psutil
+
+    from tests.helpers.launch import env_for_ranks, torchrun_command
+
+    args = [*tiny_llama(), "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "3e-3", "--log-interval", 1,
+            "--eval-iters", 0, "--eval-interval", 1000, "--data-path", data["ours"], "--tokenizer-type",
+            "Llama2Tokenizer", "--tokenizer-model", data["tokenizer"], *extra]
+    proc = subprocess.Popen(torchrun_command(str(root / "pretrain_gpt.py"), *args, nproc=nproc), cwd=root,
+                            env=env_for_ranks(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log, deadline = [], time.time() + timeout
+    for out in proc.stdout:
+        log.append(out)
+        if line in out or time.time() > deadline:
+            break
+    tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"alive after the kill: {alive}"
+    assert any(line in out for out in log), "".join(log[-40:])
+    return "".join(log)
