@@ -43,7 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 ITERATION = re.compile(r"^iteration\s+(\d+)/")
-LOADED = re.compile(r"^loaded (\S+) \(iteration (\d+)\)")
+LOADED = re.compile(r"^loaded (\S+) \((?:DeepSpeed, )?iteration (\d+)\)")
 
 
 def pretraining_data(work: Path) -> tuple:
@@ -57,14 +57,18 @@ def pretraining_data(work: Path) -> tuple:
     return str(work / "alpaca_output_document"), str(tok)
 
 
-def command(data: tuple, iters: int, distopt: bool, save: Path) -> list:
+def command(data: tuple, iters: int, distopt: bool, save: Path, ds_config: Path = None) -> list:
     prefix, tok = data
-    layout = ["--use-distributed-optimizer"] if distopt else ["--tensor-model-parallel-size", "2"]
+    if ds_config is not None:  # DeepSpeed's engine, ZeRO over DP=2 (it refuses --eval-interval: not built there)
+        layout = ["--deepspeed", "--deepspeed_config", str(ds_config)]
+    else:
+        layout = ["--use-distributed-optimizer"] if distopt else ["--tensor-model-parallel-size", "2"]
+        layout += ["--eval-interval", "3", "--eval-iters", "1"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
             str(_free_port()), "-m", "recipes.pretrain", "--model", "llama2-tiny", "--data-path", prefix,
             "--tokenizer-name-or-path", tok, "--seq-length", "64", "--train-iters", str(iters), *layout,
             "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--log-interval", "1",
-            "--save-interval", "4", "--eval-interval", "3", "--eval-iters", "1", "--save", str(save),
+            "--save-interval", "4", "--save", str(save),
             "--load", str(save)]
 
 
@@ -149,20 +153,28 @@ def latest(save: Path):
 
 def complete(save: Path, iteration: int) -> bool:
     folder = save / f"iter_{iteration:07d}"
-    return folder.is_dir() and (folder / ".metadata").is_file() and (folder / "args.json").is_file()
+    written = (folder / ".metadata").is_file() or any(folder.glob("*model_states.pt"))  # torch_dist or DeepSpeed
+    return folder.is_dir() and written and (folder / "args.json").is_file()
 
 
 def metrics(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def run(kills: int, seed: int, distopt: bool, iters: int, work: Path) -> int:
+def run(kills: int, seed: int, distopt: bool, iters: int, work: Path, zero: int = None) -> int:
     rng = random.Random(seed)
     data = pretraining_data(work)
-    name = "distributed optimizer, DP=2" if distopt else "TP=2"
+    name = (f"DeepSpeed ZeRO-{zero}, DP=2" if zero is not None else "distributed optimizer, DP=2" if distopt
+            else "TP=2")
+    ds_config = None
+    if zero is not None:  # the shipped tiny config at this stage
+        cfg = json.loads((ROOT / "recipes" / "deepspeed_configs" / "llama2-tiny.json").read_text())
+        cfg["zero_optimization"]["stage"] = zero
+        ds_config = work / f"ds_zero{zero}.json"
+        ds_config.write_text(json.dumps(cfg))
     print(f"chaos: {kills} kills, seed {seed}, {name}, {iters} iterations, dropout 0.1; work in {work}", flush=True)
 
-    ref = Launch(command(data, iters, distopt, work / "reference"), work / "reference.log")
+    ref = Launch(command(data, iters, distopt, work / "reference", ds_config), work / "reference.log")
     if ref.wait(timeout=900) != 0:
         print("the uninterrupted run failed:\n" + "\n".join(ref.lines[-30:]))
         return 1
@@ -178,7 +190,7 @@ def run(kills: int, seed: int, distopt: bool, iters: int, work: Path) -> int:
         # a moment in the next few iterations past the resume point (the run must outlast N kills);
         # target == before: during the launch itself (imports, process groups, the checkpoint load)
         target = min(iters, before + rng.randint(0, 6))
-        launch = Launch(command(data, iters, distopt, save), work / "chaos.log")
+        launch = Launch(command(data, iters, distopt, save, ds_config), work / "chaos.log")
         if target == before:
             time.sleep(rng.uniform(1.0, 12.0))
         else:
@@ -209,7 +221,7 @@ def run(kills: int, seed: int, distopt: bool, iters: int, work: Path) -> int:
     if made < kills:
         failures.append(f"{made} of the {kills} kills fell in a running launch (the run ended first): give more --iters")
     before = latest(save) or 0
-    final = Launch(command(data, iters, distopt, save), work / "chaos.log")
+    final = Launch(command(data, iters, distopt, save, ds_config), work / "chaos.log")
     if final.wait(timeout=900) != 0:
         failures.append("the final launch failed:\n" + "\n".join(final.lines[-30:]))
     elif (final.loaded or 0) != before:
@@ -241,15 +253,17 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=None, help="the kill moments' seed (default: drawn, and printed)")
     p.add_argument("--distributed-optimizer", action="store_true", help="DP=2 with --use-distributed-optimizer")
+    p.add_argument("--deepspeed-zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="the DeepSpeed engine at this ZeRO stage, DP=2 (no evaluations: not built there)")
     p.add_argument("--iters", type=int, default=80, help="enough to outlast the kills (about 3 per kill)")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        return run(args.kills, seed, args.distributed_optimizer, args.iters, Path(args.out))
+        return run(args.kills, seed, args.distributed_optimizer, args.iters, Path(args.out), args.deepspeed_zero_stage)
     with tempfile.TemporaryDirectory() as d:
-        return run(args.kills, seed, args.distributed_optimizer, args.iters, Path(d))
+        return run(args.kills, seed, args.distributed_optimizer, args.iters, Path(d), args.deepspeed_zero_stage)
 
 
 if __name__ == "__main__":

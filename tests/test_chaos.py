@@ -3,7 +3,8 @@ at random moments of a run with dropout on, resumed each time; the resumed run's
 the uninterrupted run's bit for bit, its metrics file holds each iteration once, no process
 outlives a kill and no half-written checkpoint is loaded (the script's checks; it exits 1 on
 any).  Default tier: 3 kills at fixed moments (seed 0) with the distributed optimizer; full
-tier: 20 kills with a drawn seed (printed), with and without it."""
+tier: 20 kills with a drawn seed (printed), with and without it, and 3 in DeepSpeed's engine at
+ZeRO-2 and ZeRO-3."""
 
 import random
 import subprocess
@@ -31,3 +32,10 @@ def test_three_kills_resume_exactly_with_the_distributed_optimizer():
 @pytest.mark.parametrize("layout", [[], ["--distributed-optimizer"]], ids=["tp2", "dp2_distopt"])
 def test_twenty_kills_resume_exactly(layout):
     _chaos("--kills", 20, "--seed", random.SystemRandom().randrange(2 ** 31), *layout)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("zero", [2, 3])
+def test_three_kills_resume_exactly_under_deepspeed(zero):
+    _chaos("--kills", 3, "--seed", random.SystemRandom().randrange(2 ** 31), "--deepspeed-zero-stage", zero,
+           "--iters", 24)

@@ -236,8 +236,12 @@ def save(engine, root, iteration: int, progress: dict, scheduler, args: dict) ->
         if tmp.exists():
             shutil.rmtree(tmp)
     dist.barrier()
+    # the RNG states (dropout's stream among them), as the built-in loop saves them: DeepSpeed writes
+    # client_state with each model-parallel rank's model states, from data-parallel rank 0, whose
+    # streams every data-parallel rank shares
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False,
-                           client_state={"progress": progress, "scheduler": scheduler.state_dict()})
+                           client_state={"progress": progress, "scheduler": scheduler.state_dict(),
+                                         "rng_state": checkpointing.rng_state()})
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / "args.json").write_text(json.dumps(args, indent=1, sort_keys=True))
@@ -266,4 +270,9 @@ def load(engine, resume, scheduler) -> dict:
     if not full:
         return {"iteration": 0, "consumed_samples": 0}
     scheduler.load_state_dict(client["scheduler"])
+    if "rng_state" in client:
+        checkpointing.set_rng_state(client["rng_state"])
+    elif dist.get_rank() == 0:
+        print(f"note: {path} holds no RNG state (written before DeepSpeed checkpoints kept it): dropout's masks "
+              "after this resume differ from an uninterrupted run's", flush=True)
     return client["progress"]
