@@ -108,6 +108,7 @@ def test_resume_after_exit_interval_equals_uninterrupted(checkout, alpaca, unint
 
 
 @needs_312
+@pytest.mark.full  # a killed run and a resume; the chaos test kills the built-in engine in default CI
 def test_kill_during_async_save_leaves_the_last_complete_checkpoint(checkout, alpaca, uninterrupted, tmp_path):
     """--ckpt-format torch_dist --async-save, saving every 3 with the distributed optimizer: the
     whole launch SIGKILLed as iteration 7 is logged (the save of 6 in flight or just done).

@@ -135,6 +135,7 @@ def test_distributed_optimizer_resumes_exactly_in_other_layouts(data, tmp_path, 
     assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
 
 
+@pytest.mark.full  # four more runs; the default tier resumes at the same size
 def test_distributed_optimizer_checkpoint_loads_at_another_data_parallel_size(data, distopt_run, tmp_path):
     """The DP=2 checkpoint of iteration 20 continued for 2 iterations at DP=2 and at DP=1 (the
     same global batch: DP=1 accumulates both micro-batches), and DP=1's checkpoint back at DP=2:
