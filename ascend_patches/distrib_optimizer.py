@@ -80,7 +80,6 @@ def load_state_dict_wrapper(original):
     return load_state_dict
 
 
-
 def set_param_state_wrapper(original):
     def set_main_param_and_optimizer_states(self, model_param, tensors):
         if _torch_branch() and "step" in tensors:
