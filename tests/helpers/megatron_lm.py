@@ -90,15 +90,20 @@ def convert_command(root: Path, hf_dir: Path, save_dir: Path, tp: int = 1) -> li
             "--saver", "core", "--saver-transformer-impl", "local", "--target-tensor-parallel-size", str(tp)]
 
 
+def pretrain_gpt_flags(data: dict) -> list:
+    """pretrain_gpt.py's flags for llama2-tiny's shape over ``data`` (batch, lr, logging; no
+    --train-iters), shared by every run the tests launch."""
+    return [*tiny_llama(), "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "3e-3", "--log-interval", 1,
+            "--eval-iters", 0, "--eval-interval", 1000, "--data-path", data["ours"], "--tokenizer-type",
+            "Llama2Tokenizer", "--tokenizer-model", data["tokenizer"]]
+
+
 def pretrain_gpt(root: Path, data: dict, *extra, nproc: int = 2, iters: int = 10, env=None):
     """``pretrain_gpt.py`` of the checkout at ``root`` on llama2-tiny's shape with Megatron-LM's
     default dropout (0.1), over ``data['ours']`` in ``data['tokenizer']``; the CompletedProcess."""
     from tests.helpers.launch import run_torchrun
 
-    args = [*tiny_llama(), "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "3e-3",
-            "--train-iters", iters, "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 1000,
-            "--data-path", data["ours"], "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
-            data["tokenizer"], *extra]
+    args = [*pretrain_gpt_flags(data), "--train-iters", iters, *extra]
     return run_torchrun(str(root / "pretrain_gpt.py"), *args, nproc=nproc, cwd=root, check=False, timeout=600,
                         env=env)
 
@@ -230,9 +235,7 @@ def pretrain_gpt_killed_at(root: Path, data: dict, line: str, *extra, nproc: int
 
     from tests.helpers.launch import env_for_ranks, torchrun_command
 
-    args = [*tiny_llama(), "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "3e-3", "--log-interval", 1,
-            "--eval-iters", 0, "--eval-interval", 1000, "--data-path", data["ours"], "--tokenizer-type",
-            "Llama2Tokenizer", "--tokenizer-model", data["tokenizer"], *extra]
+    args = [*pretrain_gpt_flags(data), *extra]
     proc = subprocess.Popen(torchrun_command(str(root / "pretrain_gpt.py"), *args, nproc=nproc), cwd=root,
                             env=env_for_ranks(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
