@@ -159,3 +159,35 @@ def test_installed_but_broken_torch_npu_is_an_error_not_the_cpu(tmp_path):
     on_purpose = _run("-c", "import sys, ascend_patches; print(ascend_patches.settings().backend, "
                             "'torch_npu' in sys.modules)", env={**path, "ASCEND_PATCHES_BACKEND": "cpu"})
     assert on_purpose.returncode == 0 and on_purpose.stdout.split() == ["cpu", "False"], on_purpose.stderr
+
+
+@pytest.mark.parametrize("name,dtype,tf32,want", [
+    ("NVIDIA H100 80GB HBM3", "bf16", False, 989.5),  # the SXM part's reported name
+    ("NVIDIA H100 PCIe", "bf16", False, 756.5),
+    ("NVIDIA H100 NVL", "fp16", False, 835.5),
+    ("NVIDIA H200", "bf16", False, 989.5),
+    ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),  # float32 on the CUDA cores (torch's default)
+    ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0),  # float32 matmuls as TF32
+    ("NVIDIA B200", "bf16", False, 2250.0),
+    ("Ascend910B1", "bf16", False, 373.88),
+    ("Ascend910B3", "bf16", False, 294.912),
+    ("Ascend910_9392", "bf16", False, 353.8944),
+    ("NVIDIA GB200", "bf16", False, None),  # no cited figure: n/a, never B200's
+    ("Ascend910B2C", "bf16", False, None),  # a variant not in the table is not Ascend910B2
+    ("Ascend910B2", "fp16", False, None),  # a dtype without a cited figure
+    ("NVIDIA L40S", "bf16", False, None),
+])
+def test_mfu_peak_per_chip_and_dtype(name, dtype, tf32, want):
+    """docs/mfu_peaks.md's figures, by the device name torch reports and the trained dtype;
+    a chip or dtype it does not cite gives no peak and a reason, never another chip's."""
+    import torch
+
+    from recipes.train import throughput
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    peak, why = throughput.published_peak(name, dt, allow_tf32=tf32)
+    assert peak == want, (name, dtype, why)
+    if want is None:
+        assert "pass --peak-tflops" in why and "docs/mfu_peaks.md" in why
+        meter = throughput.Meter(1e9, peak, 1)
+        assert meter.step(1000)["mfu"] is None

@@ -3,9 +3,11 @@ training FLOPs per token = 6 * N_dense + 12 * L * d_head * n_heads * seq, where 
 counts every matrix the token passes through (the output layer included, the embedding
 lookup not).  MFU = achieved model FLOP/s / the device's peak.
 
-Peaks (dense bf16 TFLOP/s): Ascend 910B 354, A100 312, H100/H200 989.  A CPU has no
-published peak here, so its "peak" is measured: the GEMM rate of this machine, in the
-dtype trained, at the start of the run ("CPU-MFU").
+The peak is the device's published dense figure (no 2:4 sparsity) for the dtype trained, read
+from the name the device reports; docs/mfu_peaks.md cites each.  A chip or dtype with no cited
+figure gives MFU "n/a" and the reason, never another chip's peak.  A CPU has no published
+peak, so its "peak" is measured: the GEMM rate of this machine, in the dtype trained, at the
+start of the run ("CPU-MFU").
 """
 
 from __future__ import annotations
@@ -14,9 +16,26 @@ import time
 
 import torch
 
-from recipes.errors import BadInput
-
-PEAK_TFLOPS = {"910B": 354.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
+# (chip, does the reported device name belong to it, {dtype: dense TFLOP/s}); the first chip
+# that claims a name wins, so the narrower names come first.  "fp32" is the CUDA cores' rate and
+# "tf32" the tensor cores' rate for float32 matmuls, used where torch allows TF32.
+# Sources: docs/mfu_peaks.md.
+PEAKS = (
+    ("Ascend910B1", lambda n: n == "Ascend910B1", {"bf16": 373.88}),
+    ("Ascend910B2", lambda n: n == "Ascend910B2", {"bf16": 353.8944}),
+    ("Ascend910B3", lambda n: n == "Ascend910B3", {"bf16": 294.912}),
+    ("Ascend910B4", lambda n: n == "Ascend910B4", {"bf16": 245.76}),
+    ("Ascend910_9362", lambda n: n == "Ascend910_9362", {"bf16": 353.8944}),
+    ("Ascend910_9392", lambda n: n == "Ascend910_9392", {"bf16": 353.8944}),
+    ("A100", lambda n: "A100" in n, {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("H100 NVL", lambda n: "H100" in n and "NVL" in n, {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", lambda n: "H100" in n and "PCIe" in n, {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.0}),
+    ("H100 SXM", lambda n: "H100" in n, {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),
+    ("H200 NVL", lambda n: "H200" in n and "NVL" in n, {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H200 SXM", lambda n: "H200" in n, {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),
+    ("B200", lambda n: "B200" in n and "GB200" not in n, {"bf16": 2250.0, "fp16": 2250.0}),
+)
+_DTYPE_KEY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def dense_params(s, vocab_size: int) -> int:
@@ -45,19 +64,32 @@ def measured_gemm_tflops(dtype=torch.float32, n: int = 2048, seconds: float = 1.
     return 2.0 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def device_name(backend: str) -> str:
+    mod = torch.npu if backend == "npu" else torch.cuda  # torch.npu exists once torch_npu imports
+    return mod.get_device_name()
+
+
+def published_peak(name: str, dtype=torch.bfloat16, allow_tf32: bool = False) -> tuple:
+    """(dense TFLOP/s or None, where it came from or why there is none) for a device name."""
+    key = _DTYPE_KEY.get(dtype, str(dtype).replace("torch.", ""))
+    if key == "fp32" and allow_tf32:
+        key = "tf32"
+    for chip, claims, peaks in PEAKS:
+        if claims(name):
+            if key not in peaks:
+                return None, f"no cited {key} peak for {chip} (docs/mfu_peaks.md); pass --peak-tflops"
+            return peaks[key], f"published dense {key} peak of {chip}"
+    return None, f"no cited peak for device {name!r} (docs/mfu_peaks.md); pass --peak-tflops"
+
+
 def peak_tflops(backend: str, dtype=torch.bfloat16, override: float = None) -> tuple:
-    """(peak TFLOP/s per device, where the number came from)."""
+    """(peak TFLOP/s per device or None, where the number came from or why there is none)."""
     if override:
         return override, "--peak-tflops"
     if backend == "cpu":
         return measured_gemm_tflops(dtype), f"measured {str(dtype).replace('torch.', '')} GEMM on this CPU"
-    if backend == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, value in PEAK_TFLOPS.items():
-            if key in name:
-                return value, f"published dense bf16 peak of {key}"
-        raise BadInput(f"no known peak for {name}; pass --peak-tflops")
-    return PEAK_TFLOPS["910B"], "Ascend 910B dense bf16 peak (as Ascend's MFU code uses)"
+    allow_tf32 = backend == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return published_peak(device_name(backend), dtype, allow_tf32)
 
 
 class Meter:
@@ -77,7 +109,7 @@ class Meter:
         tps = tokens / dt / self.devices
         tflops = tps * self.flops_per_token / 1e12
         out = {"step_time_s": dt, "tokens_per_s_per_device": tps, "tflops_per_device": tflops,
-               "mfu": tflops / self.peak}
+               "mfu": tflops / self.peak if self.peak else None}
         out.update(device_memory())
         return out
 

@@ -237,10 +237,11 @@ class Trainer:
             done = it - self.first_iteration
             eta = (time.perf_counter() - self.started) / done * (s.stop_at - it)
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"  # DeepSpeed ZeRO-0: not kept
+            mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.2f}%"  # no cited peak: says why
             print(f"iteration {it:6d}/{s.train_iters} | loss {record['loss']:.6f}{val} | lr {record['lr']:.3e} | "
                   f"grad norm {norm} | {record['tokens_per_s_per_device']:,.0f} tokens/s/device | "
-                  f"{record['tflops_per_device']:.4f} TFLOP/s/device | MFU {100 * record['mfu']:.2f}% "
-                  f"({self.peak_src}) | ETA {_duration(eta)}", flush=True)
+                  f"{record['tflops_per_device']:.4f} TFLOP/s/device | MFU {mfu} ({self.peak_src}) | "
+                  f"ETA {_duration(eta)}", flush=True)
         log.write(record)
 
     def _summary(self) -> None:
