@@ -49,7 +49,8 @@ def bench_eval(tmp: Path, rounds: int, batches, tasks, profile: bool):
     lm = inference.load(tmp / "mg", 1, 1)
     tok = load_tokenizer(str(tmp / "hf"))
     print(f"stories260K (fp32, {torch.get_num_threads()} threads); ours = recipes.evaluate's scoring, lm-eval = "
-          f"HFLM.loglikelihood on the HF export; median of {rounds} alternated rounds")
+          f"HFLM.loglikelihood on the HF export; median of {rounds} alternated rounds after a warm-up "
+          "round; predictions asserted identical in every round")
     print(f"  {'task':<6} {'batch':>5} {'questions':>9} {'ours q/s':>9} {'lm-eval q/s':>11} {'ours/lm-eval':>12}  "
           "predictions")
     for task in tasks:
@@ -59,19 +60,23 @@ def bench_eval(tmp: Path, rounds: int, batches, tasks, profile: bool):
         for bs in batches:
             hflm = HFLM(pretrained=str(tmp / "hf"), dtype="float32", batch_size=bs, device="cpu")
             t_ours, t_ref = [], []
-            for _ in range(rounds):
+            for r in range(rounds + 1):  # round 0 warms up (first-call allocation, lazy imports): not timed
                 t = time.perf_counter()
                 ours = evaluate.evaluate(lm, tok, questions, lm.shape.seq_length, batch_size=bs)
                 t_ours.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 theirs = hflm.loglikelihood(requests, disable_tqdm=True)
                 t_ref.append(time.perf_counter() - t)
-            preds, k = [], 0
-            for q in questions:
-                preds.append(evaluate.predict([ll for ll, _ in theirs[k:k + len(q.choices)]]))
-                k += len(q.choices)
-            same = sum(p == r["prediction"] for p, r in zip(preds, ours))
-            a, b = statistics.median(t_ours), statistics.median(t_ref)
+                preds, k = [], 0
+                for q in questions:
+                    preds.append(evaluate.predict([ll for ll, _ in theirs[k:k + len(q.choices)]]))
+                    k += len(q.choices)
+                differ = [i for i, (p, o) in enumerate(zip(preds, ours)) if p != o["prediction"]]
+                if differ:  # two scorers that disagree are not timing the same work
+                    raise SystemExit(f"{task}, batch {bs}, round {r}: {len(differ)} of {len(questions)} predictions "
+                                     f"differ from lm-eval's, the first at question {differ[0]}")
+            same = len(questions)
+            a, b = statistics.median(t_ours[1:]), statistics.median(t_ref[1:])
             n = len(questions)
             print(f"  {task:<6} {bs:>5} {n:>9} {n / a:>9.1f} {n / b:>11.1f} {b / a:>11.2f}x  "
                   f"{same}/{n} identical", flush=True)

@@ -5,7 +5,7 @@ the ceiling that CPU-MFU is measured against, and how far below it the model's o
 ``--onednn`` instead: the step's 15 fp32 GEMMs (QKV, output, fc1, fc2, logits x forward, dgrad,
 wgrad) through torch's MKL GEMM and through the two ways torch exposes oneDNN's (mkldnn-layout
 tensors with weights packed once and activation conversions counted; ``_linear_pointwise`` on
-dense tensors), alternated per GEMM: whether a faster fp32 GEMM than torch's default exists here.
+dense tensors), alternated call by call and their outputs checked against MKL's: whether a faster fp32 GEMM than torch's default exists here.
 
     OMP_NUM_THREADS=2 python bench/bench_gemm_shapes.py [--onednn]
 """
@@ -24,6 +24,31 @@ def seconds(fn, reps=8):
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t) / reps
+
+
+def alternated(fns, reps=8):
+    """Mean seconds of each fn, timed in turn within every repetition (one warm-up call each), so
+    drift in this machine's speed hits every implementation alike."""
+    for fn in fns:
+        fn()
+    total = [0.0] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            total[i] += time.perf_counter() - t
+    return [t / reps for t in total]
+
+
+def check_same(name, layout, k, outs):
+    """The three implementations must compute the same product: fp32 sums of k products in
+    another order differ by about sqrt(k) roundings of the entries' size (~sqrt(k) for unit
+    normal operands), so the bound is 1e-5 * k absolute, with 1e-4 relative."""
+    ref = outs[0]
+    for label, out in zip(("mkldnn tensors", "_linear_pointwise"), outs[1:]):
+        err = (out - ref).abs().max().item()
+        if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * k):
+            raise SystemExit(f"{name} {layout}: oneDNN ({label}) differs from MKL by {err:.3g}; not timing it")
 
 
 def rate(a, b, reps=10):
@@ -62,7 +87,8 @@ def onednn():
         }
         gflop = 2 * TOKENS * k * n / 1e9
         for layout, fns in layouts.items():
-            ts = [seconds(fn) for fn in fns]
+            check_same(name, layout, {"forward": k, "dgrad": n, "wgrad": TOKENS}[layout], [fn() for fn in fns])
+            ts = alternated(fns)
             for key, t in zip(total, ts):
                 total[key] += t
             print(f"  {name:>6} {layout:<7} " + " | ".join(f"{gflop / t:6.0f}" for t in ts), flush=True)

@@ -55,43 +55,53 @@ def bench_generation(args):
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     n = args.new_tokens
     g = torch.Generator().manual_seed(0)
-    print(f"model {args.model}; {n} new tokens from a 16-token prompt; threads {torch.get_num_threads()}")
+    print(f"model {args.model}; up to {n} new tokens (both stop at EOS) from a 16-token prompt; "
+          f"threads {torch.get_num_threads()}; tokens asserted equal to HF's")
     for bsz in (1, 8):
         prompts = torch.randint(3, lm.vocab_size, (bsz, 16), generator=g)
         prompts[:, 0] = 1
 
+        eos = hf.generation_config.eos_token_id  # both sides stop at it, and neither forbids it early
+
         def ours():
             def run():
-                out = decoding.generate(lm, prompts.tolist(), n, decoding.SamplingParams(), eos_id=None,
+                out = decoding.generate(lm, prompts.tolist(), n, decoding.SamplingParams(), eos_id=eos,
                                         log_probs=False)  # HF computes no scores by default either
-                assert all(len(o.tokens) == n for o in out)
+                return [o.tokens for o in out]
             return run
 
         def theirs():
             with torch.no_grad():
                 out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, num_beams=1)
-            assert out.shape[1] == 16 + n
+                                  do_sample=False, num_beams=1)
+            rows = out[:, 16:].tolist()
+            return [r[:r.index(eos) + 1] if eos in r else r for r in rows]  # a finished row is padded after EOS
 
         # name: (compile_decode setting, run); configure() re-applies patches, so it stays untimed
         configs = {"ours (eager)": (False, ours()), "HF generate": (False, theirs)}
         if not args.no_compile:
             configs["ours (compiled)"] = (True, ours())
         t = time.perf_counter()
-        for compiled, fn in configs.values():  # warm-up; the compiled step compiles here, once per batch size
+        tokens = {}
+        for name, (compiled, fn) in configs.items():  # warm-up; the compiled step compiles here, once per batch size
             ascend_patches.configure(compile_decode=compiled)
-            fn()
+            tokens[name] = fn()
         print(f"batch {bsz}: warm-up (compiling the decode step) {time.perf_counter() - t:.1f} s")
+        for name, toks in tokens.items():  # greedy on the same fp32 weights: the same tokens, or the timing means nothing
+            bad = next((i for i, (a, b) in enumerate(zip(toks, tokens["HF generate"])) if a != b), None)
+            assert bad is None, f"batch {bsz}, row {bad}: {name} generated {toks[bad]}, HF {tokens['HF generate'][bad]}"
+        generated = sum(len(r) for r in tokens["HF generate"])
         times = {k: [] for k in configs}
         for _ in range(args.rounds):  # interleaved: this machine's speed drifts
             for name, (compiled, fn) in configs.items():
                 ascend_patches.configure(compile_decode=compiled)
                 t = time.perf_counter()
-                fn()
+                out = fn()
                 times[name].append(time.perf_counter() - t)
+                assert out == tokens[name], f"{name}: a timed round generated other tokens than its warm-up"
         ascend_patches.configure(compile_decode=False)
         med = {k: statistics.median(v) for k, v in times.items()}
-        tok = bsz * n
+        tok = generated
         row = "   ".join(f"{k} {tok / v:8.1f} tokens/s" for k, v in med.items())
         ratios = "   ".join(f"{k}/HF = {med['HF generate'] / v:.2f}x" for k, v in med.items() if k != "HF generate")
         print(f"batch {bsz}: {row}\n         {ratios}")

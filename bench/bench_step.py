@@ -66,7 +66,7 @@ def megatron_step_fn(shape, seq, b, dtype, **overrides):
     data = batch(shape, seq, b)
 
     def step():
-        training.train_step([model], opt, iter([data]), 1, seq, b)
+        return training.train_step([model], opt, iter([data]), 1, seq, b)[0]
 
     return step
 
@@ -191,14 +191,17 @@ def run_shape(name, args):
     for r in range(args.steps + 1):
         if r:
             gemms.append(throughput.measured_gemm_tflops(dtype, seconds=1.0) * 1e3)
+        losses = {}
         for config, fn in steps.items():
             if fn is None:
                 continue
             with run_as(config):
                 t = time.perf_counter()
-                fn()
+                losses[config] = fn()
                 if r:  # round 0 warms up
                     times[config].append(time.perf_counter() - t)
+        if r == 0:
+            check_same_loss(losses["stock"], losses["patched"], args.dtype)
     t_stock, t_patched = statistics.median(times["stock"]), statistics.median(times["patched"])
     t_hf = statistics.median(times["hf"]) if times["hf"] else None
     gemm = statistics.median(gemms)  # GEMM rate measured in every round too
@@ -222,6 +225,23 @@ def run_shape(name, args):
         print("fused ops, forward + backward (median ms): stock | fused | ratio")
         for op, ts, tf in bench_ops(shape, seq, b, max(args.steps, 5), dtype):
             print(f"  {op:<28} {ts * 1e3:9.2f} | {tf * 1e3:9.2f} | {tf / ts:.3f}")
+
+
+# Stock and patched start from the same seed, weights and batch, so their first losses differ
+# only by the fused ops' rounding: fp32 kernels that sum in another order agree to ~1e-6
+# relative per op, and the mean loss over seq x batch tokens averages that further; bf16 keeps
+# 8 bits of mantissa (2^-8 = 0.4 % per rounding), so its bound is looser.
+LOSS_RTOL = {"fp32": 1e-5, "bf16": 1e-2}
+
+
+def check_same_loss(stock: float, patched: float, dtype: str) -> None:
+    """Timing two steps that compute different things would mean nothing: stop before timing."""
+    rel = abs(patched - stock) / abs(stock)
+    if rel > LOSS_RTOL[dtype]:
+        raise SystemExit(f"the first step's loss differs: stock {stock:.7f}, patched {patched:.7f} "
+                         f"(relative {rel:.2e} > {LOSS_RTOL[dtype]:.0e}); not timing")
+    print(f"first-step loss: stock {stock:.7f}, patched {patched:.7f}, relative difference {rel:.2e} "
+          f"(<= {LOSS_RTOL[dtype]:.0e})")
 
 
 def run_as(config):
