@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from recipes import llama2, parallel
 from recipes.train import pretrain, run_settings, training
-from recipes.train.deepspeed_engine import DeepSpeedEngine, _loss, param_groups
+from recipes.train.deepspeed_engine import DeepSpeedEngine, _loss
 
 what, out = sys.argv[1], sys.argv[2]
 argv = sys.argv[sys.argv.index("--") + 1:]
