@@ -27,7 +27,7 @@ def _tree() -> str:
 
 
 @pytest.mark.skipif(not _tree(), reason="no Megatron-LM tree's tests here for the installed megatron-core's minor")
-@pytest.mark.parametrize("mode", ["cpu", pytest.param("npu", marks=pytest.mark.full)])  # npu: the full tier
+@pytest.mark.parametrize("mode", ["cpu", "npu"])  # npu: the emulated NPU (tests/npu_emulation), ~2 min here
 def test_megatron_core_unit_tests_hold(mode):
     tree = _tree()
     if not (run_gate.TREES[tree][0] / "unit_tests").is_dir():
