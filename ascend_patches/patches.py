@@ -132,7 +132,8 @@ _(Patch("megatron_lm.legacy_norm_1p", "megatron.legacy.model.utils:get_norm",
 
 _(Patch("flash_attention", "megatron.core.transformer.dot_product_attention:DotProductAttention.forward",
         wrapper=flash_attention.dot_product_attention_forward,
-        why="npu_fusion_attention / SDPA flash kernel instead of baddbmm + softmax + bmm"))
+        why="npu_fusion_attention / SDPA flash kernel instead of baddbmm + softmax + bmm; packed (THD) "
+            "batches, which stock refuses without Transformer Engine, per sequence (TND on the NPU)"))
 _(Patch("rms_norm", "megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__",
         wrapper=rms_norm.wrapped_torch_norm_new,
         why="npu_rms_norm / fused rms_norm for every norm the local spec builds (layers and final); a "
@@ -145,6 +146,10 @@ _(Patch("rope", "megatron.core.models.common.embeddings.rope_utils:_apply_rotary
 _(Patch("rope.fusion", "megatron.core.models.common.embeddings.rope_utils:fused_apply_rotary_pos_emb",
         wrapper=rope.fused_rope_slot, requires=("rope",), sweep=False,
         why="fills apply_rope_fusion's kernel slot where Transformer Engine is absent (Megatron-LM turns it on)"))
+_(Patch("rope.fusion_thd", "megatron.core.models.common.embeddings.rope_utils:fused_apply_rotary_pos_emb_thd",
+        wrapper=rope.fused_rope_thd_slot, requires=("rope",), sweep=False,
+        why="fills the packed (THD) RoPE kernel slot where Transformer Engine is absent: positions restart "
+            "at each sequence, one fused call per pack"))
 _(Patch("adamw", "megatron.core.optimizer:Adam", replacement=adamw.FusedAdamW, sweep=False,
         why="NpuFusedAdamW / torch AdamW(fused=True) where megatron builds its optimizer"))
 _(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", replacement=False, sweep=False,

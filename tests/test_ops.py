@@ -85,6 +85,66 @@ def test_attention_causal(path, ng):
         assert path.calls["npu_fusion_attention"] >= 1
 
 
+PACK = [5, 1, 11, 7]  # sequence lengths of one pack, a one-token sequence among them
+
+
+def _thd(ng, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    t = sum(PACK)
+    cu = torch.tensor([0] + PACK).cumsum(0).to(torch.int32)
+    return (torch.randn(t, 8, 16, generator=g).to(dtype), torch.randn(t, ng, 16, generator=g).to(dtype),
+            torch.randn(t, ng, 16, generator=g).to(dtype), cu)
+
+
+def _thd_reference(q, k, v, cu, scale):
+    """Each sequence alone through the plain float32 softmax attention, then back to back."""
+    outs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        outs.append(fa.attention_reference(q[a:b, None], k[a:b, None], v[a:b, None], True, None, scale)[:, 0])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("ng", [8, 4, 1], ids=["mha", "gqa", "mqa"])
+def test_attention_packed_thd_is_causal_within_each_sequence(path, ng):
+    """A packed batch: every sequence attends to itself alone, forward and backward, against
+    each sequence run alone through the reference; on the emulated NPU through the TND call."""
+    q, k, v, cu = _thd(ng)
+    _check(lambda q, k, v: fa.attention_thd(q, k, v, cu, max(PACK), 0.25),
+           lambda q, k, v: _thd_reference(q, k, v, cu, 0.25), q, k, v)
+    if path is not None:
+        assert path.calls["npu_fusion_attention"] >= 1
+
+
+def test_attention_packed_thd_refuses_a_pack_its_cu_seqlens_do_not_cover():
+    q, k, v, cu = _thd(4)
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to the 24 tokens"):
+        fa.attention_thd(q, k, v, cu[:-1], None, 0.25)
+
+
+def test_rope_packed_thd_restarts_positions_at_each_sequence(op_path):
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(sum(PACK), 8, 16, generator=g)
+    cu = torch.tensor([0] + PACK).cumsum(0).to(torch.int32)
+    freqs = torch.randn(max(PACK), 1, 1, 16, generator=g)
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    _check(lambda x: rp.apply_rope_thd(x, cu, freqs),
+           lambda x: torch.cat([rp.rope_reference(x[a:b, None], freqs[:b - a])[:, 0] for a, b in bounds]), t)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_packed_rope_positions_under_context_parallelism_are_megatrons(cp):
+    """Each CP rank's positions within each sequence: megatron's own slicing of the freqs."""
+    from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_this_cp_rank
+
+    lengths = [4 * cp, 2 * cp, 6 * cp]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    positions = torch.arange(max(lengths)).float()
+    for rank in range(cp):
+        want = torch.cat([_get_thd_freqs_on_this_cp_rank(rank, cp, torch.empty(n // cp), positions)
+                          for n in lengths])
+        assert torch.equal(rp.thd_positions(cu, cp, rank).float(), want)
+
+
 @pytest.mark.parametrize("ng", [8, 4, 1], ids=["mha", "gqa", "mqa"])
 def test_attention_blocked_causal(ng):
     """The CPU's blocked causal attention over several query blocks, the last one partial."""

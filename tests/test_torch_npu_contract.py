@@ -126,6 +126,12 @@ def _attention_cases():
         yield (f"SBH-gqa-causal-{dtype}", (q, kv, kv, n, "SBH"),
                dict(atten_mask=causal, scale=0.3, keep_prob=1.0, pre_tockens=65536, next_tockens=0, sparse_mode=2))
         yield (f"SBH-gqa-mask-{dtype}", (q, kv, kv, n, "SBH"), dict(atten_mask=padding, scale=0.3, sparse_mode=0))
+        t = 3 + 6 + 7  # a pack of three sequences, [T, N, D]
+        qt = torch.randn(t, n, d, generator=g).to(dtype)
+        kvt = torch.randn(t, ng, d, generator=g).to(dtype)
+        yield (f"TND-gqa-causal-{dtype}", (qt, kvt, kvt, n, "TND"),
+               dict(atten_mask=causal, scale=0.3, keep_prob=1.0, actual_seq_qlen=[3, 9, 16],
+                    actual_seq_kvlen=[3, 9, 16], sparse_mode=3))
 
 
 def _cases():

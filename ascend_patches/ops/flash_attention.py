@@ -9,6 +9,17 @@
   ``attention_blocked``, the causal triangle in query blocks of ``BLOCK_ROWS`` rows, each
   against its prefix of keys.
 
+Packed (THD) batches, megatron's ``PackedSeqParams(qkv_format="thd")``: q [t, n, d] and k, v
+[t, ng, d] hold sequences back to back, ``cu_seqlens`` their cumulative ends; each sequence
+attends causally to itself alone (``attention_thd``):
+
+- NPU: ``npu_fusion_attention`` in "TND" layout with ``actual_seq_qlen`` / ``actual_seq_kvlen``
+  as the wheel documents them (prefix sums: lengths 2 2 2 are passed as 2 4 6), causal per
+  sequence via the compressed 2048x2048 mask with ``sparse_mode=3``.
+- CUDA: flash-attn's ``flash_attn_varlen_func`` where it is installed (fp16 / bf16), else
+  SDPA per sequence.
+- CPU: SDPA per sequence, causal, forward and backward; no t x t mask is ever built.
+
 Megatron's masks are boolean with True = masked out (NPU agrees; SDPA wants the opposite).
 Stock fills masked scores with -10000 rather than -inf; the two agree whenever a row keeps
 at least one position, which causal and padding masks always do.
@@ -172,6 +183,56 @@ def attention(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float,
     return attention_sdpa(q, k, v, causal, mask, scale, dropout_p, gqa)
 
 
+def attention_npu_tnd(q, k, v, cu_seqlens: torch.Tensor, scale: float, dropout_p: float):
+    import torch_npu
+
+    ends = cu_seqlens[1:].tolist()  # the wheel's convention: each sequence's end, a prefix sum
+    return torch_npu.npu_fusion_attention(
+        q, k, v, q.shape[1], "TND", atten_mask=_compressed_causal_mask(q.device), scale=scale,
+        keep_prob=1.0 - dropout_p, actual_seq_qlen=ends, actual_seq_kvlen=ends, sparse_mode=3,
+    )[0]
+
+
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def attention_per_sequence(q, k, v, cu_seqlens: torch.Tensor, scale: float, dropout_p: float):
+    """SDPA on each sequence of the pack: [t, n, d] -> [t, n, dv], causal within a sequence."""
+    gqa = k.shape[1] != q.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, len, d]
+        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale,
+                                           enable_gqa=gqa)
+        outs.append(o.squeeze(0).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def attention_thd(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], scale: float,
+                  dropout_p: float = 0.0) -> torch.Tensor:
+    """q: [t, n, d]; k, v: [t, ng, d]; sequences end at cu_seqlens[1:]. Returns [t, n*dv]."""
+    t = q.shape[0]
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t:
+        raise ValueError(f"packed attention: cu_seqlens must run from 0 to the {t} tokens of the pack, "
+                         f"got {cu_seqlens[0]}..{cu_seqlens[-1]}")
+    if _state.backend() == "npu":
+        out = attention_npu_tnd(q, k, v, cu_seqlens, scale, dropout_p)
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen():
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        longest = max_seqlen or int((cu[1:] - cu[:-1]).max())
+        out = _flash_attn_varlen()(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p, softmax_scale=scale,
+                                   causal=True)
+    else:
+        out = attention_per_sequence(q, k, v, cu_seqlens, scale, dropout_p)
+    return out.reshape(t, -1)
+
+
 def attention_reference(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: float):
     """Plain softmax(QK^T)V in float32 with explicit k/v repetition, for tests."""
     sq, b, n, d = q.shape
@@ -187,9 +248,7 @@ def attention_reference(q, k, v, causal: bool, mask: Optional[torch.Tensor], sca
     return out.permute(2, 0, 1, 3).reshape(sq, b, -1).to(q.dtype)
 
 
-def _unsupported(module, attention_bias, packed_seq_params) -> Optional[str]:
-    if packed_seq_params is not None:
-        return "packed sequences"
+def _unsupported(module, attention_bias) -> Optional[str]:
     if attention_bias is not None:
         return "attention bias"
     if getattr(module, "softmax_offset", None) is not None:  # megatron-core 0.15+
@@ -199,16 +258,57 @@ def _unsupported(module, attention_bias, packed_seq_params) -> Optional[str]:
     return None
 
 
+def packed_seqlens(module, packed_seq_params, attn_mask_type) -> torch.Tensor:
+    """The pack's cu_seqlens, or a ValueError naming what this attention cannot serve: a packed
+    batch is never run as one sequence (that would attend across samples)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    p = packed_seq_params
+    problems = []
+    if p.qkv_format != "thd":
+        problems.append(f"qkv_format={p.qkv_format!r} (only 'thd')")
+    if p.cu_seqlens_q is None or p.cu_seqlens_kv is None:
+        problems.append("cu_seqlens_q / cu_seqlens_kv missing")
+    elif not torch.equal(p.cu_seqlens_q, p.cu_seqlens_kv):
+        problems.append("cu_seqlens_q != cu_seqlens_kv (self-attention over the same sequences only)")
+    for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        padded = getattr(p, name, None)
+        if padded is not None and p.cu_seqlens_q is not None and not torch.equal(padded, p.cu_seqlens_q):
+            problems.append(f"{name} differs from cu_seqlens_q (per-sequence padding)")
+    mask_type = module.attn_mask_type if attn_mask_type is None else attn_mask_type
+    if mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+        problems.append(f"attn_mask_type={mask_type.name} (only causal)")
+    if _unsupported(module, None):
+        problems.append(_unsupported(module, None))
+    if module.config.context_parallel_size > 1:
+        problems.append(f"context_parallel_size={module.config.context_parallel_size}")
+    if problems:
+        raise ValueError("ascend_patches packed-sequence attention cannot serve this batch: " + "; ".join(problems))
+    return p.cu_seqlens_q
+
+
 def dot_product_attention_forward(original):
-    """Wrap ``DotProductAttention.forward``. Inputs the fused kernel does not cover (packed
-    sequences, attention bias, softmax offsets, sliding windows) run stock code, with a
-    one-time warning naming the reason."""
+    """Wrap ``DotProductAttention.forward``. Packed (THD) batches take ``attention_thd``, or a
+    ValueError naming what is not covered. Other inputs the fused kernel does not cover
+    (attention bias, softmax offsets, sliding windows) run stock code, with a one-time warning
+    naming the reason."""
     from megatron.core import tensor_parallel
     from megatron.core.transformer.enums import AttnMaskType
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        reason = _unsupported(self, attention_bias, packed_seq_params)
+        if packed_seq_params is not None:
+            if attention_bias is not None:
+                raise ValueError("ascend_patches packed-sequence attention cannot serve this batch: attention bias")
+            cu_seqlens = packed_seqlens(self, packed_seq_params, attn_mask_type)
+            scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
+            dropout_p = self.attention_dropout.p if self.training else 0.0
+            longest = packed_seq_params.max_seqlen_q
+            if dropout_p > 0 and not self.config.sequence_parallel:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    return attention_thd(query, key, value, cu_seqlens, longest, scale, dropout_p)
+            return attention_thd(query, key, value, cu_seqlens, longest, scale, dropout_p)
+        reason = _unsupported(self, attention_bias)
         if reason:
             warn_once(f"ascend_patches flash attention does not cover {reason}; "
                       "running stock DotProductAttention for it")

@@ -182,3 +182,59 @@ def fused_rope_slot(original):
         return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
 
     return fused_apply_rotary_pos_emb
+
+
+def thd_positions(cu_seqlens: torch.Tensor, cp_size: int = 1, cp_rank: int = 0) -> torch.Tensor:
+    """Each token's position inside its own sequence, for a pack whose sequences end at
+    cu_seqlens[1:] (this rank's share of each under context parallelism: megatron's
+    load-balanced halves i and 2*cp-1-i)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    parts = []
+    for n in lengths:
+        if cp_size == 1:
+            parts.append(torch.arange(n))
+            continue
+        full, half = n, n // (2 * cp_size)
+        if n % (2 * cp_size):
+            raise ValueError(f"RoPE on a packed batch under context parallelism: a sequence of {n} tokens does "
+                             f"not split into 2 x {cp_size} equal chunks; pad each to a multiple of {2 * cp_size}")
+        parts += [torch.arange(cp_rank * half, (cp_rank + 1) * half),
+                  torch.arange(full - (cp_rank + 1) * half, full - cp_rank * half)]
+    return torch.cat(parts).to(cu_seqlens.device)
+
+
+_thd_cache = {"key": None, "freqs": None}
+
+
+def apply_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
+                   cp_rank: int = 0) -> torch.Tensor:
+    """t: [t, n, d], sequences back to back; freqs: [max_s, 1, 1, rot]. Positions restart at
+    each sequence; the whole pack is one fused RoPE call.  The gathered freqs are kept while
+    megatron passes the same freqs and cu_seqlens (every layer, q and k), so the cos/sin cache
+    holds too."""
+    key = (id(freqs), freqs._version, id(cu_seqlens), cu_seqlens._version, cp_size, cp_rank)
+    c = _thd_cache
+    if c["key"] != key or freqs.is_inference():
+        local = (cu_seqlens // cp_size) if cp_size > 1 else cu_seqlens
+        if int(local[-1]) != t.shape[0]:
+            raise ValueError(f"RoPE on a packed batch: cu_seqlens ends at {int(cu_seqlens[-1])} tokens "
+                             f"(/{cp_size} ranks) but the pack holds {t.shape[0]}")
+        pos = thd_positions(cu_seqlens, cp_size, cp_rank)
+        if int(pos.max()) >= freqs.shape[0]:
+            raise ValueError(f"RoPE on a packed batch: a sequence is longer than the {freqs.shape[0]} positions "
+                             "the rotary table holds (max_seqlen in PackedSeqParams)")
+        c.update(key=key, freqs=freqs[pos.to(freqs.device)], refs=(freqs, cu_seqlens))
+    return apply_rope(t.unsqueeze(1), c["freqs"]).squeeze(1)
+
+
+def fused_rope_thd_slot(original):
+    """megatron's ``fused_apply_rotary_pos_emb_thd`` slot (Transformer Engine's kernel when TE
+    is installed; stock asserts it with ``apply_rope_fusion`` on a packed batch): where it is
+    empty, ``apply_rope_thd`` fills it."""
+    if original is not None:
+        return original
+
+    def fused_apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_size=1, cp_rank=0):
+        return apply_rope_thd(t, cu_seqlens, freqs, cp_size, cp_rank)
+
+    return fused_apply_rotary_pos_emb_thd

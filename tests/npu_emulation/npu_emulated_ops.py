@@ -89,14 +89,17 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
         raise NotImplementedError("the emulation does not cover softmax_layout / sink / dropout_mask")
     if input_layout not in _LAYOUTS:
         raise RuntimeError(f"npu_fusion_attention: input_layout {input_layout!r} not in {_LAYOUTS}")
-    if input_layout == "TND":
-        raise NotImplementedError("the emulation does not cover the packed TND layout")
     if not isinstance(head_num, int) or head_num <= 0:
         raise RuntimeError(f"npu_fusion_attention: head_num must be a positive int, got {head_num!r}")
     if pse is not None or padding_mask is not None or prefix is not None:
         raise NotImplementedError("the emulation does not cover pse / padding_mask / prefix")
     if not 0.0 < keep_prob <= 1.0:
         raise RuntimeError(f"npu_fusion_attention: keep_prob must be in (0, 1], got {keep_prob}")
+    if input_layout == "TND":
+        return _tnd(query, key, value, head_num, atten_mask, scale, keep_prob, inner_precise, actual_seq_qlen,
+                    actual_seq_kvlen, sparse_mode)
+    if actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        raise NotImplementedError("the emulation takes actual_seq_qlen / actual_seq_kvlen with TND only")
     if sparse_mode not in (0, 2):
         raise NotImplementedError(f"the emulation covers sparse_mode 0 and 2, not {sparse_mode}")
 
@@ -131,14 +134,24 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
         j = torch.arange(sk).unsqueeze(0)
         allowed &= (j >= i - pre_tockens) & (j <= i + next_tockens)
 
-    rep = n // n_kv
-    kf = k.float().repeat_interleave(rep, dim=1)
-    vf = v.float().repeat_interleave(rep, dim=1)
-    scores = (q.float() @ kf.transpose(-1, -2)) * scale
     masked = ~allowed
     if full_mask is not None:
         fm = full_mask.bool()
         masked = masked | (fm if fm.dim() == 4 else fm.view(1, 1, sq, sk))
+    out, row_max, row_sum = _attend(q, k, v, masked, scale, keep_prob, inner_precise)
+    softmax_max = row_max.expand(b, n, sq, 8).float().detach()
+    softmax_sum = row_sum.expand(b, n, sq, 8).float().detach()
+    return (_from_bnsd(out.to(query.dtype), input_layout), softmax_max, softmax_sum,
+            torch.empty(0, dtype=query.dtype), 0, 0, 0)
+
+
+def _attend(q, k, v, masked, scale, keep_prob, inner_precise):
+    """[b, n, sq, d] x [b, n_kv, sk, d] with True = masked out: (out float32, row max, row sum)."""
+    n, n_kv = q.shape[1], k.shape[1]
+    rep = n // n_kv
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale
     scores = scores.masked_fill(masked, float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     fully_masked = torch.isinf(row_max)
@@ -149,11 +162,51 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
         probs = probs.masked_fill(fully_masked, 0.0)
     if keep_prob < 1.0:
         probs = F.dropout(probs, p=1.0 - keep_prob, training=True)
-    out = (probs @ vf).to(query.dtype)
-    softmax_max = row_max.expand(b, n, sq, 8).float().detach()
-    softmax_sum = row_sum.expand(b, n, sq, 8).float().detach()
-    return (_from_bnsd(out, input_layout), softmax_max, softmax_sum,
-            torch.empty(0, dtype=query.dtype), 0, 0, 0)
+    return probs @ vf, row_max, row_sum
+
+
+def _tnd(query, key, value, head_num, atten_mask, scale, keep_prob, inner_precise, actual_seq_qlen,
+         actual_seq_kvlen, sparse_mode):
+    """The packed layout: query [T, N, D], key / value [T_kv, N_kv, D]; actual_seq_qlen and
+    actual_seq_kvlen are each sequence's cumulative end (the wheel's documentation: lengths
+    2 2 2 are passed as 2 4 6).  Causal per sequence as sparse_mode 3 (right-down) or 2
+    (left-up) with the compressed 2048 x 2048 mask."""
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        raise RuntimeError("npu_fusion_attention: TND takes 3-D query, key and value [T, N, D]")
+    if query.shape[1] != head_num:
+        raise RuntimeError(f"npu_fusion_attention: TND query has {query.shape[1]} heads, head_num {head_num}")
+    if head_num % key.shape[1]:
+        raise RuntimeError(f"npu_fusion_attention: key heads {key.shape[1]} do not divide head_num {head_num}")
+    if actual_seq_qlen is None or actual_seq_kvlen is None:
+        raise RuntimeError("npu_fusion_attention: TND needs actual_seq_qlen and actual_seq_kvlen")
+    if len(actual_seq_qlen) != len(actual_seq_kvlen):
+        raise RuntimeError("npu_fusion_attention: actual_seq_qlen and actual_seq_kvlen differ in length")
+    for name, ends, total in (("actual_seq_qlen", actual_seq_qlen, query.shape[0]),
+                              ("actual_seq_kvlen", actual_seq_kvlen, key.shape[0])):
+        if any(b < a for a, b in zip([0] + list(ends), ends)) or ends[-1] != total:
+            raise RuntimeError(f"npu_fusion_attention: {name} must be non-decreasing prefix sums ending at "
+                               f"{total}, got {list(ends)}")
+    if sparse_mode not in (2, 3):
+        raise NotImplementedError(f"the emulation covers TND with sparse_mode 2 and 3, not {sparse_mode}")
+    if atten_mask is None or not torch.equal(atten_mask.bool(), torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)):
+        raise RuntimeError(f"npu_fusion_attention: sparse_mode={sparse_mode} needs the compressed triu [2048, 2048] mask")
+    outs, maxes, sums = [], [], []
+    for qa, qb, ka, kb in zip([0] + list(actual_seq_qlen), actual_seq_qlen, [0] + list(actual_seq_kvlen),
+                              actual_seq_kvlen):
+        q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query[qa:qb], key[ka:kb], value[ka:kb]))
+        sq, sk = qb - qa, kb - ka
+        i, j = torch.arange(sq).unsqueeze(1), torch.arange(sk).unsqueeze(0)
+        masked = j > i + (sk - sq if sparse_mode == 3 else 0)
+        out, row_max, row_sum = _attend(q, k, v, masked, scale, keep_prob, inner_precise)
+        outs.append(out[0].permute(1, 0, 2))
+        maxes.append(row_max[0, :, :, 0].T)
+        sums.append(row_sum[0, :, :, 0].T)
+    out = torch.cat(outs).to(query.dtype)
+    t = query.shape[0]
+    # the meta function's shapes for TND: softmax_max / softmax_sum [T, N, 8] float32
+    softmax_max = torch.cat(maxes).unsqueeze(-1).expand(t, head_num, 8).float().detach()
+    softmax_sum = torch.cat(sums).unsqueeze(-1).expand(t, head_num, 8).float().detach()
+    return out, softmax_max, softmax_sum, torch.empty(0, dtype=query.dtype), 0, 0, 0
 
 
 def npu_rms_norm(x, gamma, epsilon=1e-6):
