@@ -83,7 +83,8 @@ def check_splits(prefixes, split: str) -> None:
 
 
 def build_pretrain_datasets(data_path, split: str, seq_length: int, seed: int, sizes: List[int],
-                            tokenizer, cache_dir: Optional[str] = None):
+                            tokenizer, cache_dir: Optional[str] = None, reset_position_ids: bool = False,
+                            eod_mask_loss: bool = False):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -94,7 +95,7 @@ def build_pretrain_datasets(data_path, split: str, seq_length: int, seed: int, s
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         path_to_cache=cache_dir, tokenizer=MegatronTokenizerView(tokenizer),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        reset_position_ids=reset_position_ids, reset_attention_mask=reset_position_ids, eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
     )
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
@@ -119,12 +120,23 @@ class InstructionDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def __getitem__(self, i):
+    def positions(self) -> np.ndarray:
+        """Each sample's input positions (its tokens but the last, at most seq_length), from the
+        index alone."""
+        lengths = np.asarray(self.ids.sequence_lengths, dtype=np.int64)[self.indices]
+        return np.maximum(np.minimum(lengths, self.seq_length + 1) - 1, 0)
+
+    def document(self, i):
+        """(ids, labels) of sample i, cut to seq_length + 1 tokens as the padded row cuts them."""
         doc = int(self.indices[i])
         ids = np.asarray(self.ids[doc], dtype=np.int64)[: self.seq_length + 1]
         labels = np.asarray(self.labels[doc], dtype=np.int64)[: self.seq_length + 1]
         if len(ids) != len(labels):
             raise BadInput(f"document {doc}: {len(ids)} tokens but {len(labels)} labels")
+        return ids, labels
+
+    def __getitem__(self, i):
+        ids, labels = self.document(i)
         n = self.seq_length + 1
         tokens = np.full(n, self.pad_id, dtype=np.int64)
         targets = np.full(n, IGNORE_INDEX, dtype=np.int64)
@@ -134,6 +146,88 @@ class InstructionDataset(torch.utils.data.Dataset):
         return {"tokens": torch.from_numpy(tokens[:-1]),
                 "labels": torch.from_numpy(np.where(targets[1:] == IGNORE_INDEX, 0, targets[1:])),
                 "loss_mask": torch.from_numpy(loss_mask)}
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Rows of sample indices: each sample, in the given order, goes whole into the first row
+    with room for it (a new row if none has).  A pure function of the order and the lengths."""
+    room = np.zeros(0, dtype=np.int64)
+    rows: List[List[int]] = []
+    for i, n in enumerate(lengths):
+        if n <= 0:
+            continue  # a one-token sample has no input position (the padded row has no loss there either)
+        fits = np.flatnonzero(room >= n)
+        if len(fits):
+            r = int(fits[0])
+        else:
+            rows.append([])
+            room = np.append(room, capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    return rows
+
+
+class PackedInstructionDataset(torch.utils.data.Dataset):
+    """An InstructionDataset's samples packed whole into rows of seq_length positions, first
+    fit in the split's seeded order: no sample is cut across rows, and the rows are a pure
+    function of (data, --seed, --seq-length), so a resume draws the same rows.  Each row's
+    position_ids restart at every sample (and at the padding that fills the row's tail, which
+    carries no loss), which is what marks the sequences for THD attention."""
+
+    def __init__(self, samples: InstructionDataset):
+        self.samples = samples
+        self.seq_length, self.pad_id = samples.seq_length, samples.pad_id
+        self.rows = first_fit(samples.positions().tolist(), self.seq_length)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def real_fraction(self) -> float:
+        """Input positions that are a sample's, over all the rows hold."""
+        return float(sum(self.samples.positions()[r].sum() for r in self.rows)) / (len(self.rows) * self.seq_length)
+
+    def __getitem__(self, i):
+        tokens, targets, positions = [], [], []
+        for j in self.rows[i]:
+            ids, labels = self.samples.document(j)
+            tokens.append(ids[:-1])
+            targets.append(labels[1:])
+            positions.append(np.arange(len(ids) - 1))
+        used = sum(len(t) for t in tokens)
+        pad = self.seq_length - used
+        if pad:
+            tokens.append(np.full(pad, self.pad_id, dtype=np.int64))
+            targets.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
+            positions.append(np.arange(pad))
+        tokens, targets, positions = (np.concatenate(x) for x in (tokens, targets, positions))
+        return {"tokens": torch.from_numpy(tokens),
+                "labels": torch.from_numpy(np.where(targets == IGNORE_INDEX, 0, targets)),
+                "loss_mask": torch.from_numpy((targets != IGNORE_INDEX).astype(np.float32)),
+                "position_ids": torch.from_numpy(positions)}
+
+
+def to_thd(batch: dict) -> dict:
+    """A micro-batch of rows whose position_ids restart at each sequence, as one packed row
+    [1, b*s] with cu_seqlens (the sequences' cumulative ends) and the longest one's length:
+    the batch megatron's PackedSeqParams describes."""
+    out = {k: v.reshape(1, -1) for k, v in batch.items()}
+    pos = out["position_ids"].view(-1)
+    starts = torch.nonzero(pos == 0).view(-1)
+    cu = torch.cat([starts, torch.tensor([pos.numel()])]).to(torch.int32)
+    out["cu_seqlens"] = cu
+    out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+    return out
+
+
+def trim_to_longest(batch: dict, multiple: int = 1) -> dict:
+    """--variable-seq-lengths: cut the micro-batch after its last loss-bearing position (rounded
+    up to ``multiple``); the positions cut only follow every loss-bearing one, so under causal
+    attention no loss or gradient changes."""
+    keep = batch["loss_mask"].sum(0).nonzero()
+    n = int(keep[-1]) + 1 if len(keep) else 1
+    n = min(-(-n // multiple) * multiple, batch["tokens"].shape[1])
+    return {k: v[:, :n].contiguous() for k, v in batch.items()}
 
 
 def split_instruction_dataset(prefix: str, seq_length: int, pad_id: int, split: str, seed: int):
@@ -149,14 +243,16 @@ def split_instruction_dataset(prefix: str, seq_length: int, pad_id: int, split: 
 
 
 def microbatches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int = 0, reshuffle_epochs: bool = False) -> Iterator[dict]:
+                 dp_rank: int, dp_size: int, seed: int = 0, reshuffle_epochs: bool = False,
+                 shape=None) -> Iterator[dict]:
     """Endless stream of this DP rank's micro-batches, starting after consumed_samples, in
     Megatron-LM's order (its ``MegatronPretrainingSampler``): micro-step j reads samples
     consumed + j * mbs * dp onwards and rank r takes the r-th mbs of them, so both engines of
     the pretrain recipe train on the same batches.  A GPTDataset is shuffled already; with
     ``reshuffle_epochs`` (instruction data) every pass over the data is a permutation drawn
     from the seed.  The order is a pure function of (seed, consumed samples): a resumed run
-    draws exactly the batches the uninterrupted run would have."""
+    draws exactly the batches the uninterrupted run would have.  ``shape``: what each stacked
+    micro-batch becomes (``to_thd``, ``trim_to_longest``)."""
     n = len(dataset)
     if n == 0:
         raise BadInput("the dataset is empty")
@@ -176,5 +272,6 @@ def microbatches(dataset, consumed_samples: int, global_batch_size: int, micro_b
     while True:
         first = k + dp_rank * micro_batch_size
         items = [sample(first + i) for i in range(micro_batch_size)]
-        yield {key: torch.stack([it[key] for it in items]) for key in BATCH_KEYS if key in items[0]}
+        batch = {key: torch.stack([it[key] for it in items]) for key in BATCH_KEYS if key in items[0]}
+        yield batch if shape is None else shape(batch)
         k += step

@@ -119,6 +119,16 @@ def _data_flags(p):
     g.add_argument("--split", default="949,50,1", help="train,valid,test weights (default 949,50,1)")
     g.add_argument("--is-instruction-dataset", action="store_true",
                    help="the packed instruction pair from recipes.preprocess_data; only responses train")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="each sample its own sequence: with --is-instruction-dataset, samples are packed whole into "
+                        "rows of --seq-length (MindSpeed-LLM's pack fine-tuning); in pretraining (with "
+                        "--reset-attention-mask), documents split at EOD. Attention stays in each, positions restart")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention within each document or sample (with --reset-position-ids)")
+    g.add_argument("--eod-mask-loss", action="store_true", help="pretraining: no loss on EOD tokens")
+    g.add_argument("--variable-seq-lengths", action="store_true",
+                   help="--is-instruction-dataset, unpacked: pad each micro-batch to its longest sample, not "
+                        "--seq-length")
     g.add_argument("--tokenizer-name-or-path", default=None,
                    help="an HF folder or a sentencepiece .model; default: the one --load records")
     g.add_argument("--tokenizer-type", default=None, help="PretrainedFromHF or SentencePiece (default: by path)")

@@ -65,6 +65,11 @@ class Data:
     split: str
     instruction: bool
     cache_path: Optional[str]
+    # each sample / document its own sequence in the batch (THD attention, positions restart):
+    # instruction samples packed into rows of --seq-length, or pretraining split at EOD
+    packed: bool = False
+    variable_seq_lengths: bool = False  # instruction data, unpacked: pad to the micro-batch's longest
+    eod_mask_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -364,6 +369,8 @@ def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
                        "built-in engine)")
     if s.layout.vpp:
         raise BadInput("--num-layers-per-virtual-pipeline-stage: DeepSpeed's pipeline has no virtual stages")
+    _refuse_data_flags(args, "--deepspeed", "packed and variable-length batches are built in the built-in "
+                       "engine only")
     ignored = [why for given, why in (
         (s.layout.distributed_optimizer, "--use-distributed-optimizer (megatron's ZeRO-1; with DeepSpeed give "
                                          "--zero-stage 1 or the config's zero_optimization.stage)"),
@@ -391,7 +398,50 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
     if builtin_only:
         raise BadInput(f"{', '.join(builtin_only)}: the built-in engine's metrics; with --megatron-lm, "
                          "Megatron-LM logs (and writes tensorboard with --tensorboard-dir)")
+    # Megatron-LM's own data flags reach it, with its meaning (its GPTDataset builds the masks)
+    passthrough = tuple(passthrough) + tuple(_given_data_flags(args))
     return replace(s, engine="megatron-lm", megatron_lm=checkout, passthrough=passthrough)
+
+
+def _given_data_flags(args) -> list:
+    return [f for f, v in (("--reset-position-ids", args.reset_position_ids),
+                           ("--reset-attention-mask", args.reset_attention_mask),
+                           ("--eod-mask-loss", args.eod_mask_loss),
+                           ("--variable-seq-lengths", args.variable_seq_lengths)) if v]
+
+
+def _refuse_data_flags(args, engine: str, why: str) -> None:
+    given = _given_data_flags(args)
+    if given:
+        raise BadInput(f"{', '.join(given)} with {engine}: not built there ({why})")
+
+
+def _data(args, layout) -> Data:
+    """--reset-position-ids / --reset-attention-mask / --eod-mask-loss / --variable-seq-lengths.
+    With instruction data, --reset-position-ids packs samples (MindSpeed-LLM's pack fine-tuning,
+    which gives that flag alone); in pretraining, documents are split at EOD, and Megatron-LM's
+    two flags come together, since attention here always restarts with the positions."""
+    reset_pos, reset_mask = args.reset_position_ids, args.reset_attention_mask
+    if args.megatron_lm or os.environ.get("MEGATRON_LM_PATH"):  # passed to Megatron-LM, its meaning (_with_engine)
+        return Data(tuple(args.data_path), args.split, args.is_instruction_dataset, args.data_cache_path)
+    if reset_mask and not reset_pos:
+        raise BadInput("--reset-attention-mask without --reset-position-ids: attention within each sample or "
+                       "document restarts its positions too here (RoPE per sequence); add --reset-position-ids")
+    if reset_pos and not reset_mask and not args.is_instruction_dataset:
+        raise BadInput("--reset-position-ids without --reset-attention-mask (positions restart, attention crosses "
+                       "documents) is not built; give both for document masking")
+    if args.variable_seq_lengths:
+        if not args.is_instruction_dataset or reset_pos:
+            raise BadInput("--variable-seq-lengths pads instruction samples to the micro-batch's longest: it takes "
+                           "--is-instruction-dataset without packing (--reset-position-ids)")
+        if layout.pp > 1:
+            raise BadInput("--variable-seq-lengths with pipeline parallelism: the stages exchange activations of "
+                           "one fixed shape; pack instead (--reset-position-ids) or use PP 1")
+    if args.eod_mask_loss and args.is_instruction_dataset:
+        raise BadInput("--eod-mask-loss masks EOD tokens of pretraining documents; instruction data's loss is "
+                       "on the responses already (their EOS trains, as in MindSpeed-LLM)")
+    return Data(tuple(args.data_path), args.split, args.is_instruction_dataset, args.data_cache_path,
+                packed=reset_pos, variable_seq_lengths=args.variable_seq_lengths, eod_mask_loss=args.eod_mask_loss)
 
 
 # the optimizer flags' defaults (their flags default to None: given, or stated by a DeepSpeed config)
@@ -415,7 +465,7 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
     return RunSettings(
         model_name=size, shape=shape, vocab_size=vocab, padded_vocab=padded, dtype=dtype, layout=layout,
         batches=batches, optim=optim,
-        data=Data(tuple(args.data_path), args.split, args.is_instruction_dataset, args.data_cache_path),
+        data=_data(args, layout),
         resume=resume, logging=logging, train_iters=args.train_iters, stop_at=stop_at, save=args.save,
         save_interval=args.save_interval, seed=args.seed, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,

@@ -178,7 +178,7 @@ class Trainer:
             self.meter.reset()
         try:
             loss, grad_norm = training.train_step(self.models, self.optimizer, self.data, s.batches.num_microbatches,
-                                                  s.batches.seq_length, s.batches.micro)
+                                                  s.batches.seq_length, s.batches.micro, packed=s.data.packed)
         except FloatingPointError as e:
             raise FloatingPointError(f"iteration {it}: {e}; the last checkpoint is untouched") from None
         self.scheduler.step(increment=s.batches.global_batch)

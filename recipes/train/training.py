@@ -76,7 +76,14 @@ def make_forward_step() -> Callable:
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, position_ids, batch.get("attention_mask"), labels=labels)
+        extra = {}
+        if "cu_seqlens" in batch:  # a packed micro-batch (datasets.to_thd): each sequence attends to itself
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+            extra["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                         max_seqlen_q=longest, max_seqlen_kv=longest)
+        output = model(tokens, position_ids, batch.get("attention_mask"), labels=labels, **extra)
         loss_mask = batch.get("loss_mask")
         if loss_mask is None:
             loss_mask = torch.ones_like(labels, dtype=torch.float)
@@ -86,8 +93,12 @@ def make_forward_step() -> Callable:
 
 
 def train_step(models: List, optimizer, data_iterator, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, forward_only: bool = False):
-    """Run one global batch; returns (mean loss on the last pipeline stage or None, grad norm)."""
+               micro_batch_size: int, forward_only: bool = False, packed: bool = False):
+    """Run one global batch; returns (mean loss on the last pipeline stage or None, grad norm).
+    ``packed``: each micro-batch is one packed row of micro_batch_size x seq_length tokens, the
+    shape pipeline stages exchange."""
+    if packed:
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -140,14 +151,32 @@ def build_data(s, dp_rank: int, dp_size: int, consumed_samples: int, num_chunks:
             raise BadInput("--is-instruction-dataset takes one --data-path prefix")
         train, valid, _ = datasets.split_instruction_dataset(s.data.paths[0], b.seq_length, s.tokenizer.eos_id,
                                                              s.data.split, s.seed)
+        if s.data.packed:
+            train, valid = (None if d is None else datasets.PackedInstructionDataset(d) for d in (train, valid))
     else:
         train, valid, _ = datasets.build_pretrain_datasets(list(s.data.paths), s.data.split, b.seq_length, s.seed,
-                                                           [n_train, n_eval, 0], s.tokenizer, s.data.cache_path)
+                                                           [n_train, n_eval, 0], s.tokenizer, s.data.cache_path,
+                                                           reset_position_ids=s.data.packed,
+                                                           eod_mask_loss=s.data.eod_mask_loss)
     if train is None or len(train) == 0:
         raise BadInput(f"--split {s.data.split} leaves no training data in {' '.join(s.data.paths)}")
     its = [datasets.microbatches(train, consumed_samples, b.global_batch, b.micro, dp_rank, dp_size, s.seed,
-                                 reshuffle_epochs=s.data.instruction) for _ in range(num_chunks)]
+                                 reshuffle_epochs=s.data.instruction, shape=batch_shape(s))
+           for _ in range(num_chunks)]
     return (its if len(its) > 1 else its[0]), valid
+
+
+def batch_shape(s):
+    """What each micro-batch becomes before the model: packed (THD), trimmed, or as stacked."""
+    from functools import partial
+
+    from recipes.data import datasets
+
+    if s.data.packed:
+        return datasets.to_thd
+    if s.data.variable_seq_lengths:
+        return partial(datasets.trim_to_longest, multiple=s.layout.tp if s.layout.sequence_parallel else 1)
+    return None
 
 
 def evaluate(s, models: List, valid, dp_rank: int, dp_size: int) -> Optional[float]:
@@ -158,14 +187,15 @@ def evaluate(s, models: List, valid, dp_rank: int, dp_size: int) -> Optional[flo
         return None
     b = s.batches
     its = [datasets.microbatches(valid, 0, b.global_batch, b.micro, dp_rank, dp_size, s.seed + 1,
-                                 reshuffle_epochs=s.data.instruction) for _ in models]
+                                 reshuffle_epochs=s.data.instruction, shape=batch_shape(s)) for _ in models]
     it = its if len(its) > 1 else its[0]
     for m in models:
         m.eval()
     losses = []
     with torch.no_grad():
         for _ in range(s.logging.eval_iters):
-            loss, _ = train_step(models, None, it, b.num_microbatches, b.seq_length, b.micro, forward_only=True)
+            loss, _ = train_step(models, None, it, b.num_microbatches, b.seq_length, b.micro, forward_only=True,
+                                 packed=s.data.packed)
             losses.append(loss)
     for m in models:
         m.train()

@@ -1,0 +1,256 @@
+"""Packed instruction batches (THD) against independent references: each sample run alone,
+padded, through stock megatron attention (per-token losses and gradients), and HF's
+LlamaForCausalLM on each sample alone (logits); then the recipe packing at TP=2 and PP=2,
+learning and resuming exactly.
+
+Tolerances: fp32 throughout.  Packed and padded compute the same sums in another order
+(per-sequence SDPA against stock's baddbmm + softmax over a masked row), so per-token losses
+agree to ~1e-6 relative; 1e-5 is asserted.  Gradients are sums over every token of the batch,
+compared with 1e-5 relative to each tensor's largest entry."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ascend_patches
+from recipes.data import datasets
+from tests.helpers.launch import run_torchrun
+
+pytestmark = pytest.mark.slow  # multi-process recipe runs
+
+SEQ = 1024  # the fixture's samples are at most 256 tokens: several fit a row
+
+
+@pytest.fixture(scope="module")
+def packed_rows(stories_sft):
+    samples = datasets.InstructionDataset(str(stories_sft / "sft"), SEQ, 2)
+    packed = datasets.PackedInstructionDataset(samples)
+    return samples, packed
+
+
+def test_packing_keeps_every_sample_whole_and_once(packed_rows):
+    samples, packed = packed_rows
+    seen = sorted(j for row in packed.rows for j in row)
+    positions = samples.positions()
+    assert seen == [j for j in range(len(samples)) if positions[j] > 0]  # each sample once, none cut
+    assert all(positions[row].sum() <= SEQ for row in packed.rows)
+    row = packed[0]
+    starts = (row["position_ids"] == 0).nonzero().view(-1).tolist()
+    assert starts[:len(packed.rows[0])] == list(np.cumsum([0] + [int(positions[j]) for j in packed.rows[0]])[:-1])
+    padded = positions.sum() / (len(samples) * SEQ)  # one sample per row
+    assert packed.real_fraction() > 0.8 and packed.real_fraction() > 1.5 * padded, (packed.real_fraction(), padded)
+
+
+def _per_sample_reference(model, samples, indices):
+    """Each sample alone, padded to SEQ, through stock megatron attention: its per-token losses
+    at loss-bearing positions, and the gradient of (sum of those) over every sample."""
+    losses = {}
+    model.zero_grad()
+    with ascend_patches.disabled("ops"):
+        for j in indices:
+            item = samples[j]
+            pos = torch.arange(SEQ).unsqueeze(0)
+            out = model(item["tokens"][None], pos, None, labels=item["labels"][None])[0]
+            keep = item["loss_mask"] > 0
+            out[keep].sum().backward()
+            losses[j] = out[keep].detach()
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _packed(model, packed, rows):
+    model.zero_grad()
+    losses = {}
+    for r in rows:
+        batch = datasets.to_thd({k: v[None] for k, v in packed[r].items()})
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = batch["cu_seqlens"]
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                    packed_seq_params=params)[0]
+        keep = batch["loss_mask"][0] > 0
+        out[keep].sum().backward()
+        bounds = cu.tolist()
+        for j, a in zip(packed.rows[r], bounds):
+            n = packed.samples.positions()[j]
+            seg = keep[a:a + n]
+            losses[j] = out[a:a + n][seg].detach()
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "npu"])
+def test_packed_losses_and_gradients_equal_each_sample_alone(stories_sft, packed_rows, backend, request):
+    """Two packed rows (their samples attending only to themselves, RoPE restarting in each)
+    against every one of those samples run alone, padded, through stock attention; on the
+    emulated NPU the packed side goes through npu_fusion_attention's TND call."""
+    from recipes.infer import inference
+
+    if backend == "npu":
+        npu = request.getfixturevalue("npu_emulated")
+        lm = inference.load(stories_sft / "base", 1, 1)
+    else:
+        request.getfixturevalue("single_process_group")
+        lm = inference.load(stories_sft / "base", 1, 1)
+    samples, packed = packed_rows
+    model = lm.model
+    model.train()
+    rows = [0, 1]
+    got, got_grads = _packed(model, packed, rows)
+    want, want_grads = _per_sample_reference(model, samples, [j for r in rows for j in packed.rows[r]])
+    assert set(got) == set(want) and len(got) >= 3
+    for j in want:
+        torch.testing.assert_close(got[j], want[j], rtol=1e-5, atol=1e-5 * want[j].abs().max().item())
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
+    if backend == "npu":
+        assert npu.calls["npu_fusion_attention"] >= 1
+
+
+def test_packed_logits_equal_hf_on_each_sample_alone(stories_sft, packed_rows, fixtures_dir, single_process_group):
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from transformers import LlamaForCausalLM
+
+    from recipes.infer import inference
+
+    lm = inference.load(stories_sft / "base", 1, 1)
+    lm.model.eval()
+    hf = LlamaForCausalLM.from_pretrained(fixtures_dir / "stories260K", dtype=torch.float32).eval()
+    samples, packed = packed_rows
+    batch = datasets.to_thd({k: v[None] for k, v in packed[0].items()})
+    cu = batch["cu_seqlens"]
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"])
+    with torch.no_grad():
+        logits = lm.model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)[0]
+        for j, a in zip(packed.rows[0], cu.tolist()):
+            n = int(samples.positions()[j])
+            ids, _ = samples.document(j)
+            want = hf(torch.from_numpy(ids[:-1])[None]).logits[0]
+            err = (logits[a:a + n, :want.shape[-1]] - want).abs().max().item()
+            assert err < 1e-4, (j, err)  # as the converters' logits == HF test
+
+
+def _run(sft, save, *extra, nproc=2, iters=8, load=None):
+    return run_torchrun("recipes.pretrain", "--load", load or sft / "base", "--data-path", sft / "sft",
+                        "--is-instruction-dataset", "--reset-position-ids", "--train-iters", iters, "--seq-length", SEQ,
+                        "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "1e-3", "--save", save,
+                        "--hidden-dropout", 0.1, "--attention-dropout", 0.1, *extra, nproc=nproc)
+
+
+def _losses(save):
+    return [json.loads(line)["loss"] for line in open(save / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", 2],
+                                    ["--tensor-model-parallel-size", 2, "--lora-target-modules", "linear_qkv",
+                                     "linear_proj", "--lora-r", 8, "--lora-alpha", 16]],
+                         ids=["tp2_full", "tp2_lora"])
+def test_packed_finetune_learns_and_resumes_exactly(stories_sft, tmp_path, layout):
+    """Packed, dropout 0.1, TP=2: the loss falls; a run stopped at 4 (its save) and resumed
+    equals the uninterrupted run bit for bit."""
+    full = tmp_path / "full"
+    _run(stories_sft, full, *layout)
+    losses = _losses(full)
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    part = tmp_path / "part"
+    _run(stories_sft, part, *layout, "--save-interval", 4, "--exit-after-iters", 4)
+    lora = "--lora-target-modules" in layout
+    # a full fine-tune resumes from its own save; LoRA keeps the base and loads its adapters
+    _run(stories_sft, part, *layout, "--save-interval", 4, *(["--lora-load", part] if lora else []),
+         load=None if lora else part)
+    assert _losses(part) == losses
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param(["--tensor-model-parallel-size", 2, "--sequence-parallel"], marks=pytest.mark.full),
+    ["--pipeline-model-parallel-size", 2],
+    pytest.param(["--use-distributed-optimizer"], marks=pytest.mark.full)], ids=["tp2_sp", "pp2", "dp2_distopt"])
+def test_packed_layouts_equal_one_process(stories_sft, tmp_path, layout):
+    """The same packed run (dropout off) at another layout: the losses of one process, to 1e-5
+    relative (TP partial sums, the data-parallel mean: fp32 sums in another order)."""
+    one = tmp_path / "one"
+    run_torchrun("recipes.pretrain", "--load", stories_sft / "base", "--data-path", stories_sft / "sft",
+                 "--is-instruction-dataset", "--reset-position-ids", "--train-iters", 4, "--seq-length", SEQ,
+                 "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "1e-3", "--save", one, nproc=1)
+    other = tmp_path / "other"
+    run_torchrun("recipes.pretrain", "--load", stories_sft / "base", "--data-path", stories_sft / "sft",
+                 "--is-instruction-dataset", "--reset-position-ids", "--train-iters", 4, "--seq-length", SEQ,
+                 "--micro-batch-size", 2, "--global-batch-size", 4, "--lr", "1e-3", "--save", other, *layout, nproc=2)
+    a, b = _losses(one), _losses(other)
+    assert len(a) == 4 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
+def _settings(*flags, world=1):
+    from recipes.train import pretrain, run_settings
+
+    args = pretrain.build_parser().parse_args(["--model", "llama2-tiny", "--data-path", "x", "--train-iters", "3",
+                                               *map(str, flags)])
+    return run_settings.resolve(args, world=world)
+
+
+def test_packing_flags_have_their_meaning_or_are_refused_in_one_line(tmp_path):
+    from recipes.errors import BadInput
+
+    s = _settings("--is-instruction-dataset", "--reset-position-ids")  # MindSpeed-LLM's pack fine-tuning
+    assert s.data.packed and not s.data.variable_seq_lengths
+    s = _settings("--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss")  # Megatron-LM's doc masking
+    assert s.data.packed and s.data.eod_mask_loss and not s.data.instruction
+    for flags, match in [
+        (["--reset-attention-mask"], "--reset-attention-mask without --reset-position-ids"),
+        (["--reset-position-ids"], "--reset-position-ids without --reset-attention-mask"),
+        (["--variable-seq-lengths"], "--variable-seq-lengths pads instruction samples"),
+        (["--is-instruction-dataset", "--reset-position-ids", "--variable-seq-lengths"], "without packing"),
+        (["--is-instruction-dataset", "--variable-seq-lengths", "--pipeline-model-parallel-size", 2],
+         "--variable-seq-lengths with pipeline parallelism"),
+        (["--is-instruction-dataset", "--eod-mask-loss"], "--eod-mask-loss masks EOD tokens of pretraining"),
+    ]:
+        with pytest.raises(BadInput, match=match):
+            _settings(*flags, world=2)
+    cfg = tmp_path / "ds.json"
+    cfg.write_text("{}")
+    with pytest.raises(BadInput, match=r"--reset-position-ids with --deepspeed: not built there"):
+        _settings("--is-instruction-dataset", "--reset-position-ids", "--deepspeed", "--deepspeed_config", cfg)
+
+
+def test_variable_seq_lengths_give_the_padded_losses(stories_sft, tmp_path):
+    """Padding each micro-batch to its longest sample, not --seq-length, drops only positions
+    after every loss-bearing one: the losses are the padded run's (1e-6 relative: the same sums
+    over fewer masked positions)."""
+    runs = {}
+    for name, extra in (("padded", []), ("variable", ["--variable-seq-lengths"])):
+        save = tmp_path / name
+        run_torchrun("recipes.pretrain", "--load", stories_sft / "base", "--data-path", stories_sft / "sft",
+                     "--is-instruction-dataset", "--train-iters", 3, "--seq-length", SEQ, "--micro-batch-size", 2,
+                     "--global-batch-size", 4, "--lr", "1e-3", "--save", save, *extra, nproc=1)
+        runs[name] = _losses(save)
+    assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(runs["padded"], runs["variable"])), runs
+    batch = datasets.trim_to_longest({"tokens": torch.zeros(2, 10), "loss_mask": torch.tensor(
+        [[0, 1, 1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0.]])}, multiple=4)
+    assert batch["tokens"].shape == (2, 8)  # the last loss-bearing position is 5: 6 rounded up to 8
+
+
+def test_pretraining_document_masking_splits_at_eod(single_process_group, tmp_path, fixtures_dir):
+    """--reset-position-ids --reset-attention-mask in pretraining: megatron's GPTDataset restarts
+    the positions after each EOD, and the micro-batch reaches the model as THD with a
+    sequence per document piece; --eod-mask-loss takes the EOD tokens out of the loss."""
+    from recipes.data import preprocess_data
+    from recipes.data.tokenizer import load_tokenizer
+
+    tok_path = str(fixtures_dir / "stories260K")
+    preprocess_data.main(["--input", str(fixtures_dir / "alpaca" / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
+                          tok_path, "--output-prefix", str(tmp_path / "pt"), "--json-keys", "output", "--append-eod",
+                          "--log-interval", "100000"])
+    tok = load_tokenizer(tok_path)
+    train, _, _ = datasets.build_pretrain_datasets([str(tmp_path / "pt_output_document")], "100,0,0", 128, 1, [8, 0, 0],
+                                                   tok, str(tmp_path / "cache"), reset_position_ids=True,
+                                                   eod_mask_loss=True)
+    batch = next(datasets.microbatches(train, 0, 4, 2, 0, 1, shape=datasets.to_thd))
+    tokens, cu = batch["tokens"][0], batch["cu_seqlens"].tolist()
+    eods = (tokens == tok.eos_id).nonzero().view(-1).tolist()
+    assert eods and cu[0] == 0 and cu[-1] == 256
+    assert set(e + 1 for e in eods if e + 1 < 256) <= set(cu)  # a sequence starts after every EOD
+    assert {128} <= set(cu)  # and at the second row
+    assert (batch["loss_mask"][0][tokens == tok.eos_id] == 0).all()
