@@ -56,13 +56,19 @@ def batch(shape, seq, b, seed=0):
     return {"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
 
 
-def megatron_step_fn(shape, seq, b, dtype, **overrides):
+def build_training(shape, seq, dtype, **overrides):
+    """(model, optimizer) as the pretrain recipe builds them, seeded."""
     torch.manual_seed(0)
     bf16 = dtype == torch.bfloat16
     model = llama2.build_model(shape, seq_length=seq, bf16=bf16, params_dtype=dtype, **overrides)
     model = training.wrap_ddp(training.wrap_float16(model))
     opt = training.build_optimizer([model], lr=1e-4, bf16=bf16)
     training.attach_grad_sync([model], opt)
+    return model, opt
+
+
+def megatron_step_fn(shape, seq, b, dtype, **overrides):
+    model, opt = build_training(shape, seq, dtype, **overrides)
     data = batch(shape, seq, b)
 
     def step():
