@@ -209,6 +209,10 @@ def test_packing_flags_have_their_meaning_or_are_refused_in_one_line(tmp_path):
     ]:
         with pytest.raises(BadInput, match=match):
             _settings(*flags, world=2)
+    from recipes.data import preprocess_data
+
+    with pytest.raises(BadInput, match=r"--pack: samples are packed when the data loads"):
+        preprocess_data.main(["--input", "x.json", "--output-prefix", str(tmp_path / "p"), "--pack"])
     cfg = tmp_path / "ds.json"
     cfg.write_text("{}")
     with pytest.raises(BadInput, match=r"--reset-position-ids with --deepspeed: not built there"):

@@ -87,6 +87,9 @@ def build_parser():
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
     p.add_argument("--chunk-size", type=int, default=256, help="rows sent to a worker at a time (default 256)")
     p.add_argument("--log-interval", type=int, default=1000, help="print progress every N rows (default 1000)")
+    p.add_argument("--pack", action="store_true",
+                   help="MindSpeed-LLM's preprocessing-time packing: refused here; packing happens when the data "
+                        "loads (recipes.pretrain --is-instruction-dataset --reset-position-ids)")
     return p
 
 
@@ -171,6 +174,9 @@ def _consume(results, out: _Outputs, args, counts: Counter, skipped: Counter, t0
 
 
 def preprocess(args) -> dict:
+    if args.pack:
+        raise errors.BadInput("--pack: samples are packed when the data loads, not here; preprocess without --pack "
+                              "and train with recipes.pretrain --is-instruction-dataset --reset-position-ids")
     files = input_files(args.input)  # clear errors before any work
     tokenizer_path = _tokenizer_path(args)
     tokenizer = load_tokenizer(tokenizer_path, args.tokenizer_type)
