@@ -179,3 +179,28 @@ def test_no_python_version_file_in_copies(tmp_path):
     assert (TREE / ".python-version").is_file()  # the reason for the rule is still there
     copy = mlm.copy_checkout(tmp_path / "Megatron-LM", with_core=False, source=TREE)
     assert not (copy / ".python-version").exists()
+
+
+@needs_312
+def test_inter_document_masking_runs_thd_and_equals_megatrons_document_masks(checkout, alpaca):
+    """``--dataloader-inter-document-masking`` with the local layer spec: the dataset returns
+    cu_seqlens at document boundaries and the batch reaches the model as THD, which stock
+    Megatron-Core serves only with Transformer Engine (its fused THD RoPE, then
+    DotProductAttention's ``packed_seq_params is None``).  Under the import it trains at TP=2
+    with RoPE; and with positions out of the picture (``--position-embedding-type none``,
+    dropout 0) its losses equal Megatron-LM's own document masks (``--reset-position-ids
+    --reset-attention-mask``) through stock DotProductAttention (the flash-attention patch off),
+    to 1e-5 relative over 6 iterations: the same documents, each attending to itself alone."""
+    losses = _run(checkout, alpaca, "tp2_distopt", "--dataloader-inter-document-masking", "--train-iters", 6)
+    assert len(losses) == 6 and losses[6][0] < losses[1][0] - 0.2, losses
+    nope = ["--position-embedding-type", "none", "--attention-dropout", 0, "--hidden-dropout", 0,
+            "--tensor-model-parallel-size", 2]
+    thd = mlm.pretrain_gpt(checkout, alpaca, "--dataloader-inter-document-masking", *nope, iters=6)
+    masks = mlm.pretrain_gpt(checkout, alpaca, "--reset-position-ids", "--reset-attention-mask", *nope, iters=6,
+                             env=dict(env_for_ranks(), ASCEND_PATCHES_DISABLE="flash_attention"))
+    runs = []
+    for proc in (thd, masks):
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-6000:]
+        runs.append(mlm.iterations(log))
+    assert len(runs[0]) == 6 and all(abs(runs[0][i][0] - runs[1][i][0]) <= 1e-5 * runs[1][i][0] for i in runs[1]), runs

@@ -234,7 +234,10 @@ def fused_rope_thd_slot(original):
     if original is not None:
         return original
 
-    def fused_apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_size=1, cp_rank=0):
+    def fused_apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_size=1, cp_rank=0, interleaved=False):
+        if interleaved:  # 0.19 passes config.rotary_interleaved
+            raise ValueError("ascend_patches' packed (THD) RoPE is rotate-half only: interleaved RoPE "
+                             "(--rotary-interleaved) on packed sequences is not covered; set apply_rope_fusion off")
         return apply_rope_thd(t, cu_seqlens, freqs, cp_size, cp_rank)
 
     return fused_apply_rotary_pos_emb_thd
