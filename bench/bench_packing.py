@@ -95,12 +95,8 @@ def check_packed_loss(model, samples, packed, dtype: str) -> None:
                 pos = torch.arange(item["tokens"].shape[0])[None]
                 want += (model(item["tokens"][None], pos, None, labels=item["labels"][None]).float()
                          * item["loss_mask"]).sum().item()
-    rel = abs(got - want) / abs(want)
-    if rel > LOSS_RTOL[dtype]:
-        raise SystemExit(f"a packed row's loss {got:.6f} differs from its samples' alone {want:.6f} "
-                         f"(relative {rel:.2e}); not timing")
-    print(f"  check: packed row 0 ({len(packed.rows[0])} samples) loss sum {got:.5f}, alone {want:.5f}, "
-          f"relative {rel:.1e} (<= {LOSS_RTOL[dtype]:.0e})")
+    bench_step.check_agree(f"packed row 0 ({len(packed.rows[0])} samples), loss sum", "its samples alone", want,
+                           "packed", got, LOSS_RTOL[dtype])
 
 
 def peak_memory(way: str, seq: int, args) -> float:

@@ -207,7 +207,8 @@ def run_shape(name, args):
                 if r:  # round 0 warms up
                     times[config].append(time.perf_counter() - t)
         if r == 0:
-            check_same_loss(losses["stock"], losses["patched"], args.dtype)
+            check_agree("first-step loss", "stock", losses["stock"], "patched", losses["patched"],
+                        LOSS_RTOL[args.dtype])
     t_stock, t_patched = statistics.median(times["stock"]), statistics.median(times["patched"])
     t_hf = statistics.median(times["hf"]) if times["hf"] else None
     gemm = statistics.median(gemms)  # GEMM rate measured in every round too
@@ -240,14 +241,13 @@ def run_shape(name, args):
 LOSS_RTOL = {"fp32": 1e-5, "bf16": 1e-2}
 
 
-def check_same_loss(stock: float, patched: float, dtype: str) -> None:
-    """Timing two steps that compute different things would mean nothing: stop before timing."""
-    rel = abs(patched - stock) / abs(stock)
-    if rel > LOSS_RTOL[dtype]:
-        raise SystemExit(f"the first step's loss differs: stock {stock:.7f}, patched {patched:.7f} "
-                         f"(relative {rel:.2e} > {LOSS_RTOL[dtype]:.0e}); not timing")
-    print(f"first-step loss: stock {stock:.7f}, patched {patched:.7f}, relative difference {rel:.2e} "
-          f"(<= {LOSS_RTOL[dtype]:.0e})")
+def check_agree(what: str, a_name: str, a: float, b_name: str, b: float, rtol: float) -> None:
+    """Timing two sides that compute different things would mean nothing: stop before timing."""
+    rel = abs(b - a) / abs(a)
+    if rel > rtol:
+        raise SystemExit(f"{what} differs: {a_name} {a:.7f}, {b_name} {b:.7f} (relative {rel:.2e} > {rtol:.0e}); "
+                         "not timing")
+    print(f"{what}: {a_name} {a:.7f}, {b_name} {b:.7f}, relative difference {rel:.2e} (<= {rtol:.0e})")
 
 
 def run_as(config):
