@@ -12,7 +12,7 @@ from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, r
 from . import distrib_optimizer, with_deepspeed
 from .device import (checkpoint_writer, cpu, cuda_queries, megatron_lm, megatron_lm_convert, rng, torch_compat,
                      transformer_engine)
-from .ops import adamw, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
+from .ops import adamw, context_parallel, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 from .versions import for_megatron_core
 
@@ -134,6 +134,10 @@ _(Patch("flash_attention", "megatron.core.transformer.dot_product_attention:DotP
         wrapper=flash_attention.dot_product_attention_forward,
         why="npu_fusion_attention / SDPA flash kernel instead of baddbmm + softmax + bmm; packed (THD) "
             "batches, which stock refuses without Transformer Engine, per sequence (TND on the NPU)"))
+_(Patch("flash_attention.context_parallel", "megatron.core.transformer.dot_product_attention:DotProductAttention.__init__",
+        wrapper=context_parallel.dot_product_attention_init, requires=("flash_attention",),
+        why="context parallelism, which stock refuses without Transformer Engine: ring attention over the CP "
+            "group (K/V passed point to point, blocks merged by log-sum-exp) in the wrapped forward"))
 _(Patch("rms_norm", "megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__",
         wrapper=rms_norm.wrapped_torch_norm_new,
         why="npu_rms_norm / fused rms_norm for every norm the local spec builds (layers and final); a "

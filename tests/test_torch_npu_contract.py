@@ -24,7 +24,7 @@ from tests.helpers.launch import ROOT
 
 PACKAGE = ROOT / "ascend_patches"
 CONTRACT = wheel.CONTRACT_VERSION
-OPS_CALLED = ("npu_fusion_attention", "npu_rms_norm", "npu_swiglu", "npu_rotary_mul")
+OPS_CALLED = ("npu_fusion_attention", "npu_fusion_attention_grad", "npu_rms_norm", "npu_swiglu", "npu_rotary_mul")
 
 # The Python half: what a dotted torch_npu call resolves to in the wheel's source.
 PYTHON_CONTRACT = {
@@ -134,8 +134,27 @@ def _attention_cases():
                     actual_seq_kvlen=[3, 9, 16], sparse_mode=3))
 
 
+def _ring_block_cases():
+    """The context-parallel ring's blocks: BNSD, GQA, causal (its own K/V) or full (another
+    rank's), the backward handed the merged statistics [B, N, S, 8]."""
+    b, n, ng, sq, sk, d = 1, 4, 2, 8, 16, 8
+    g = torch.Generator().manual_seed(2)
+    causal = torch.triu(torch.ones(2048, 2048), 1).bool()
+    for dtype in (torch.float32, torch.bfloat16):
+        q, dy, o = (torch.randn(b, n, sq, d, generator=g).to(dtype) for _ in range(3))
+        stats = torch.randn(b, n, sq, 8, generator=g).abs()
+        for name, kv_len, mode, mask in (("causal", sq, 2, causal), ("full", sk, 0, None)):
+            kv = torch.randn(b, ng, kv_len, d, generator=g).to(dtype)
+            yield ("npu_fusion_attention", f"BNSD-ring-{name}-{dtype}", (q, kv, kv, n, "BNSD"),
+                   dict(atten_mask=mask, scale=0.3, keep_prob=1.0, sparse_mode=mode))
+            yield ("npu_fusion_attention_grad", f"BNSD-ring-{name}-{dtype}", (q, kv, kv, dy, n, "BNSD"),
+                   dict(atten_mask=mask, softmax_max=stats, softmax_sum=torch.ones_like(stats), attention_in=o,
+                        scale_value=0.3, keep_prob=1.0, sparse_mode=mode))
+
+
 def _cases():
     yield from (("npu_fusion_attention",) + c for c in _attention_cases())
+    yield from _ring_block_cases()
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(6, 2, 32, generator=g).to(dtype)
@@ -171,6 +190,8 @@ def test_emulated_outputs_match_the_wheels_meta_functions(npu_emulated, op, case
         if isinstance(w, torch.Tensor):
             assert isinstance(g, torch.Tensor), (i, g)
             assert (tuple(g.shape), g.dtype) == (tuple(w.shape), w.dtype), f"output {i}"
+        elif w is None:  # an undefined tensor (npu_fusion_attention_grad's dpse): torch_npu returns it as None
+            assert g is None or (isinstance(g, torch.Tensor) and g.numel() == 0), (i, g)
         else:
             assert type(g) is type(w), (i, g, w)
 

@@ -33,17 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _state
+from . import context_parallel
+from .npu_masks import compressed_causal_mask
 from ..registry import warn_once
 
-_COMPRESSED_CAUSAL = {}
 _CACHE_LINE = 64  # bytes, x86 and Arm server cores
-
-
-def _compressed_causal_mask(device) -> torch.Tensor:
-    key = str(device)
-    if key not in _COMPRESSED_CAUSAL:
-        _COMPRESSED_CAUSAL[key] = torch.triu(torch.ones(2048, 2048, device=device), diagonal=1).bool()
-    return _COMPRESSED_CAUSAL[key]
 
 
 def _full_mask(mask: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
@@ -59,7 +53,7 @@ def attention_npu(q, k, v, causal: bool, mask: Optional[torch.Tensor], scale: fl
     sq, b, n, d = q.shape
     sk, _, ng, dv = v.shape
     if causal:  # left-up causal from the compressed mask (torch_npu's sparse_mode 2)
-        atten_mask, sparse_mode, pre_tockens, next_tockens = _compressed_causal_mask(q.device), 2, 65536, 0
+        atten_mask, sparse_mode, pre_tockens, next_tockens = compressed_causal_mask(q.device), 2, 65536, 0
     else:
         atten_mask = None if mask is None else _full_mask(mask, sq, sk)
         sparse_mode, pre_tockens, next_tockens = 0, 2147483647, 2147483647  # the schema's defaults
@@ -188,7 +182,7 @@ def attention_npu_tnd(q, k, v, cu_seqlens: torch.Tensor, scale: float, dropout_p
 
     ends = cu_seqlens[1:].tolist()  # the wheel's convention: each sequence's end, a prefix sum
     return torch_npu.npu_fusion_attention(
-        q, k, v, q.shape[1], "TND", atten_mask=_compressed_causal_mask(q.device), scale=scale,
+        q, k, v, q.shape[1], "TND", atten_mask=compressed_causal_mask(q.device), scale=scale,
         keep_prob=1.0 - dropout_p, actual_seq_qlen=ends, actual_seq_kvlen=ends, sparse_mode=3,
     )[0]
 
@@ -289,7 +283,8 @@ def packed_seqlens(module, packed_seq_params, attn_mask_type) -> torch.Tensor:
 
 def dot_product_attention_forward(original):
     """Wrap ``DotProductAttention.forward``. Packed (THD) batches take ``attention_thd``, or a
-    ValueError naming what is not covered. Other inputs the fused kernel does not cover
+    ValueError naming what is not covered; under context parallelism, ``context_parallel.forward``
+    (ring attention) or a ValueError. Other inputs the fused kernel does not cover
     (attention bias, softmax offsets, sliding windows) run stock code, with a one-time warning
     naming the reason."""
     from megatron.core import tensor_parallel
@@ -309,15 +304,19 @@ def dot_product_attention_forward(original):
                     return attention_thd(query, key, value, cu_seqlens, longest, scale, dropout_p)
             return attention_thd(query, key, value, cu_seqlens, longest, scale, dropout_p)
         reason = _unsupported(self, attention_bias)
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
+        if self.config.context_parallel_size > 1:
+            if reason:
+                raise ValueError(f"ascend_patches context-parallel attention cannot serve this batch: {reason}")
+            return context_parallel.forward(self, query, key, value, attention_mask, mask_type, scale)
         if reason:
             warn_once(f"ascend_patches flash attention does not cover {reason}; "
                       "running stock DotProductAttention for it")
             return original(self, query, key, value, attention_mask, attn_mask_type,
                             attention_bias, packed_seq_params)
         # megatron passes no_mask once a KV cache holds earlier tokens; honour it over the layer's default
-        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         causal = mask_type == AttnMaskType.causal and attention_mask is None and query.shape[0] > 1
-        scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
         dropout_p = self.attention_dropout.p if self.training else 0.0
         if dropout_p > 0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():

@@ -27,6 +27,15 @@ SCHEMAS = {
         'int[]? prefix=None, int[]? actual_seq_qlen=None, int[]? actual_seq_kvlen=None, int sparse_mode=0, '
         'bool gen_mask_parallel=True, bool sync=False, str softmax_layout="", Tensor? sink=None, '
         'Tensor? dropout_mask=None, int seed=0, int offset=0) -> (Tensor, Tensor, Tensor, Tensor, int, int, int)'),
+    "npu_fusion_attention_grad": (
+        'npu_fusion_attention_grad(Tensor query, Tensor key, Tensor value, Tensor dy, int head_num, '
+        'str input_layout, *, Tensor? pse=None, Tensor? padding_mask=None, Tensor? atten_mask=None, '
+        'Tensor? softmax_max=None, Tensor? softmax_sum=None, Tensor? softmax_in=None, Tensor? attention_in=None, '
+        'float scale_value=1., float keep_prob=1., int pre_tockens=2147483647, int next_tockens=2147483647, '
+        'int inner_precise=0, int seed=0, int offset=0, int numels=0, int[]? prefix=None, '
+        'int[]? actual_seq_qlen=None, int[]? actual_seq_kvlen=None, int sparse_mode=0, '
+        'bool gen_mask_parallel=True, bool sync=False, str softmax_layout="", Tensor? sink=None) '
+        '-> (Tensor, Tensor, Tensor, Tensor, Tensor)'),
     "npu_rms_norm": "npu_rms_norm(Tensor input, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)",
     "npu_swiglu": "npu_swiglu(Tensor input, int dim=-1) -> Tensor",
     "npu_rotary_mul": ("npu_rotary_mul(Tensor input, Tensor r1, Tensor r2, str rotary_mode='half', "
@@ -113,7 +122,62 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     b, n, sq, _ = q.shape
     sk = k.shape[2]
 
-    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    masked = _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens)
+    out, row_max, row_sum = _attend(q, k, v, masked, scale, keep_prob, inner_precise)
+    softmax_max = row_max.expand(b, n, sq, 8).float().detach()
+    softmax_sum = row_sum.expand(b, n, sq, 8).float().detach()
+    return (_from_bnsd(out.to(query.dtype), input_layout), softmax_max, softmax_sum,
+            torch.empty(0, dtype=query.dtype), 0, 0, 0)
+
+
+def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, pse=None, padding_mask=None,
+                              atten_mask=None, softmax_max=None, softmax_sum=None, softmax_in=None,
+                              attention_in=None, scale_value=1.0, keep_prob=1.0, pre_tockens=2147483647,
+                              next_tockens=2147483647, inner_precise=0, seed=0, offset=0, numels=0, prefix=None,
+                              actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True,
+                              sync=False, softmax_layout="", sink=None):
+    """The flash-attention backward from the forward's statistics: the probabilities are
+    recomputed as exp(scale * QK^T - softmax_max) / softmax_sum, and rowsum(dy * attention_in)
+    is the softmax's correction term; dense layouts, sparse_mode 0 and 2, no dropout."""
+    calls["npu_fusion_attention_grad"] += 1
+    if input_layout == "TND" or actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        raise NotImplementedError("the emulated grad covers the dense layouts only")
+    if pse is not None or padding_mask is not None or prefix is not None or sink is not None or softmax_layout:
+        raise NotImplementedError("the emulated grad does not cover pse / padding_mask / prefix / sink / softmax_layout")
+    if keep_prob != 1.0:
+        raise NotImplementedError("the emulated grad does not cover dropout")
+    if softmax_max is None or softmax_sum is None or attention_in is None:
+        raise RuntimeError("npu_fusion_attention_grad: softmax_max, softmax_sum and attention_in are required")
+    if sparse_mode not in (0, 2):
+        raise NotImplementedError(f"the emulated grad covers sparse_mode 0 and 2, not {sparse_mode}")
+    q = _to_bnsd(query, input_layout, head_num, "query").float()
+    d = q.shape[-1]
+    n_kv = _kv_heads(key, input_layout, d)
+    k = _to_bnsd(key, input_layout, n_kv, "key").float()
+    v = _to_bnsd(value, input_layout, n_kv, "value").float()
+    do = _to_bnsd(dy, input_layout, head_num, "dy").float()
+    o = _to_bnsd(attention_in, input_layout, head_num, "attention_in").float()
+    b, n, sq, _ = q.shape
+    sk, rep = k.shape[2], n // n_kv
+    if tuple(softmax_max.shape) != (b, n, sq, 8) or tuple(softmax_sum.shape) != (b, n, sq, 8):
+        raise RuntimeError(f"npu_fusion_attention_grad: softmax_max / softmax_sum must be [{b}, {n}, {sq}, 8], got "
+                           f"{tuple(softmax_max.shape)} / {tuple(softmax_sum.shape)}")
+    masked = _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens)
+    kf, vf = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = ((q @ kf.transpose(-1, -2)) * scale_value).masked_fill(masked, float("-inf"))
+    p = torch.exp(scores - softmax_max[..., :1].float()) / softmax_sum[..., :1].float()
+    ds = p * (do @ vf.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    dq = (ds @ kf) * scale_value
+    dk = ((ds.transpose(-1, -2) @ q) * scale_value).unflatten(1, (n_kv, rep)).sum(2)
+    dv = (p.transpose(-1, -2) @ do).unflatten(1, (n_kv, rep)).sum(2)
+    return (_from_bnsd(dq.to(query.dtype), input_layout), _from_bnsd(dk.to(query.dtype), input_layout),
+            _from_bnsd(dv.to(query.dtype), input_layout), torch.empty(0, dtype=query.dtype), torch.empty(0))
+
+
+def _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens):
+    """True = masked out, [.., sq, sk], for the dense layouts: sparse_mode 2 (left-up causal with
+    the compressed 2048 x 2048 mask) or 0 (the mask as given, within the token window)."""
+    allowed = torch.ones(sq, sk, dtype=torch.bool)
     if sparse_mode == 2:
         if atten_mask is None or tuple(atten_mask.shape) != (2048, 2048):
             raise RuntimeError("npu_fusion_attention: sparse_mode=2 needs the compressed [2048, 2048] mask")
@@ -138,11 +202,7 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     if full_mask is not None:
         fm = full_mask.bool()
         masked = masked | (fm if fm.dim() == 4 else fm.view(1, 1, sq, sk))
-    out, row_max, row_sum = _attend(q, k, v, masked, scale, keep_prob, inner_precise)
-    softmax_max = row_max.expand(b, n, sq, 8).float().detach()
-    softmax_sum = row_sum.expand(b, n, sq, 8).float().detach()
-    return (_from_bnsd(out.to(query.dtype), input_layout), softmax_max, softmax_sum,
-            torch.empty(0, dtype=query.dtype), 0, 0, 0)
+    return masked
 
 
 def _attend(q, k, v, masked, scale, keep_prob, inner_precise):
@@ -252,7 +312,8 @@ def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
         rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
     return x * r1 + rotated * r2
 
-IMPLEMENTATIONS = {"npu_fusion_attention": npu_fusion_attention, "npu_rms_norm": npu_rms_norm,
+IMPLEMENTATIONS = {"npu_fusion_attention": npu_fusion_attention,
+                   "npu_fusion_attention_grad": npu_fusion_attention_grad, "npu_rms_norm": npu_rms_norm,
                    "npu_swiglu": npu_swiglu, "npu_rotary_mul": npu_rotary_mul}
 
 

@@ -36,6 +36,7 @@ _register_hccl()
 
 # as torch_npu's _init/core/_exports.py does: torch_npu.<op> is torch.ops.npu.<op>
 npu_fusion_attention = torch.ops.npu.npu_fusion_attention
+npu_fusion_attention_grad = torch.ops.npu.npu_fusion_attention_grad
 npu_rms_norm = torch.ops.npu.npu_rms_norm
 npu_swiglu = torch.ops.npu.npu_swiglu
 npu_rotary_mul = torch.ops.npu.npu_rotary_mul

@@ -1,0 +1,65 @@
+"""Run under torchrun (gloo), N ranks = the context-parallel size: ring attention on megatron's
+load-balanced split (each rank's chunks cut by stock ``get_batch_on_this_cp_rank``) against
+plain causal softmax attention over the whole sequence on one process, in float64-free fp32:
+outputs and the gradients of q, k and v.  Each rank prints RESULT {...}.  On the emulated NPU
+(ASCEND_PATCHES_BACKEND=npu, tests/npu_emulation on PYTHONPATH) the blocks go through
+npu_fusion_attention and npu_fusion_attention_grad; RESULT then counts their calls."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import ascend_patches  # noqa: F401
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
+
+from ascend_patches.ops.context_parallel import ring_attention  # noqa: E402
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+ps.initialize_model_parallel(context_parallel_size=world)
+group, ranks = ps.get_context_parallel_group(), ps.get_context_parallel_global_ranks()
+
+
+def reference(q, k, v, scale):
+    """softmax(QK^T)V over the whole sequence, causal, k/v repeated per query head: [s, b, n, d]."""
+    s, _, n, _ = q.shape
+    rep = n // k.shape[2]
+    qf, kf, vf = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+    kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
+    scores = (qf @ kf.transpose(-1, -2) * scale).masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1),
+                                                             float("-inf"))
+    return (scores.softmax(-1) @ vf).permute(2, 0, 1, 3)
+
+
+def local(t):
+    """This rank's chunks of a [s, b, ...] tensor, cut by megatron's own CP split (it splits dim 1)."""
+    return get_batch_on_this_cp_rank({"x": t.transpose(0, 1)})["x"].transpose(0, 1).contiguous()
+
+
+result = {"rank": rank}
+for name, (s, b, n, ng, d) in {"mha": (16 * world, 2, 4, 4, 8), "gqa": (24 * world, 1, 4, 2, 16)}.items():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(s, b, h, d, generator=g) for h in (n, ng, ng))
+    dout = torch.randn(s, b, n, d, generator=g)
+    scale = d ** -0.5
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = reference(*full, scale)
+    ref.backward(dout)
+    mine = [local(t).requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*mine, scale, group, ranks)
+    out.backward(local(dout).reshape(out.shape))
+
+    def rel(a, b_):
+        return float((a - b_).detach().abs().max() / b_.detach().abs().max())
+
+    result[name] = {"out": rel(out, local(ref).reshape(out.shape)),
+                    **{f"d{x}": rel(m.grad, local(f.grad)) for x, m, f in zip("qkv", mine, full)}}
+if getattr(sys.modules.get("torch_npu"), "EMULATED", False):
+    result["calls"] = dict(sys.modules["torch_npu"].calls)
+sys.stdout.write("RESULT " + json.dumps(result) + "\n")  # one write: ranks share the pipe
+ps.destroy_model_parallel()
+dist.destroy_process_group()
