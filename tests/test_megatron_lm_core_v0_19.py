@@ -107,6 +107,43 @@ def test_resume_after_exit_interval_equals_uninterrupted(checkout, alpaca, unint
     assert mlm.resume_mismatches(full, resumed, start=5, end=10) == []
 
 
+NO_DROPOUT = ["--attention-dropout", 0, "--hidden-dropout", 0]  # the ring refuses attention dropout; hidden
+# dropout draws its masks per rank, so a token's mask differs between CP layouts
+
+
+@pytest.fixture(scope="module")
+def cp_runs(checkout, alpaca):
+    """{CP size: iterations}: 10 iterations with the distributed optimizer and the same global
+    batch (DP=2 at CP=1, DP=1 at CP=2), run once per size on first use."""
+    runs = {}
+
+    def get(cp):
+        if cp not in runs:
+            runs[cp] = _run(checkout, alpaca, "dp2_distopt", *NO_DROPOUT, "--context-parallel-size", cp)
+        return runs[cp]
+    return get
+
+
+@needs_312
+def test_context_parallel_equals_cp1(cp_runs):
+    """core_v0.19.0's pretrain_gpt.py --transformer-impl local --context-parallel-size 2, which stock
+    megatron-core refuses without Transformer Engine: losses equal CP=1's to 1e-5 relative, grad
+    norms in the logged digits (fp32; the runs differ in the order of sums only)."""
+    cp1, cp2 = cp_runs(1), cp_runs(2)
+    assert sorted(cp2) == sorted(cp1) == list(range(1, 11)) and cp1[10][0] < cp1[1][0] - 0.5, cp1
+    assert [(i, cp2[i], cp1[i]) for i in cp1 if abs(cp2[i][0] - cp1[i][0]) > 1e-5 * cp1[i][0]
+            or abs(cp2[i][1] - cp1[i][1]) > 1.5e-3] == []
+
+
+@needs_312
+def test_context_parallel_resume_equals_uninterrupted(checkout, alpaca, cp_runs, tmp_path):
+    save = ["--save", tmp_path, "--save-interval", 5]
+    cp2 = [*NO_DROPOUT, "--context-parallel-size", 2]
+    assert sorted(_run(checkout, alpaca, "dp2_distopt", *cp2, *save, "--exit-interval", 5)) == [1, 2, 3, 4, 5]
+    resumed = _run(checkout, alpaca, "dp2_distopt", *cp2, *save, "--load", tmp_path)
+    assert mlm.resume_mismatches(cp_runs(2), resumed, start=5, end=10) == []
+
+
 @needs_312
 @pytest.mark.full  # a killed run and a resume; the chaos test kills the built-in engine in default CI
 def test_kill_during_async_save_leaves_the_last_complete_checkpoint(checkout, alpaca, uninterrupted, tmp_path):
