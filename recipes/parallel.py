@@ -25,7 +25,7 @@ def default_rendezvous_env() -> None:
         os.environ.setdefault(name, value)
 
 
-def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeout_s: int = 600):
+def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeout_s: int = 600, cp: int = 1):
     """Initialise torch.distributed (if needed) and megatron's parallel state."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -43,12 +43,13 @@ def init_distributed(tp: int = 1, pp: int = 1, vpp=None, seed: int = 1234, timeo
         dist.init_process_group(backend=ascend_patches.dist_backend(), world_size=world, rank=rank,
                                 timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
-    if world % (tp * pp):
-        raise BadInput(f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) parallel size")
+    if world % (tp * pp * cp):
+        raise BadInput(f"world size {world} is not divisible by tensor ({tp}) x pipeline ({pp}) x context ({cp}) "
+                       "parallel size")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

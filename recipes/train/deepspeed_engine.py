@@ -54,7 +54,7 @@ def ds_config(s: RunSettings) -> dict:
                 raise BadInput(f"--deepspeed_config {s.deepspeed.config_path}: zero_optimization.{key} is \"auto\", "
                                f"which this recipe fills only for {', '.join(sorted(AUTO_ZERO))}; give a number")
             zero[key] = AUTO_ZERO[key](s.shape.hidden_size)
-    b, o, L = s.batches, s.optim, s.layout
+    b, o = s.batches, s.optim
     cfg.update(train_micro_batch_size_per_gpu=b.micro, train_batch_size=b.global_batch,
                gradient_accumulation_steps=b.num_microbatches, gradient_clipping=o.clip_grad,
                steps_per_print=cfg.get("steps_per_print", 10 ** 9))

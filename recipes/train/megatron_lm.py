@@ -98,6 +98,8 @@ def _has_transformer_engine() -> bool:
 def _training_flags(s: RunSettings) -> List[str]:
     L, b, o = s.layout, s.batches, s.optim
     out = ["--tensor-model-parallel-size", L.tp, "--pipeline-model-parallel-size", L.pp]
+    if L.cp > 1:
+        out += ["--context-parallel-size", L.cp]
     if L.layers_per_virtual_stage:
         out += ["--num-layers-per-virtual-pipeline-stage", L.layers_per_virtual_stage]
     out += ["--sequence-parallel"] * L.sequence_parallel + ["--use-distributed-optimizer"] * L.distributed_optimizer

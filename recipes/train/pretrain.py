@@ -74,6 +74,11 @@ def _parallel_flags(p):
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved pipeline schedule with this many layers per virtual stage (default: off)")
     g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs TP > 1)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split each sequence over this many ranks (ring attention; default 1)")
+    g.add_argument("--context-parallel-algo", default="megatron_cp_algo",
+                   help="MindSpeed's name for the CP algorithm: megatron_cp_algo (ring attention, the default) is "
+                        "built; ulysses_cp_algo and hybrid_cp_algo are refused")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over data-parallel ranks (ZeRO-1, Megatron's)")
 

@@ -35,6 +35,7 @@ class Layout:
     layers_per_virtual_stage: Optional[int] = None
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    cp: int = 1  # context parallel: each sequence split over this many ranks (ring attention)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ class RunSettings:
     def describe(self) -> str:
         L, b = self.layout, self.batches
         vpp = f" VPP={L.vpp}" if L.vpp else ""
-        return (f"{self.model_name or 'custom'} {self.shape}; TP={L.tp} PP={L.pp}{vpp} DP={L.dp}; "
+        cp = f" CP={L.cp}" if L.cp > 1 else ""
+        return (f"{self.model_name or 'custom'} {self.shape}; TP={L.tp} PP={L.pp}{vpp}{cp} DP={L.dp}; "
                 f"{b.num_microbatches} micro-batches of {b.micro} x {b.seq_length}; {llama2.dtype_name(self.dtype)}")
 
 
@@ -338,7 +340,8 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     vocab, padded = _vocab(args, shape, saved, tokenizer, tp)
     llama2.check_layout(shape, tp, pp, padded_vocab=padded, world=world,
                         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
-    dp = world // (tp * pp)
+    cp = _context_parallel(args, world, tp, pp, seq_length)
+    dp = world // (tp * pp * cp)
     per_stage = args.num_layers_per_virtual_pipeline_stage
     vpp = shape.num_layers // pp // per_stage if per_stage else None
     micro, global_batch = d["micro_batch_size"], d["global_batch_size"]
@@ -348,10 +351,36 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     args = argparse.Namespace(**{**vars(args), "train_iters": _train_iters(args, global_batch)})
     settings = _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
                          Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel,
-                                args.use_distributed_optimizer),
+                                args.use_distributed_optimizer, cp),
                          Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
     settings = replace(_with_engine(args, settings, tuple(passthrough)), dist_backend=dist_backend)
     return _with_deepspeed(args, settings, ds_config) if ds_config is not None else settings
+
+
+def _context_parallel(args, world: int, tp: int, pp: int, seq_length: int) -> int:
+    """--context-parallel-size, checked: ring attention (MindSpeed's megatron_cp_algo) over ranks
+    that divide the world with TP x PP, on sequences that split into 2 x CP equal chunks."""
+    cp = args.context_parallel_size
+    if cp < 1:
+        raise BadInput(f"--context-parallel-size {cp}: give 1 or more")
+    if args.context_parallel_algo != "megatron_cp_algo":
+        raise BadInput(f"--context-parallel-algo {args.context_parallel_algo}: only megatron_cp_algo (ring "
+                       "attention) is built")
+    if cp == 1:
+        return cp
+    if world % (tp * pp * cp):
+        raise BadInput(f"the world size {world} is not a multiple of TP {tp} x PP {pp} x CP {cp}")
+    if seq_length % (2 * cp):
+        raise BadInput(f"--seq-length {seq_length} is not a multiple of 2 x --context-parallel-size {cp}: each "
+                       "sequence is split into 2 x CP equal chunks")
+    packing = _given_data_flags(args)
+    if packing and not (args.megatron_lm or os.environ.get("MEGATRON_LM_PATH")):
+        raise BadInput(f"{', '.join(packing)} with --context-parallel-size {cp}: packed or variable-length "
+                       "batches under context parallelism are not built; use one or the other")
+    if args.attention_dropout:
+        raise BadInput(f"--attention-dropout {args.attention_dropout} with --context-parallel-size {cp}: attention "
+                       "dropout under context parallelism is not built; set --attention-dropout 0")
+    return cp
 
 
 def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
@@ -369,6 +398,9 @@ def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
                        "built-in engine)")
     if s.layout.vpp:
         raise BadInput("--num-layers-per-virtual-pipeline-stage: DeepSpeed's pipeline has no virtual stages")
+    if s.layout.cp > 1:
+        raise BadInput(f"--context-parallel-size {s.layout.cp} with --deepspeed: context parallelism is built in "
+                       "the built-in engine (and with --megatron-lm) only")
     _refuse_data_flags(args, "--deepspeed", "packed and variable-length batches are built in the built-in "
                        "engine only")
     ignored = [why for given, why in (

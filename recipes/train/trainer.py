@@ -103,7 +103,7 @@ class Trainer:
     def setup(self) -> None:
         s, L = self.s, self.s.layout
         self.memory_at_start = throughput.process_memory_gib().get("rss_gib")  # before the model: the baseline
-        parallel.init_distributed(L.tp, L.pp, L.vpp, seed=s.seed)
+        parallel.init_distributed(L.tp, L.pp, L.vpp, seed=s.seed, cp=L.cp)
         if s.compile_fused_ops:
             ascend_patches.configure(compile_ops=True)  # a clear error off the CPU
         self.on_cpu = ascend_patches.settings().backend == "cpu"
@@ -126,6 +126,7 @@ class Trainer:
         config = llama2.transformer_config(
             s.shape, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
             virtual_pipeline_model_parallel_size=L.vpp, sequence_parallel=L.sequence_parallel,
+            context_parallel_size=L.cp,
             pipeline_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16, params_dtype=s.dtype,
             hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
             gradient_accumulation_fusion=s.gradient_accumulation_fusion,

@@ -60,22 +60,50 @@ def build_optimizer(models: List, lr: float = 1e-3, weight_decay: float = 0.0, c
     return get_megatron_optimizer(cfg, models)
 
 
-def lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
-    """Mean token loss over the tokens the mask keeps; megatron's (loss, stats) contract."""
+def lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor, cp_group=None):
+    """Mean token loss over the tokens the mask keeps; megatron's (loss, stats) contract.
+    Under context parallelism (``cp_group``) each rank holds a share of every sequence: its
+    summed loss is divided by the whole micro-batch's token count, gathered over the group
+    (megatron's schedule multiplies this form by the CP size, and DDP averages gradients over
+    data x context parallel ranks), and the reported loss is the whole micro-batch's."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
-    total = mask.sum()
-    loss = torch.sum(losses * mask) / total.clamp(min=1)
-    return loss, {"lm loss": loss.detach().clone()}
+    local, total = torch.sum(losses * mask), mask.sum()
+    if cp_group is None:
+        loss = local / total.clamp(min=1)
+        return loss, {"lm loss": loss.detach().clone()}
+    sums = torch.stack([local.detach(), total])
+    torch.distributed.all_reduce(sums, group=cp_group)
+    return local / sums[1].clamp(min=1), {"lm loss": sums[0] / sums[1].clamp(min=1)}
+
+
+def split_for_context_parallel(batch: dict) -> dict:
+    """This rank's share of each sequence, cut by megatron's own ``get_batch_on_this_cp_rank``
+    (chunks r and 2 x CP - 1 - r; 0.19 also asks whether the CP is hybrid)."""
+    import inspect
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    hybrid = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
+    return get_batch_on_this_cp_rank(dict(batch), **hybrid)
 
 
 def make_forward_step() -> Callable:
+    from megatron.core import parallel_state
+
+    cp_group = parallel_state.get_context_parallel_group() if parallel_state.get_context_parallel_world_size() > 1 \
+        else None
+
     def forward_step(data_iterator: Iterator, model):
         batch = next(data_iterator)
-        tokens, labels = batch["tokens"], batch["labels"]
-        position_ids = batch.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        if batch.get("position_ids") is None:
+            batch = {**batch, "position_ids": torch.arange(batch["tokens"].shape[1]).unsqueeze(0).expand_as(
+                batch["tokens"])}
+        if batch.get("loss_mask") is None:
+            batch = {**batch, "loss_mask": torch.ones_like(batch["labels"], dtype=torch.float)}
+        if cp_group is not None:
+            batch = split_for_context_parallel(batch)
+        tokens, labels, position_ids = batch["tokens"], batch["labels"], batch["position_ids"]
         extra = {}
         if "cu_seqlens" in batch:  # a packed micro-batch (datasets.to_thd): each sequence attends to itself
             from megatron.core.packed_seq_params import PackedSeqParams
@@ -84,10 +112,8 @@ def make_forward_step() -> Callable:
             extra["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                                          max_seqlen_q=longest, max_seqlen_kv=longest)
         output = model(tokens, position_ids, batch.get("attention_mask"), labels=labels, **extra)
-        loss_mask = batch.get("loss_mask")
-        if loss_mask is None:
-            loss_mask = torch.ones_like(labels, dtype=torch.float)
-        return output, lambda out: lm_loss(out, loss_mask)
+        loss_mask = batch["loss_mask"]
+        return output, lambda out: lm_loss(out, loss_mask, cp_group)
 
     return forward_step
 

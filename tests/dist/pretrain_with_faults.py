@@ -26,9 +26,9 @@ elif fault == "nan":
     nan_iter, calls = int(os.environ["NAN_ITER"]), {"n": 0}
     real_loss = training.lm_loss
 
-    def lm_loss(output_tensor, loss_mask):
+    def lm_loss(output_tensor, loss_mask, cp_group=None):
         calls["n"] += 1
-        loss, stats = real_loss(output_tensor, loss_mask)
+        loss, stats = real_loss(output_tensor, loss_mask, cp_group)
         if calls["n"] > (nan_iter - 1) * int(os.environ["NMB"]):
             loss = loss * float("nan")
             stats = {"lm loss": loss.detach().clone()}
