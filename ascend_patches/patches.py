@@ -137,7 +137,8 @@ _(Patch("flash_attention", "megatron.core.transformer.dot_product_attention:DotP
 _(Patch("flash_attention.context_parallel", "megatron.core.transformer.dot_product_attention:DotProductAttention.__init__",
         wrapper=context_parallel.dot_product_attention_init, requires=("flash_attention",),
         why="context parallelism, which stock refuses without Transformer Engine: ring attention over the CP "
-            "group (K/V passed point to point, blocks merged by log-sum-exp) in the wrapped forward"))
+            "group (K/V passed point to point, blocks merged by log-sum-exp) or Ulysses (cp_comm_type a2a) in "
+            "the wrapped forward"))
 _(Patch("rms_norm", "megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__",
         wrapper=rms_norm.wrapped_torch_norm_new,
         why="npu_rms_norm / fused rms_norm for every norm the local spec builds (layers and final); a "

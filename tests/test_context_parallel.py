@@ -1,8 +1,8 @@
 """Context-parallel attention without Transformer Engine (``ascend_patches/ops/context_parallel.py``).
 
-Ring attention on megatron's load-balanced split, cut by stock ``get_batch_on_this_cp_rank``,
-against plain causal softmax attention over the whole sequence in one process: outputs and the
-gradients of q, k and v, MHA and GQA, at CP=2 and CP=4 on the torch blocks and at CP=2 through
+Ring attention and Ulysses (all-to-all over heads) on megatron's load-balanced split, cut by
+stock ``get_batch_on_this_cp_rank``, against plain causal softmax attention over the whole sequence in one process: outputs and the
+gradients of q, k and v, MHA and GQA (and the torch blocks in passes of a few query rows), at CP=2 and CP=4 on the torch blocks and at CP=2 through
 the emulated NPU's ``npu_fusion_attention`` / ``npu_fusion_attention_grad`` (bound to the
 torch-npu wheel's schemas).  Tolerance 2e-6 of the largest value, fp32: the ring sums the same
 terms in another order, blocks merged by log-sum-exp (measured up to 8e-7).
@@ -29,7 +29,7 @@ def _results(out: str) -> list:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,cp", [("cpu", 2), ("cpu", 4), ("npu", 2)])
-def test_ring_attention_equals_whole_sequence_attention(backend, cp):
+def test_ring_and_ulysses_attention_equal_whole_sequence_attention(backend, cp):
     env = {"ASCEND_PATCHES_BACKEND": "npu", "PYTHONPATH": f"{EMULATION}"} if backend == "npu" else None
     if env:
         from tests.helpers.launch import pythonpath
@@ -38,12 +38,14 @@ def test_ring_attention_equals_whole_sequence_attention(backend, cp):
     results = _results(run_torchrun("context_parallel_checks.py", nproc=cp, env=env))
     assert sorted(r["rank"] for r in results) == list(range(cp))
     for r in results:
-        for case in ("mha", "gqa"):
+        ulysses = ["ulysses_mha"] + (["ulysses_gqa"] if cp == 2 else [])  # CP must divide the 2 K/V groups
+        assert sorted(k for k in r if k.startswith("ulysses")) == sorted(ulysses)
+        for case in ("mha", "gqa", "rows", *ulysses):
             assert max(r[case].values()) < TOL, (r["rank"], case, r[case])
-        if backend == "npu":  # each rank: per case cp forward blocks, cp backward blocks
-            assert r["calls"]["npu_fusion_attention"] == 2 * cp and r["calls"]["npu_fusion_attention_grad"] == 2 * cp, r
+        if backend == "npu":  # each rank: per ring case cp forward blocks, cp backward blocks
+            assert r["calls"]["npu_fusion_attention"] == 3 * cp and r["calls"]["npu_fusion_attention_grad"] == 3 * cp, r
         else:
-            assert "calls" not in r
+            assert r["calls"] is None
 
 
 def _config(**kw):
@@ -57,7 +59,9 @@ def _config(**kw):
 @pytest.mark.parametrize("kw,init,says", [
     ({"attention_dropout": 0.1}, {}, "attention dropout 0.1 (set --attention-dropout 0)"),
     ({}, {"attention_dropout": 0.2}, "attention dropout 0.2"),
-    ({}, {"cp_comm_type": "a2a"}, "cp_comm_type='a2a' (built: 'p2p', ring attention; use --cp-comm-type p2p)"),
+    ({}, {"cp_comm_type": "allgather"}, "cp_comm_type='allgather' (built: 'p2p', ring attention, and 'a2a'"),
+    ({"num_query_groups": 1}, {"cp_comm_type": "a2a"}, "4 attention heads and 1 query groups per TP 1 are not "
+                                                       "multiples of CP 2 (use --cp-comm-type p2p)"),
 ])
 def test_what_the_ring_does_not_serve_is_refused_when_the_layer_is_built(kw, init, says):
     import ascend_patches  # noqa: F401
@@ -110,6 +114,9 @@ def test_recipe_context_parallel_flags_have_their_meaning_or_are_refused_in_one_
 
     s = _settings("--context-parallel-size", 2, "--tensor-model-parallel-size", 2, world=8)
     assert (s.layout.tp, s.layout.cp, s.layout.dp) == (2, 2, 2) and "TP=2 PP=1 CP=2 DP=2" in s.describe()
+    assert s.layout.cp_comm_type == "p2p"
+    assert _settings("--context-parallel-size", 2, "--context-parallel-algo", "ulysses_cp_algo").layout.cp_comm_type \
+        == "a2a"
     assert s.batches.num_microbatches == s.batches.global_batch // (s.batches.micro * 2)
     cfg = tmp_path / "ds.json"
     cfg.write_text("{}")
@@ -117,8 +124,10 @@ def test_recipe_context_parallel_flags_have_their_meaning_or_are_refused_in_one_
         (["--context-parallel-size", 3], "the world size 2 is not a multiple of TP 1 x PP 1 x CP 3"),
         (["--context-parallel-size", 2, "--seq-length", 66],
          "--seq-length 66 is not a multiple of 2 x --context-parallel-size 2"),
-        (["--context-parallel-size", 2, "--context-parallel-algo", "ulysses_cp_algo"],
-         "--context-parallel-algo ulysses_cp_algo: only megatron_cp_algo"),
+        (["--context-parallel-size", 2, "--context-parallel-algo", "hybrid_cp_algo"],
+         "--context-parallel-algo hybrid_cp_algo: built are megatron_cp_algo and ulysses_cp_algo"),
+        (["--context-parallel-size", 4, "--context-parallel-algo", "ulysses_cp_algo", "--num-query-groups", 2],
+         "the 8 heads and 2 query groups per TP 1 are not multiples of it"),
         (["--context-parallel-size", 2, "--attention-dropout", 0.1], "set --attention-dropout 0"),
         (["--context-parallel-size", 2, "--is-instruction-dataset", "--reset-position-ids"],
          "--reset-position-ids with --context-parallel-size 2: packed or variable-length batches under context "
@@ -129,10 +138,10 @@ def test_recipe_context_parallel_flags_have_their_meaning_or_are_refused_in_one_
         with pytest.raises(BadInput, match=re.escape(match)):
             _settings(*flags)
     monkeypatch.setenv("MEGATRON_LM_PATH", str(tmp_path))
-    s = _settings("--context-parallel-size", 2)
+    s = _settings("--context-parallel-size", 2, "--context-parallel-algo", "ulysses_cp_algo")
     assert s.engine == "megatron-lm"
     flags = list(map(str, megatron_lm._training_flags(s)))
-    assert flags[flags.index("--context-parallel-size") + 1] == "2"
+    assert flags[flags.index("--context-parallel-size") + 1] == "2" and flags[flags.index("--cp-comm-type") + 1] == "a2a"
 
 
 def _losses(path):
@@ -145,6 +154,7 @@ def recipe_runs(alpaca_pretrain_data, tmp_path_factory):
     at seq 64, the same global batch in every layout; run once per layout on first use."""
     prefix, tok = alpaca_pretrain_data
     layouts = {"cp1": ([], 2), "cp2": (["--context-parallel-size", 2], 2),
+               "cp2_ulysses": (["--context-parallel-size", 2, "--context-parallel-algo", "ulysses_cp_algo"], 2),
                "tp2": (["--tensor-model-parallel-size", 2], 2),
                "tp2_cp2": (["--tensor-model-parallel-size", 2, "--context-parallel-size", 2], 4)}
     runs = {}
@@ -171,10 +181,10 @@ def _mismatches(got, want, rtol=1e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,reference", [("cp2", "cp1"), ("tp2_cp2", "tp2")])
+@pytest.mark.parametrize("layout,reference", [("cp2", "cp1"), ("cp2_ulysses", "cp1"), ("tp2_cp2", "tp2")])
 def test_recipe_context_parallel_equals_cp1(recipe_runs, layout, reference):
-    """The same global batches at CP=2 (DP=1) and CP=1 (DP=2), and TP2 x CP2 (4 ranks) against
-    TP=2: every loss and gradient norm within 1e-5 relative, fp32 (measured ~1e-7: the order of
+    """The same global batches at CP=2 (DP=1; ring and Ulysses) and CP=1 (DP=2), and TP2 x CP2
+    (4 ranks) against TP=2: every loss and gradient norm within 1e-5 relative, fp32 (measured ~1e-7: the order of
     sums).  The reported loss is the whole sequence's (gathered over the CP group)."""
     ref = recipe_runs(reference)
     assert ref[20][0] < ref[1][0] - 1.0, ref

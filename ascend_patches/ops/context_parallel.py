@@ -21,9 +21,15 @@ Each block's attention and its log-sum-exp come from the backend:
   handed the merged statistics (max = the merged log-sum-exp, sum = 1);
 - CUDA and CPU: the block's scores in float32, one block at a time (no s x s mask is kept).
 
-GQA: K/V stay at their own head count; the query heads of a group share them.  Attention
-dropout under context parallelism is refused: the ring would need each block's dropout mask
-drawn from the position it covers to match one process, which is not built.
+GQA: K/V stay at their own head count; the query heads of a group share them.
+
+Megatron's ``cp_comm_type`` "a2a" (MindSpeed's ulysses_cp_algo) takes ``ulysses_attention``
+instead: one all-to-all gives each rank the whole sequence for 1/N of the heads (N must divide
+the heads and K/V groups), the backend's flash attention runs on it causally, and a second
+all-to-all returns each rank its own tokens.
+
+Attention dropout under context parallelism is refused: each block's dropout mask would have
+to be drawn from the positions it covers to match one process, which is not built.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from .. import _state
 from .npu_masks import compressed_causal_mask
 
 RING = "p2p"  # megatron's cp_comm_type for ring attention (Megatron-LM's --cp-comm-type p2p, its default)
+ULYSSES = "a2a"  # all-to-all over heads (DeepSpeed-Ulysses; MindSpeed's ulysses_cp_algo)
 
 
 # ---- one block: attention and its log-sum-exp, forward and backward, per backend ----------------
@@ -49,28 +56,47 @@ def _heads(q: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     return q.to(dtype).permute(1, 2, 0, 3).reshape(b, groups, n // groups, s, d)
 
 
-def _block_scores(q, k, causal: bool, scale: float):
-    scores = (q @ k.transpose(-1, -2)) * scale  # [b, g, rep, sq, sk]
-    if causal:
-        sq, sk = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return scores
+BLOCK_ROWS = 512  # query rows per pass of the torch blocks: bounds the transient scores at rows x keys
+
+
+def _row_chunks(q, k, v, causal: bool):
+    """(row slice, keys, values, causal mask or None) per BLOCK_ROWS query rows; a causal block
+    (square, local order = global order) sees only the keys up to its last row."""
+    sq = q.shape[-2]
+    for a in range(0, sq, BLOCK_ROWS):
+        b = min(a + BLOCK_ROWS, sq)
+        if not causal:
+            yield slice(a, b), k, v, None
+            continue
+        i = torch.arange(a, b, device=q.device).unsqueeze(1)
+        yield slice(a, b), k[..., :b, :], v[..., :b, :], torch.arange(b, device=q.device).unsqueeze(0) > i
+
+
+def _scores(q, k, masked, scale: float):
+    scores = (q @ k.transpose(-1, -2)) * scale  # [b, g, rep, rows, keys]
+    return scores if masked is None else scores.masked_fill(masked, float("-inf"))
 
 
 def block_forward_torch(q, k, v, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [b, g, rep, sq, d], k/v [b, g, 1, sk, d] (float32) -> out [b, g, rep, sq, d], lse [b, g, rep, sq]."""
-    scores = _block_scores(q, k, causal, scale)
-    lse = torch.logsumexp(scores, -1)
-    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:-1], device=q.device)
+    for rows, kk, vv, masked in _row_chunks(q, k, v, causal):
+        scores = _scores(q[..., rows, :], kk, masked, scale)
+        lse[..., rows] = torch.logsumexp(scores, -1)
+        out[..., rows, :] = torch.exp(scores - lse[..., rows].unsqueeze(-1)) @ vv
+    return out, lse
 
 
 def block_backward_torch(dout, q, k, v, lse, delta, causal: bool, scale: float, out=None):
     """The block's share of dq, dk, dv given the merged output's lse and delta = rowsum(dout * out)."""
-    p = torch.exp(_block_scores(q, k, causal, scale) - lse.unsqueeze(-1))
-    dv = (p.transpose(-1, -2) @ dout).sum(2, keepdim=True)
-    ds = p * (dout @ v.transpose(-1, -2) - delta.unsqueeze(-1))
-    dq = (ds @ k) * scale
-    dk = (ds.transpose(-1, -2) @ q).sum(2, keepdim=True) * scale
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rows, kk, vv, masked in _row_chunks(q, k, v, causal):
+        keys = slice(0, kk.shape[-2])
+        p = torch.exp(_scores(q[..., rows, :], kk, masked, scale) - lse[..., rows].unsqueeze(-1))
+        dv[..., keys, :] += (p.transpose(-1, -2) @ dout[..., rows, :]).sum(2, keepdim=True)
+        ds = p * (dout[..., rows, :] @ vv.transpose(-1, -2) - delta[..., rows].unsqueeze(-1))
+        dq[..., rows, :] = (ds @ kk) * scale
+        dk[..., keys, :] += (ds.transpose(-1, -2) @ q[..., rows, :]).sum(2, keepdim=True) * scale
     return dq, dk, dv
 
 
@@ -115,11 +141,13 @@ def _block_ops(dtype: torch.dtype):
 
 # ---- the ring ---------------------------------------------------------------------------------
 
-def _exchange(send: torch.Tensor, group, ranks) -> Tuple[torch.Tensor, list]:
-    """Start sending ``send`` to the next rank of the ring and receiving the previous rank's."""
+def _exchange(send: torch.Tensor, group, ranks, tag: int = 0) -> Tuple[torch.Tensor, list]:
+    """Start sending ``send`` to the next rank of the ring and receiving the previous rank's
+    (``tag`` tells K/V from their gradients where both travel at once)."""
     r, n = dist.get_rank(group), len(ranks)
     recv = torch.empty_like(send)
-    reqs = [dist.isend(send, ranks[(r + 1) % n], group=group), dist.irecv(recv, ranks[(r - 1) % n], group=group)]
+    reqs = [dist.isend(send, ranks[(r + 1) % n], group=group, tag=tag),
+            dist.irecv(recv, ranks[(r - 1) % n], group=group, tag=tag)]
     return recv, reqs
 
 
@@ -182,6 +210,8 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(qh.shape, device=qh.device)
         kv, dkv = torch.stack([kh, vh]), torch.zeros(2, *kh.shape, device=kh.device)  # dkv: float32
         for step in range(n):
+            if step < n - 1:  # K/V travel on while this block computes; their gradients once it is done
+                nxt, reqs = _exchange(kv, group, ranks)
             qs, ks, causal = _block_for((r - step) % n, r, c)
             dq_b, dk_b, dv_b = bwd(do[..., qs, :], qh[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :],
                                    lse[..., qs], delta[..., qs], causal, ctx.scale, out=out[..., qs, :])
@@ -189,11 +219,11 @@ class _RingAttention(torch.autograd.Function):
             dkv[0][..., ks, :] += dk_b
             dkv[1][..., ks, :] += dv_b
             if step < n - 1:
-                (nxt, reqs), (nxt_d, reqs_d) = _exchange(kv, group, ranks), _exchange(dkv, group, ranks)
+                nxt_d, reqs_d = _exchange(dkv, group, ranks, tag=1)
                 _wait(reqs + reqs_d)
                 kv, dkv = nxt, nxt_d
         if n > 1:  # the gradients held now are the next rank's K/V's: send them home
-            dkv, reqs = _exchange(dkv, group, ranks)
+            dkv, reqs = _exchange(dkv, group, ranks, tag=1)
             _wait(reqs)
 
         def back(t, shape):
@@ -214,6 +244,60 @@ def ring_attention(q, k, v, scale: float, group, ranks) -> torch.Tensor:
     return _RingAttention.apply(q, k, v, scale, group, tuple(ranks)).reshape(s, q.shape[1], -1)
 
 
+# ---- Ulysses: all-to-all over heads ----------------------------------------------------------
+
+class _AllToAll(torch.autograd.Function):
+    """Equal chunks of dim 0 exchanged over the group (chunk j to rank j); its own adjoint."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def _chunk_order(n: int) -> torch.Tensor:
+    """Index of global chunk g among the gathered [rank j: chunks j, 2n-1-j] pairs, for g in 0..2n-1."""
+    return torch.tensor([2 * g for g in range(n)] + [2 * (2 * n - 1 - g) + 1 for g in range(n, 2 * n)])
+
+
+def _gather_sequence(x: torch.Tensor, group, n: int) -> torch.Tensor:
+    """[t, b, heads, d], this rank's chunks -> [n t, b, heads / n, d]: the whole sequence in global
+    order for this rank's share of the heads."""
+    t, b, h, d = x.shape
+    parts = _AllToAll.apply(x.view(t, b, n, h // n, d).permute(2, 0, 1, 3, 4), group)  # [source, t, b, h/n, d]
+    return parts.reshape(2 * n, t // 2, b, h // n, d)[_chunk_order(n)].reshape(n * t, b, h // n, d)
+
+
+def _scatter_sequence(x: torch.Tensor, group, n: int) -> torch.Tensor:
+    """The inverse of ``_gather_sequence``: [n t, b, heads / n, d] -> [t, b, heads, d]."""
+    s, b, h, d = x.shape
+    t = s // n
+    pairs = x.reshape(2 * n, t // 2, b, h, d)[torch.argsort(_chunk_order(n))].reshape(n, t, b, h, d)
+    return _AllToAll.apply(pairs, group).permute(1, 2, 0, 3, 4).reshape(t, b, n * h, d)
+
+
+def ulysses_attention(q, k, v, scale: float, group, attend) -> torch.Tensor:
+    """q: [t, b, n, d], k, v: [t, b, ng, d], this rank's chunks (r, 2N-1-r) as megatron splits
+    them; each rank gathers the whole sequence for n/N query heads (and ng/N K/V heads) by one
+    all-to-all, attends causally with ``attend`` (the backend's flash attention), and scatters
+    back.  Returns [t, b, n*d]."""
+    n = dist.get_world_size(group)
+    full = [_gather_sequence(x, group, n) for x in (q, k, v)]
+    out = attend(*full, True, None, scale, 0.0)  # [s, b, (n/N) d]
+    s, b = out.shape[:2]
+    return _scatter_sequence(out.view(s, b, q.shape[2] // n, -1), group, n).reshape(q.shape[0], b, -1)
+
+
 def causal_mask_for_rank(s_local: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """The causal mask megatron's data path slices for this rank ([s_local, s_local * cp_size],
     True = masked): query rows of chunks r and 2N-1-r against every key."""
@@ -227,9 +311,15 @@ def causal_mask_for_rank(s_local: int, cp_size: int, cp_rank: int, device=None) 
 def refusal(config, cp_comm_type: Optional[str], attention_dropout: float) -> Optional[str]:
     """Why this attention cannot run under the config's context parallelism, or None."""
     problems = []
-    if cp_comm_type not in (None, RING):
-        problems.append(f"cp_comm_type={cp_comm_type!r} (built: {RING!r}, ring attention; "
-                        f"use --cp-comm-type {RING})")
+    cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
+    if cp_comm_type not in (None, RING, ULYSSES):
+        problems.append(f"cp_comm_type={cp_comm_type!r} (built: {RING!r}, ring attention, and {ULYSSES!r}, "
+                        f"all-to-all over heads; use --cp-comm-type {RING} or {ULYSSES})")
+    groups = config.num_query_groups or config.num_attention_heads
+    if cp_comm_type == ULYSSES and (config.num_attention_heads // tp % cp or groups // tp % cp):
+        problems.append(f"cp_comm_type={ULYSSES!r} splits heads over the CP group: {config.num_attention_heads} "
+                        f"attention heads and {groups} query groups per TP {tp} are not multiples of CP {cp} "
+                        f"(use --cp-comm-type {RING})")
     if attention_dropout > 0:
         problems.append(f"attention dropout {attention_dropout} (set --attention-dropout 0)")
     if problems:
@@ -261,6 +351,7 @@ def dot_product_attention_init(original):
         bound.arguments["config"].context_parallel_size = 1
         original(*bound.args, **bound.kwargs)
         self.config = config
+        self.cp_comm_type = bound.arguments.get("cp_comm_type") or RING
 
     return __init__
 
@@ -272,9 +363,10 @@ def _group(module):
     return group, dist.get_process_group_ranks(group)
 
 
-def forward(module, query, key, value, attention_mask, mask_type, scale: float) -> torch.Tensor:
+def forward(module, query, key, value, attention_mask, mask_type, scale: float, attend) -> torch.Tensor:
     """The layer's forward under context parallelism: causal self-attention over the whole
-    sequence by ``ring_attention``, or a ValueError naming what it cannot serve."""
+    sequence by ``ring_attention`` (cp_comm_type p2p) or ``ulysses_attention`` (a2a, through
+    ``attend``, the backend's flash attention), or a ValueError naming what it cannot serve."""
     from megatron.core.transformer.enums import AttnMaskType
 
     group, ranks = _group(module)
@@ -292,4 +384,6 @@ def forward(module, query, key, value, attention_mask, mask_type, scale: float) 
                             "masks under context parallelism are not built)")
     if problems:
         raise ValueError("ascend_patches context-parallel attention cannot serve this batch: " + "; ".join(problems))
+    if getattr(module, "cp_comm_type", RING) == ULYSSES:
+        return ulysses_attention(query, key, value, scale, group, attend)
     return ring_attention(query, key, value, scale, group, ranks)

@@ -309,7 +309,7 @@ def dot_product_attention_forward(original):
         if self.config.context_parallel_size > 1:
             if reason:
                 raise ValueError(f"ascend_patches context-parallel attention cannot serve this batch: {reason}")
-            return context_parallel.forward(self, query, key, value, attention_mask, mask_type, scale)
+            return context_parallel.forward(self, query, key, value, attention_mask, mask_type, scale, attention)
         if reason:
             warn_once(f"ascend_patches flash attention does not cover {reason}; "
                       "running stock DotProductAttention for it")

@@ -99,7 +99,7 @@ def _training_flags(s: RunSettings) -> List[str]:
     L, b, o = s.layout, s.batches, s.optim
     out = ["--tensor-model-parallel-size", L.tp, "--pipeline-model-parallel-size", L.pp]
     if L.cp > 1:
-        out += ["--context-parallel-size", L.cp]
+        out += ["--context-parallel-size", L.cp, "--cp-comm-type", L.cp_comm_type]
     if L.layers_per_virtual_stage:
         out += ["--num-layers-per-virtual-pipeline-stage", L.layers_per_virtual_stage]
     out += ["--sequence-parallel"] * L.sequence_parallel + ["--use-distributed-optimizer"] * L.distributed_optimizer

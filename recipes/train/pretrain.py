@@ -77,8 +77,8 @@ def _parallel_flags(p):
     g.add_argument("--context-parallel-size", type=int, default=1,
                    help="split each sequence over this many ranks (ring attention; default 1)")
     g.add_argument("--context-parallel-algo", default="megatron_cp_algo",
-                   help="MindSpeed's name for the CP algorithm: megatron_cp_algo (ring attention, the default) is "
-                        "built; ulysses_cp_algo and hybrid_cp_algo are refused")
+                   help="MindSpeed's name for the CP algorithm: megatron_cp_algo (ring attention, the default) or "
+                        "ulysses_cp_algo (all-to-all over heads); hybrid_cp_algo is refused")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over data-parallel ranks (ZeRO-1, Megatron's)")
 

@@ -35,7 +35,8 @@ class Layout:
     layers_per_virtual_stage: Optional[int] = None
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
-    cp: int = 1  # context parallel: each sequence split over this many ranks (ring attention)
+    cp: int = 1  # context parallel: each sequence split over this many ranks
+    cp_comm_type: str = "p2p"  # megatron's name for the CP algorithm: p2p (ring attention) or a2a (Ulysses)
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     vocab, padded = _vocab(args, shape, saved, tokenizer, tp)
     llama2.check_layout(shape, tp, pp, padded_vocab=padded, world=world,
                         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
-    cp = _context_parallel(args, world, tp, pp, seq_length)
+    cp, cp_comm_type = _context_parallel(args, world, tp, pp, seq_length, shape)
     dp = world // (tp * pp * cp)
     per_stage = args.num_layers_per_virtual_pipeline_stage
     vpp = shape.num_layers // pp // per_stage if per_stage else None
@@ -351,23 +352,32 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     args = argparse.Namespace(**{**vars(args), "train_iters": _train_iters(args, global_batch)})
     settings = _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
                          Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel,
-                                args.use_distributed_optimizer, cp),
+                                args.use_distributed_optimizer, cp, cp_comm_type),
                          Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
     settings = replace(_with_engine(args, settings, tuple(passthrough)), dist_backend=dist_backend)
     return _with_deepspeed(args, settings, ds_config) if ds_config is not None else settings
 
 
-def _context_parallel(args, world: int, tp: int, pp: int, seq_length: int) -> int:
-    """--context-parallel-size, checked: ring attention (MindSpeed's megatron_cp_algo) over ranks
-    that divide the world with TP x PP, on sequences that split into 2 x CP equal chunks."""
+CP_ALGOS = {"megatron_cp_algo": "p2p", "ulysses_cp_algo": "a2a"}  # MindSpeed's names -> megatron's cp_comm_type
+
+
+def _context_parallel(args, world: int, tp: int, pp: int, seq_length: int, shape) -> Tuple[int, str]:
+    """(--context-parallel-size, megatron's cp_comm_type), checked: ring attention (MindSpeed's
+    megatron_cp_algo) or all-to-all over heads (ulysses_cp_algo) over ranks that divide the
+    world with TP x PP, on sequences that split into 2 x CP equal chunks."""
     cp = args.context_parallel_size
     if cp < 1:
         raise BadInput(f"--context-parallel-size {cp}: give 1 or more")
-    if args.context_parallel_algo != "megatron_cp_algo":
-        raise BadInput(f"--context-parallel-algo {args.context_parallel_algo}: only megatron_cp_algo (ring "
-                       "attention) is built")
+    algo = CP_ALGOS.get(args.context_parallel_algo)
+    if algo is None:
+        raise BadInput(f"--context-parallel-algo {args.context_parallel_algo}: built are "
+                       f"{' and '.join(CP_ALGOS)}")
     if cp == 1:
-        return cp
+        return cp, algo
+    if algo == "a2a" and (shape.num_attention_heads // tp % cp or shape.num_query_groups // tp % cp):
+        raise BadInput(f"--context-parallel-algo ulysses_cp_algo splits heads over CP {cp}: the "
+                       f"{shape.num_attention_heads} heads and {shape.num_query_groups} query groups per TP {tp} "
+                       "are not multiples of it; use megatron_cp_algo")
     if world % (tp * pp * cp):
         raise BadInput(f"the world size {world} is not a multiple of TP {tp} x PP {pp} x CP {cp}")
     if seq_length % (2 * cp):
@@ -380,7 +390,7 @@ def _context_parallel(args, world: int, tp: int, pp: int, seq_length: int) -> in
     if args.attention_dropout:
         raise BadInput(f"--attention-dropout {args.attention_dropout} with --context-parallel-size {cp}: attention "
                        "dropout under context parallelism is not built; set --attention-dropout 0")
-    return cp
+    return cp, algo
 
 
 def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:

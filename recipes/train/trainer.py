@@ -126,7 +126,7 @@ class Trainer:
         config = llama2.transformer_config(
             s.shape, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
             virtual_pipeline_model_parallel_size=L.vpp, sequence_parallel=L.sequence_parallel,
-            context_parallel_size=L.cp,
+            context_parallel_size=L.cp, cp_comm_type=L.cp_comm_type if L.cp > 1 else None,
             pipeline_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16, params_dtype=s.dtype,
             hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
             gradient_accumulation_fusion=s.gradient_accumulation_fusion,

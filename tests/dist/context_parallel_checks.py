@@ -17,6 +17,7 @@ import ascend_patches  # noqa: F401
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
+from ascend_patches.ops import context_parallel, flash_attention  # noqa: E402
 from ascend_patches.ops.context_parallel import ring_attention  # noqa: E402
 
 dist.init_process_group("gloo")
@@ -45,8 +46,13 @@ def local(t):
     return get_batch_on_this_cp_rank({"x": t.transpose(0, 1)}, **HYBRID)["x"].transpose(0, 1).contiguous()
 
 
-result = {"rank": rank}
-for name, (s, b, n, ng, d) in {"mha": (16 * world, 2, 4, 4, 8), "gqa": (24 * world, 1, 4, 2, 16)}.items():
+def rel(a, b_):
+    return float((a - b_).detach().abs().max() / b_.detach().abs().max())
+
+
+def check(attention, s, b, n, ng, d):
+    """attention(q, k, v, scale) on this rank's chunks against the whole sequence's reference:
+    {out, dq, dk, dv: largest difference / largest value}."""
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(s, b, h, d, generator=g) for h in (n, ng, ng))
     dout = torch.randn(s, b, n, d, generator=g)
@@ -55,16 +61,33 @@ for name, (s, b, n, ng, d) in {"mha": (16 * world, 2, 4, 4, 8), "gqa": (24 * wor
     ref = reference(*full, scale)
     ref.backward(dout)
     mine = [local(t).requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*mine, scale, group, ranks)
+    out = attention(*mine, scale)
     out.backward(local(dout).reshape(out.shape))
+    return {"out": rel(out, local(ref).reshape(out.shape)),
+            **{f"d{x}": rel(m.grad, local(f.grad)) for x, m, f in zip("qkv", mine, full)}}
 
-    def rel(a, b_):
-        return float((a - b_).detach().abs().max() / b_.detach().abs().max())
 
-    result[name] = {"out": rel(out, local(ref).reshape(out.shape)),
-                    **{f"d{x}": rel(m.grad, local(f.grad)) for x, m, f in zip("qkv", mine, full)}}
-if getattr(sys.modules.get("torch_npu"), "EMULATED", False):
-    result["calls"] = dict(sys.modules["torch_npu"].calls)
+def npu_calls():
+    emulated = sys.modules.get("torch_npu")
+    return dict(emulated.calls) if getattr(emulated, "EMULATED", False) else None
+
+
+result = {"rank": rank}
+# "rows": the torch blocks in passes of 5 query rows (not dividing the chunks), as long sequences run
+CASES = {"mha": (16 * world, 2, 4, 4, 8, None), "gqa": (24 * world, 1, 4, 2, 16, None),
+         "rows": (24 * world, 1, 4, 2, 16, 5)}
+default_rows = context_parallel.BLOCK_ROWS
+for name, (s, b, n, ng, d, rows) in CASES.items():
+    context_parallel.BLOCK_ROWS = rows or default_rows
+    result[name] = check(lambda q, k, v, scale: ring_attention(q, k, v, scale, group, ranks), s, b, n, ng, d)
+context_parallel.BLOCK_ROWS = default_rows
+result["calls"] = npu_calls()
+# Ulysses: heads (and K/V groups) split over the CP group, so only where CP divides them
+for name, (s, b, n, ng, d, _) in CASES.items():
+    if name != "rows" and n % world == 0 and ng % world == 0:
+        result[f"ulysses_{name}"] = check(
+            lambda q, k, v, scale: context_parallel.ulysses_attention(q, k, v, scale, group, flash_attention.attention),
+            s, b, n, ng, d)
 sys.stdout.write("RESULT " + json.dumps(result) + "\n")  # one write: ranks share the pipe
 ps.destroy_model_parallel()
 dist.destroy_process_group()
