@@ -109,6 +109,7 @@ class DeepSpeedEngine(Trainer):
         self.on_cpu = ascend_patches.settings().backend == "cpu"
         self.heap_note = cpu_heap.keep_freed_memory() if self.on_cpu else None  # as the built-in loop does
         model = self._build_model()
+        self.loaded_weights = self._load_project_weights(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, s.optim.weight_decay), config=self.cfg,
             mpu=None if self.pipeline else mpu)
@@ -140,10 +141,29 @@ class DeepSpeedEngine(Trainer):
                 return llama2.build_model(s.shape, config=self._config(), vocab_size=s.padded_vocab)
         return llama2.build_model(s.shape, config=self._config(), vocab_size=s.padded_vocab)
 
+    def _load_project_weights(self, model) -> bool:
+        """--load of this project's format (a converter's release, a built-in engine's save,
+        --finetune): its weights go into the megatron model before DeepSpeed takes it.  True
+        if it did; a DeepSpeed checkpoint is left to ``load``."""
+        r = self.s.resume
+        if not r.loads_weights or is_deepspeed_checkpoint(r.path, r.iteration):
+            return False
+        if r.kind == "full":
+            raise BadInput(f"--load {r.path}: a built-in engine checkpoint; its optimizer state does not resume under "
+                           "DeepSpeed: add --finetune to start from its weights")
+        if self.pipeline or self.s.deepspeed.zero_stage == 3:
+            raise BadInput(f"--load {r.path}: this project's checkpoint loads into DeepSpeed's ZeRO 0-2 without its "
+                           "pipeline (ZeRO-3 partitions the weights as they are built); use --zero-stage 2 or less "
+                           "and --no-pipeline-parallel")
+        checkpointing.load(r.path, [model], restore_rng=False)
+        if dist.get_rank() == 0:
+            print(f"loaded {r.path} weights only (this project's format, into the model DeepSpeed trains)", flush=True)
+        return True
+
     def resume(self) -> None:
         self.progress = {"iteration": 0, "consumed_samples": 0}
         r = self.s.resume
-        if r.loads_weights:
+        if r.loads_weights and not self.loaded_weights:
             self.progress = load(self.engine, r, self.scheduler)
         self.dp_rank, self.dp_size = self._dp()
         self.data, self.valid = training.build_data(self.s, self.dp_rank, self.dp_size,
@@ -206,12 +226,10 @@ class DeepSpeedEngine(Trainer):
 
 
 def _loss(engine, batch) -> torch.Tensor:
-    tokens, labels = batch["tokens"], batch["labels"]
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    out = engine(tokens, pos, None, labels=labels)
-    mask = batch.get("loss_mask")
-    mask = torch.ones_like(labels, dtype=torch.float) if mask is None else mask
-    return training.lm_loss(out, mask)[0]
+    """The micro-batch's mean loss through the engine, as the built-in loop computes it (its
+    positions, and a packed batch's PackedSeqParams)."""
+    batch = training.with_defaults(batch)
+    return training.lm_loss(training.forward(engine, batch), batch["loss_mask"])[0]
 
 
 def _pipe_batches(data):
@@ -253,6 +271,11 @@ def save(engine, root, iteration: int, progress: dict, scheduler, args: dict) ->
         checkpointing.write_tracker(root, iteration)
     dist.barrier()
     return final
+
+
+def is_deepspeed_checkpoint(root, iteration) -> bool:
+    """Whether the checkpoint folder holds DeepSpeed's model states (every layout of them ends so)."""
+    return any(checkpointing.iter_dir(root, iteration).glob("*model_states.pt"))
 
 
 def load(engine, resume, scheduler) -> dict:

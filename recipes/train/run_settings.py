@@ -411,8 +411,9 @@ def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
     if s.layout.cp > 1:
         raise BadInput(f"--context-parallel-size {s.layout.cp} with --deepspeed: context parallelism is built in "
                        "the built-in engine (and with --megatron-lm) only")
-    _refuse_data_flags(args, "--deepspeed", "packed and variable-length batches are built in the built-in "
-                       "engine only")
+    if stages > 1:
+        _refuse_data_flags(args, "DeepSpeed's pipeline", "its stages exchange activations of one fixed shape, "
+                           "without the packed sequences' boundaries; use --no-pipeline-parallel")
     ignored = [why for given, why in (
         (s.layout.distributed_optimizer, "--use-distributed-optimizer (megatron's ZeRO-1; with DeepSpeed give "
                                          "--zero-stage 1 or the config's zero_optimization.stage)"),

@@ -88,6 +88,30 @@ def split_for_context_parallel(batch: dict) -> dict:
     return get_batch_on_this_cp_rank(dict(batch), **hybrid)
 
 
+def with_defaults(batch: dict) -> dict:
+    """A micro-batch with its positions (0..s-1 unless given) and loss mask (all ones unless given)."""
+    if batch.get("position_ids") is None:
+        batch = {**batch, "position_ids": torch.arange(batch["tokens"].shape[1]).unsqueeze(0).expand_as(
+            batch["tokens"])}
+    if batch.get("loss_mask") is None:
+        batch = {**batch, "loss_mask": torch.ones_like(batch["labels"], dtype=torch.float)}
+    return batch
+
+
+def forward(model, batch: dict) -> torch.Tensor:
+    """The model's per-token losses on a micro-batch (``with_defaults`` applied); a packed one
+    (datasets.to_thd) reaches it with megatron's PackedSeqParams, so each sequence attends to
+    itself alone."""
+    extra = {}
+    if "cu_seqlens" in batch:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+        extra["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                     max_seqlen_q=longest, max_seqlen_kv=longest)
+    return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"], **extra)
+
+
 def make_forward_step() -> Callable:
     from megatron.core import parallel_state
 
@@ -95,25 +119,11 @@ def make_forward_step() -> Callable:
         else None
 
     def forward_step(data_iterator: Iterator, model):
-        batch = next(data_iterator)
-        if batch.get("position_ids") is None:
-            batch = {**batch, "position_ids": torch.arange(batch["tokens"].shape[1]).unsqueeze(0).expand_as(
-                batch["tokens"])}
-        if batch.get("loss_mask") is None:
-            batch = {**batch, "loss_mask": torch.ones_like(batch["labels"], dtype=torch.float)}
+        batch = with_defaults(next(data_iterator))
         if cp_group is not None:
             batch = split_for_context_parallel(batch)
-        tokens, labels, position_ids = batch["tokens"], batch["labels"], batch["position_ids"]
-        extra = {}
-        if "cu_seqlens" in batch:  # a packed micro-batch (datasets.to_thd): each sequence attends to itself
-            from megatron.core.packed_seq_params import PackedSeqParams
-
-            cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
-            extra["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                         max_seqlen_q=longest, max_seqlen_kv=longest)
-        output = model(tokens, position_ids, batch.get("attention_mask"), labels=labels, **extra)
         loss_mask = batch["loss_mask"]
-        return output, lambda out: lm_loss(out, loss_mask, cp_group)
+        return forward(model, batch), lambda out: lm_loss(out, loss_mask, cp_group)
 
     return forward_step
 
