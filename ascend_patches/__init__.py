@@ -18,7 +18,7 @@ import torch
 from . import _state
 from .backend import detect, dist_backend as _dist_backend_for
 from .patches import REGISTRY
-from .registry import Patch, PatchTargetError
+from .registry import NOT_APPLIED, Patch, PatchTargetError, State
 from . import refusals
 from .refusals import register as register_refusal
 from .settings import (ConfigurationError, Settings, auto_apply, check_compile_ops, env_backend, env_disabled,
@@ -27,7 +27,8 @@ from .versions import check_megatron_version, installed_versions
 
 __version__ = "0.1.0"
 __all__ = ["apply", "revert", "configure", "disabled", "report", "settings", "dist_backend", "device",
-           "compiled_decode_unavailable", "register_refusal",
+           "compiled_decode_unavailable", "register_refusal", "keep_freed_memory",
+           "gradient_accumulation_fusion_available",
            "Patch", "PatchTargetError", "REGISTRY", "ConfigurationError"]
 
 _notes = []
@@ -66,7 +67,7 @@ def compiled_decode_unavailable(model) -> str:
     caller that asks for it to say so instead of silently running the eager step."""
     from .ops import decode_compiled
 
-    if REGISTRY.status.get("decode_model", ("",))[0] != "applied":
+    if REGISTRY.state("decode_model") is not State.APPLIED:
         return "the decode_model patch is not applied (see ascend_patches.report())"
     return decode_compiled.unfit(model)
 
@@ -124,6 +125,22 @@ def disabled(*names: str):
         configure(disable=before)
 
 
+def keep_freed_memory() -> str:
+    """CPU training: keep freed memory in the heap for reuse (see ``device/cpu_heap.py``); what
+    was done, in words.  Not applied on import: a converter streaming shards wants its memory back."""
+    from .device import cpu_heap
+
+    return cpu_heap.keep_freed_memory()
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether megatron accepts ``gradient_accumulation_fusion=True`` here (Apex on CUDA, or this
+    package's CPU kernel applied)."""
+    from .ops import grad_accum
+
+    return grad_accum.available()
+
+
 def dist_backend() -> str:
     """'hccl', 'nccl' or 'gloo' for the backend in force."""
     return _dist_backend_for(_state.backend())
@@ -150,8 +167,7 @@ def _import_targets() -> None:
 
 
 def _states():
-    return {name: REGISTRY.status.get(name, ("not applied", "ascend_patches.apply() not called"))
-            for name in REGISTRY.patches}
+    return {name: REGISTRY.status.get(name, NOT_APPLIED) for name in REGISTRY.patches}
 
 
 def summary(import_targets: bool = False) -> dict:
@@ -216,7 +232,7 @@ def report(import_targets: bool = False) -> str:
     counts = {}
     by_group = {}
     for name, patch in REGISTRY.patches.items():
-        state, why = REGISTRY.status.get(name, ("not applied", "ascend_patches.apply() not called"))
+        state, why = REGISTRY.status.get(name, NOT_APPLIED)
         counts[state] = counts.get(state, 0) + 1
         by_group.setdefault(patch.group, []).append(f"  [{state:>8}] {name:<38} {patch.kind:<7} {patch.target}\n"
                                                      f"             {why}")

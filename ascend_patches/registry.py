@@ -12,17 +12,38 @@ is rebound too (``sweep``), and put back on revert.
 
 from __future__ import annotations
 
+import enum
 import sys
 import threading
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import wrapt
 
 _MISSING = object()
 ALL_BACKENDS = frozenset({"npu", "cuda", "cpu"})
+
+
+class State(str, enum.Enum):
+    """Where a declared patch stands; compares and prints as its value."""
+
+    APPLIED = "applied"
+    PENDING = "pending"  # its module (or the library it waits for) is not imported yet
+    SKIPPED = "skipped"
+    NOT_APPLIED = "not applied"  # ascend_patches.apply() has not run
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PatchStatus(NamedTuple):
+    state: State
+    reason: str
+
+
+NOT_APPLIED = PatchStatus(State.NOT_APPLIED, "ascend_patches.apply() not called")
 
 
 class PatchTargetError(RuntimeError):
@@ -87,7 +108,7 @@ class Registry:
     def __init__(self):
         self.patches: Dict[str, Patch] = {}
         self.applied: Dict[str, _Applied] = {}
-        self.status: Dict[str, Tuple[str, str]] = {}  # name -> (state, reason)
+        self.status: Dict[str, PatchStatus] = {}
         self.active = False
         self._settings = None
         self._hooked_modules: set = set()
@@ -116,7 +137,7 @@ class Registry:
                     continue  # idempotent
                 skip = self._skip_reason(patch, settings)
                 if skip:
-                    self.status[patch.name] = ("skipped", skip)
+                    self.status[patch.name] = PatchStatus(State.SKIPPED, skip)
                     continue
                 waiting = [m for m in (patch.module, patch.after) if m and m not in sys.modules]
                 if not waiting:
@@ -126,10 +147,14 @@ class Registry:
                         self.revert()  # never leave a half-patched state behind
                         raise
                 else:
-                    self.status[patch.name] = ("pending", f"applies when {' and '.join(waiting)} "
-                                                          f"{'is' if len(waiting) == 1 else 'are'} imported")
+                    self.status[patch.name] = PatchStatus(
+                        State.PENDING, f"applies when {' and '.join(waiting)} "
+                                       f"{'is' if len(waiting) == 1 else 'are'} imported")
                     for m in waiting:
                         self._hook(m)
+
+    def state(self, name: str) -> State:
+        return self.status.get(name, NOT_APPLIED).state
 
     def skip_reason(self, patch: Patch, settings) -> Optional[str]:
         """Why ``patch`` does not apply under ``settings`` (None: it does)."""
@@ -159,8 +184,8 @@ class Registry:
             if not self.active:
                 return
             for patch in self.patches.values():
-                if self.status.get(patch.name, ("",))[0] != "pending" or module.__name__ not in (patch.module,
-                                                                                             patch.after):
+                if self.state(patch.name) is not State.PENDING or module.__name__ not in (patch.module,
+                                                                                          patch.after):
                     continue
                 if all(m in sys.modules or m == module.__name__ for m in (patch.module, patch.after) if m):
                     try:
@@ -186,10 +211,10 @@ class Registry:
         try:
             new = patch.replacement if patch.kind == "replace" else patch.wrapper(original)
         except PatchNotApplicable as why:
-            self.status[patch.name] = ("skipped", str(why))
+            self.status[patch.name] = PatchStatus(State.SKIPPED, str(why))
             return
         if new is original:  # the wrapper found nothing to change (e.g. a kernel the library already has)
-            self.status[patch.name] = ("skipped", f"{patch.target} already provides it; kept")
+            self.status[patch.name] = PatchStatus(State.SKIPPED, f"{patch.target} already provides it; kept")
             return
         if isinstance(raw, staticmethod) and attr != "__new__":
             new = staticmethod(new)
@@ -199,7 +224,7 @@ class Registry:
             _rebind_everywhere(original, new, skip=owner)
             record.swept = True
         self.applied[patch.name] = record
-        self.status[patch.name] = ("applied", patch.why)
+        self.status[patch.name] = PatchStatus(State.APPLIED, patch.why)
 
     # -- reverting ---------------------------------------------------------------------
     def revert(self) -> None:

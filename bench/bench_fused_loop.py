@@ -20,8 +20,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ascend_patches  # noqa: E402
-from ascend_patches import _state  # noqa: E402
-from ascend_patches.device import cpu_heap  # noqa: E402
 from recipes import llama2, parallel  # noqa: E402
 from recipes.train import training
 
@@ -34,7 +32,7 @@ def main():
     args = p.parse_args()
     bf16 = args.dtype == "bf16"
     parallel.init_distributed()
-    cpu_heap.keep_freed_memory()
+    ascend_patches.keep_freed_memory()
     shape = llama2.LlamaShape(8, 1024, 2816, 16, 16, vocab_size=32000, seq_length=512)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = llama2.build_model(shape, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
@@ -46,7 +44,7 @@ def main():
     embeddings = [m for m in model.modules() if hasattr(m, "_ap_accumulate_in_main_grad")]
 
     def use_fused(on: bool):
-        _state.set_current(_state.current().with_(compile_ops=on))
+        ascend_patches.configure(compile_ops=on)
         for m in linears:
             m.gradient_accumulation_fusion = on
         for m in embeddings:

@@ -112,12 +112,13 @@ def bench_converter(args):
     written shard by shard at ~1 GB per shard, then converted; peak RSS vs the largest shard."""
     from safetensors.torch import save_file
 
-    from converters.layout import ModelShape, hf_config
+    from converters.layout import hf_config
+    from recipes.llama2 import LlamaShape
 
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
     hf_dir = tmp / "hf7b"
     hf_dir.mkdir()
-    shape = ModelShape(args.layers, 4096, 11008, 32, 32, 32000)
+    shape = LlamaShape(args.layers, 4096, 11008, 32, 32, 32000)
     g = torch.Generator().manual_seed(0)
 
     def rnd(*s):

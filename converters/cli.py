@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 
 from recipes.errors import BadInput
-from converters.layout import ModelShape
 from recipes import llama2
 
 TYPES = {"7B": "llama2-7b", "13B": "llama2-13b", "34B": "llama2-34b", "70B": "llama2-70b", "tiny": "llama2-tiny"}
@@ -41,7 +40,7 @@ def dtype_of(args) -> Optional[torch.dtype]:
     return llama2.DTYPES[args.params_dtype] if args.params_dtype else None
 
 
-def type_shape(args) -> Optional[ModelShape]:
+def type_shape(args) -> Optional[llama2.LlamaShape]:
     if not args.type:
         return None
     return llama2.shape(TYPES.get(args.type, args.type))
@@ -51,7 +50,7 @@ def overrides(args) -> dict:
     return {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items() if getattr(args, flag) is not None}
 
 
-def check_type(args, shape: ModelShape, where: str):
+def check_type(args, shape: llama2.LlamaShape, where: str):
     """--type against the shape the input declares: a mismatch is the user's mistake, said plainly."""
     expected = type_shape(args)
     if expected is None:
@@ -74,3 +73,17 @@ def peak_rss_gib() -> float:
     except OSError:
         pass
     return 0.0
+
+
+def legacy_shape(args):
+    """The shape of a legacy checkpoint, which records none: --hf-config, else --type, then flags."""
+    import json
+    from pathlib import Path
+
+    from dataclasses import replace
+
+    shape = None
+    if args.hf_config:
+        shape = llama2.LlamaShape.from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
+    shape = shape or type_shape(args)
+    return None if shape is None else replace(shape, **overrides(args))

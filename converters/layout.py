@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from recipes.errors import BadInput
-from recipes.llama2 import LlamaShape as ModelShape  # converters and recipes share one shape type
+from recipes.llama2 import LlamaShape  # converters and recipes share one shape type
 
 LAYER_PARAMS = ("input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
 GLOBAL_PARAMS = ("embedding", "final_norm", "output")
@@ -50,7 +50,7 @@ TP_DIM = {"embedding": 0, "output": 0, "final_norm": None, "input_norm": None, "
           "qkv": 0, "proj": 1, "fc1": 0, "fc2": 1}
 
 
-def expected(shape: ModelShape, name: str, padded_vocab: Optional[int]) -> Tuple[int, ...]:
+def expected(shape: LlamaShape, name: str, padded_vocab: Optional[int]) -> Tuple[int, ...]:
     """The canonical (global) shape of a tensor for this model."""
     h, d, nh, ng, f = (shape.hidden_size, shape.kv_channels, shape.num_attention_heads,
                        shape.num_query_groups, shape.ffn_hidden_size)
@@ -59,20 +59,20 @@ def expected(shape: ModelShape, name: str, padded_vocab: Optional[int]) -> Tuple
             "fc1": (2 * f, h), "fc2": (h, f)}[name]
 
 
-def hf_config(shape: ModelShape, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+def hf_config(shape: LlamaShape, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
     """config.json for ``transformers.LlamaForCausalLM``."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape.hf_config(),
             "head_dim": shape.kv_channels, "hidden_act": "silu", "bos_token_id": bos_id, "eos_token_id": eos_id,
             "initializer_range": 0.02, "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True}
 
 
-def hf_to_qkv(q, k, v, shape: ModelShape):
+def hf_to_qkv(q, k, v, shape: LlamaShape):
     ng, d, h = shape.num_query_groups, shape.kv_channels, q.shape[1]
     per = shape.num_attention_heads // ng
     return torch.cat([q.reshape(ng, per * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)], dim=1).reshape(-1, h)
 
 
-def qkv_to_hf(qkv, shape: ModelShape):
+def qkv_to_hf(qkv, shape: LlamaShape):
     ng, d = shape.num_query_groups, shape.kv_channels
     per = shape.num_attention_heads // ng
     h = qkv.shape[1]

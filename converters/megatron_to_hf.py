@@ -14,7 +14,6 @@ import time
 
 from recipes.errors import ArgumentParser
 from converters import cli
-from converters.layout import ModelShape
 from converters.sources import open_megatron
 from converters.writers import write_hf
 
@@ -30,24 +29,10 @@ def build_parser():
     return p
 
 
-def legacy_shape(args):
-    """The shape of a legacy checkpoint, which records none: --hf-config, else --type, then flags."""
-    import json
-    from pathlib import Path
-
-    from dataclasses import replace
-
-    shape = None
-    if args.hf_config:
-        shape = ModelShape.from_hf_config(json.loads((Path(args.hf_config) / "config.json").read_text()))
-    shape = shape or cli.type_shape(args)
-    return None if shape is None else replace(shape, **cli.overrides(args))
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    src = open_megatron(args.input_model_dir, legacy_shape(args), args.vocab_size)
+    src = open_megatron(args.input_model_dir, cli.legacy_shape(args), args.vocab_size)
     tok = args.tokenizer_name_or_path or src.meta.get("tokenizer_name_or_path")
     out = write_hf(src, args.output_model_dir, args.max_shard_size, cli.dtype_of(args), tok)
     print(f"wrote {out} in {time.time() - t0:.1f} s; peak RSS {cli.peak_rss_gib():.2f} GiB", flush=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from recipes.errors import ArgumentParser, BadInput
 
 from converters import cli
-from converters.megatron_to_hf import legacy_shape
 from converters.sources import DistSource, LegacySource, open_megatron
 from converters.writers import write_dist
 
@@ -44,7 +43,7 @@ def source_sizes(src):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    src = open_megatron(args.input_model_dir, legacy_shape(args), args.vocab_size)
+    src = open_megatron(args.input_model_dir, cli.legacy_shape(args), args.vocab_size)
     tp, pp = source_sizes(src)
     for flag, given, actual in (("--src-tensor-model-parallel-size", args.src_tensor_model_parallel_size, tp),
                                 ("--src-pipeline-model-parallel-size", args.src_pipeline_model_parallel_size, pp)):

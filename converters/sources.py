@@ -26,7 +26,8 @@ import torch
 from dataclasses import replace
 
 from recipes.errors import BadInput, MissingInput
-from converters.layout import (DIST_KEYS, GLOBAL_PARAMS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, ModelShape, expected,
+from recipes.llama2 import LlamaShape
+from converters.layout import (DIST_KEYS, GLOBAL_PARAMS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, expected,
                                hf_to_qkv, tp_merge)
 
 
@@ -62,7 +63,7 @@ class HFSource:
         if not cfg_path.is_file():
             raise MissingInput(f"{cfg_path} not found: --input-model-dir must be a HuggingFace model folder")
         self.config = json.loads(cfg_path.read_text())
-        self.shape = replace(ModelShape.from_hf_config(self.config), **(shape_overrides or {}))
+        self.shape = replace(LlamaShape.from_hf_config(self.config), **(shape_overrides or {}))
         self.weight_map = self._weight_map()
         self._open_name, self._open = None, None
         self._check_names()
@@ -189,7 +190,7 @@ class DistSource:
                 raise ConversionError(f"{self.dir}: tensor {key} ({name}) missing from the checkpoint")
         emb = self.md.state_dict_metadata[DIST_KEYS["embedding"]]
         self.padded_vocab = emb.size[0]
-        shape = ModelShape(**{k: v for k, v in args["shape"].items() if k in ModelShape.__dataclass_fields__})
+        shape = LlamaShape(**{k: v for k, v in args["shape"].items() if k in LlamaShape.__dataclass_fields__})
         self.shape = replace(shape, vocab_size=vocab_size or args.get("vocab_size")
                              or _tokenizer_vocab(args, self.dir, self.padded_vocab))
         self.dtype = emb.properties.dtype
@@ -247,7 +248,7 @@ class LegacySource:
 
     PATTERN = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
 
-    def __init__(self, ckpt_dir, shape: ModelShape, vocab_size: Optional[int] = None):
+    def __init__(self, ckpt_dir, shape: LlamaShape, vocab_size: Optional[int] = None):
         self.dir = Path(ckpt_dir)
         ranks = {}
         for d in self.dir.iterdir():
@@ -369,7 +370,7 @@ class DeepSpeedSource:
             raise ConversionError(f"{self.dir / tag}: saved at TP={self.args['tensor_model_parallel_size']}; "
                                   "zero_to_fp32 gathers data-parallel partitions only, so TP=1 checkpoints convert")
         self.sd = get_fp32_state_dict_from_zero_checkpoint(str(self.dir), tag=tag)
-        self.shape = ModelShape(**self.args["shape"])
+        self.shape = LlamaShape(**self.args["shape"])
         if self.args.get("vocab_size"):
             self.shape = replace(self.shape, vocab_size=self.args["vocab_size"])
         self.padded_vocab = self.sd[self.NAMES["embedding"]].shape[0]
@@ -386,7 +387,7 @@ class DeepSpeedSource:
         pass
 
 
-def open_megatron(folder, shape: Optional[ModelShape] = None, vocab_size: Optional[int] = None):
+def open_megatron(folder, shape: Optional[LlamaShape] = None, vocab_size: Optional[int] = None):
     """A Megatron checkpoint folder (the one holding latest_checkpointed_iteration.txt, or an
     iteration folder itself) as a reader."""
     from recipes.train import checkpointing

@@ -221,11 +221,3 @@ def build_model(s: LlamaShape, config=None, pre_process=True, post_process=True,
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def count_parameters_across_tp(model: torch.nn.Module) -> int:
-    """Whole-model count seen from one TP rank: split tensors count TP times, replicated once."""
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    return sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1) for p in model.parameters())

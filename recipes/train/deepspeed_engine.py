@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 import ascend_patches
-from ascend_patches.device import cpu_heap
 from ascend_patches.with_deepspeed import accelerator_note, mpu
 from recipes import llama2, parallel
 from recipes.train import checkpointing, throughput, training
@@ -107,7 +106,7 @@ class DeepSpeedEngine(Trainer):
                                               partition_activations=s.deepspeed.partition_activations)
             deepspeed.checkpointing.model_parallel_cuda_manual_seed(s.seed)
         self.on_cpu = ascend_patches.settings().backend == "cpu"
-        self.heap_note = cpu_heap.keep_freed_memory() if self.on_cpu else None  # as the built-in loop does
+        self.heap_note = ascend_patches.keep_freed_memory() if self.on_cpu else None  # as the built-in loop does
         model = self._build_model()
         self.loaded_weights = self._load_project_weights(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

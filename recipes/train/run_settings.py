@@ -18,6 +18,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+import ascend_patches
 from recipes import llama2
 from recipes.train import checkpointing
 from recipes.errors import BadInput, Exists, MissingInput
@@ -270,8 +271,6 @@ def _check_save(args, resume: Resume, lora: Optional["Lora"]) -> None:
 def _check_pasted(args) -> str:
     """The Megatron-LM / AscendSpeed script flags: refuse a value that contradicts LLaMA-2;
     the torch.distributed backend ``--distributed-backend`` names."""
-    import ascend_patches
-
     for flag, dest, value in llama2.ARCHITECTURE_FLAGS:
         given = getattr(args, dest, None)
         if value is not True and given is not None and given.lower() != value.lower():
@@ -492,8 +491,6 @@ OPTIM_DEFAULTS = {"weight_decay": 0.1, "clip_grad": 1.0, "adam_beta1": 0.9, "ada
 
 
 def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora, layout, batches):
-    from ascend_patches.ops import grad_accum
-
     dtype = torch.bfloat16 if d["bf16"] and not args.fp16 else torch.float16 if args.fp16 else torch.float32
     warmup = args.lr_warmup_iters or int((args.lr_warmup_fraction or 0) * args.train_iters)
     o = {k: OPTIM_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in OPTIM_DEFAULTS}
@@ -512,6 +509,6 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
         resume=resume, logging=logging, train_iters=args.train_iters, stop_at=stop_at, save=args.save,
         save_interval=args.save_interval, seed=args.seed, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
-        gradient_accumulation_fusion=args.gradient_accumulation_fusion and lora is None and grad_accum.available(),
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion and lora is None and ascend_patches.gradient_accumulation_fusion_available(),
         compile_fused_ops=args.compile_fused_ops, tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer)

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 import ascend_patches
-from ascend_patches.device import cpu_heap
 from recipes import llama2, parallel
 from recipes.train import checkpointing, throughput, training, weights
 from recipes.train.run_settings import RunSettings
@@ -107,7 +106,7 @@ class Trainer:
         if s.compile_fused_ops:
             ascend_patches.configure(compile_ops=True)  # a clear error off the CPU
         self.on_cpu = ascend_patches.settings().backend == "cpu"
-        self.heap_note = cpu_heap.keep_freed_memory() if self.on_cpu else None
+        self.heap_note = ascend_patches.keep_freed_memory() if self.on_cpu else None
         chunks = self.weights.prepare(self._model_chunks())
         self.models = [training.wrap_ddp(m, use_distributed_optimizer=L.distributed_optimizer) for m in chunks]
         o = s.optim
