@@ -63,7 +63,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     import bench_step
-    from recipes import llama2, parallel
+    from recipes.model import llama2, parallel
     from recipes.train import throughput, training
 
     cp = int(os.environ["WORLD_SIZE"])

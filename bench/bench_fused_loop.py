@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ascend_patches  # noqa: E402
-from recipes import llama2, parallel  # noqa: E402
+from recipes.model import llama2, parallel  # noqa: E402
 from recipes.train import training
 
 

@@ -113,7 +113,7 @@ def bench_converter(args):
     from safetensors.torch import save_file
 
     from converters.layout import hf_config
-    from recipes.llama2 import LlamaShape
+    from recipes.model.llama2 import LlamaShape
 
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
     hf_dir = tmp / "hf7b"

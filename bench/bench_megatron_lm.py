@@ -106,7 +106,7 @@ def _step_run(data, engine_flags, iters, dtype, work, tag):
 def bench_step(checkout: Path, data: Path, work: Path, iters: int, dtype: str, rounds: int):
     import torch
 
-    from recipes import llama2
+    from recipes.model import llama2
     from recipes.train import throughput
 
     shape = llama2.LlamaShape(8, 1024, 2816, 16, 16, 32000, 512)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import bench_step  # beside this script: the CPU-sized shape and the recipe's model and optimizer
-from recipes import llama2, parallel
+from recipes.model import llama2, parallel
 from recipes.data import datasets
 from recipes.train import throughput, training
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import ascend_patches
-from recipes import llama2, parallel
+from recipes.model import llama2, parallel
 from recipes.train import throughput, training
 
 SHAPES = {

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from recipes.errors import BadInput
-from recipes import llama2
+from recipes.model import llama2
 
 TYPES = {"7B": "llama2-7b", "13B": "llama2-13b", "34B": "llama2-34b", "70B": "llama2-70b", "tiny": "llama2-tiny"}
 SHAPE_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from recipes.errors import BadInput
-from recipes.llama2 import LlamaShape  # converters and recipes share one shape type
+from recipes.model.llama2 import LlamaShape  # converters and recipes share one shape type
 
 LAYER_PARAMS = ("input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
 GLOBAL_PARAMS = ("embedding", "final_norm", "output")

@@ -11,47 +11,36 @@ becomes W + alpha/r * B @ A, one tensor at a time, at any output TP/PP.
 
 from __future__ import annotations
 
-import re
 from typing import Dict, Tuple
 
 import torch
 
-from recipes.errors import ArgumentParser, MissingInput
+from recipes.errors import ArgumentParser
 from converters.layout import tp_merge
 from converters.sources import ConversionError, open_megatron
 from converters.writers import write_dist, write_hf
-from recipes import llama2
+from recipes.model import llama2
 
-ADAPTER = re.compile(r"decoder\.layers\.(\d+)\.(self_attention|mlp)\.(linear_\w+)\.lora_([AB])$")
 COLUMN = {"linear_qkv", "linear_fc1"}
 SAVED = {"embedding.word_embeddings.weight": "embedding", "output_layer.weight": "output"}
 
 
 def read_lora(folder) -> Tuple[dict, Dict[Tuple[str, int], torch.Tensor], Dict[str, torch.Tensor]]:
     """(config, {(canonical name, layer): global delta}, {canonical name: full saved module weight})."""
-    from recipes.train import checkpointing, lora
+    from recipes.model import lora
 
-    cfg = lora.read_config(folder)
-    it_dir = checkpointing.iter_dir(folder, checkpointing.latest_iteration(folder))
-    tp, pp = cfg["tensor_model_parallel_size"], cfg["pipeline_model_parallel_size"]
-    per_rank = {}
-    for t in range(tp):
-        for p in range(pp):
-            path = it_dir / lora.rank_file(t, p)
-            if not path.is_file():
-                raise MissingInput(f"{path} missing (LoRA saved at TP={tp} PP={pp})")
-            for name, tensor in torch.load(path, map_location="cpu", weights_only=False)["adapters"].items():
-                per_rank.setdefault(name, {})[t] = tensor
+    cfg, it_dir, per_rank = lora.read_adapters(folder)
+    tp = cfg["tensor_model_parallel_size"]
     scaling = cfg["alpha"] / cfg["r"]
     deltas, saved = {}, {}
     for name, pieces in per_rank.items():
         if name in SAVED:
             saved[SAVED[name]] = tp_merge("embedding", [pieces[t] for t in range(tp)])
             continue
-        m = ADAPTER.match(name)
-        if not m:
+        parsed = lora.parse_adapter_name(name)
+        if parsed is None:
             raise ConversionError(f"{it_dir}: unexpected adapter tensor {name}")
-        layer, linear, which = int(m.group(1)), m.group(3), m.group(4)
+        layer, linear, which = parsed
         if which == "B":
             continue
         a_pieces = [pieces[t] for t in range(tp)]

@@ -26,7 +26,7 @@ import torch
 from dataclasses import replace
 
 from recipes.errors import BadInput, MissingInput
-from recipes.llama2 import LlamaShape
+from recipes.model.llama2 import LlamaShape
 from converters.layout import (DIST_KEYS, GLOBAL_PARAMS, HF_GLOBAL, HF_LAYER, LAYER_PARAMS, expected,
                                hf_to_qkv, tp_merge)
 
@@ -358,7 +358,7 @@ class DeepSpeedSource:
     def __init__(self, root, tag: Optional[str] = None):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from recipes.train import checkpointing
+        from recipes.model import checkpointing
 
         self.dir = Path(root)
         it = checkpointing.latest_iteration(self.dir)
@@ -390,7 +390,7 @@ class DeepSpeedSource:
 def open_megatron(folder, shape: Optional[LlamaShape] = None, vocab_size: Optional[int] = None):
     """A Megatron checkpoint folder (the one holding latest_checkpointed_iteration.txt, or an
     iteration folder itself) as a reader."""
-    from recipes.train import checkpointing
+    from recipes.model import checkpointing
 
     folder = Path(folder)
     if not folder.exists():

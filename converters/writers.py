@@ -28,8 +28,7 @@ from typing import Optional
 import torch
 
 from recipes.errors import Exists
-from recipes import llama2
-from recipes.train import checkpointing
+from recipes.model import checkpointing, llama2
 from converters.layout import DIST_KEYS, HF_GLOBAL, hf_config, HF_LAYER, LAYER_PARAMS, \
     pad_vocab, qkv_to_hf
 

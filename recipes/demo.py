@@ -29,7 +29,8 @@ import ascend_patches
 from recipes.errors import ArgumentParser
 from recipes.data import preprocess_data
 from recipes.infer import evaluate, generate
-from recipes.train import checkpointing, pretrain
+from recipes.train import pretrain
+from recipes.model import checkpointing
 
 HERE = Path(__file__).resolve().parent / "demo_data"
 TOKENIZER = HERE / "tokenizer_stories260K.model"

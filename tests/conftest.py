@@ -58,7 +58,7 @@ def stories_sft(tmp_path_factory, fixtures_dir):
 def single_process_group():
     """A one-rank gloo group and megatron parallel state at TP=PP=1."""
     os.environ["MASTER_PORT"] = str(free_port())
-    from recipes import parallel
+    from recipes.model import parallel
 
     parallel.init_distributed(tp=1, pp=1)
     yield

@@ -1,7 +1,11 @@
 """The import graph of the project, read from every module's AST (function-level imports
 included): no circle anywhere, and the layers import one way (docs/architecture.md).
 
-    ascend_patches  <-  recipes (data <- train <- infer; the commands on top)  <-  converters
+    ascend_patches  <-  recipes (model <- data <- train | infer, the commands on top)  <-  converters
+
+``recipes.model`` is the floor (shapes and model building, process groups, the checkpoint and
+LoRA formats); ``recipes.train``, ``recipes.infer`` and ``converters`` stand on it as siblings:
+none of infer and converters imports train.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from tests.helpers.launch import ROOT
 
 PACKAGES = ("ascend_patches", "recipes", "converters")
-SHARED = {"recipes.errors", "recipes.llama2", "recipes.parallel", "recipes.progress"}
+SHARED = {"recipes.errors", "recipes.progress"}
 COMMANDS = {"recipes.pretrain", "recipes.generate", "recipes.evaluate", "recipes.preprocess_data",
             "recipes.compare_loss", "recipes.demo"}
 
@@ -81,7 +85,7 @@ def _cycles(graph: dict) -> list:
 def _layer(module: str) -> str:
     if module in COMMANDS:
         return "commands"
-    for layer in ("recipes.data", "recipes.train", "recipes.infer"):
+    for layer in ("recipes.model", "recipes.data", "recipes.train", "recipes.infer"):
         if module == layer or module.startswith(layer + "."):
             return layer
     return "recipes.shared" if module in SHARED or module == "recipes" else module.split(".")[0]
@@ -91,11 +95,12 @@ def _layer(module: str) -> str:
 ALLOWED = {
     "ascend_patches": set(),
     "recipes.shared": {"ascend_patches"},
-    "recipes.data": {"recipes.shared", "ascend_patches"},
-    "recipes.train": {"recipes.data", "recipes.shared", "ascend_patches"},
-    "recipes.infer": {"recipes.train", "recipes.data", "recipes.shared", "ascend_patches"},
-    "commands": {"recipes.infer", "recipes.train", "recipes.data", "recipes.shared", "ascend_patches"},
-    "converters": {"recipes.train", "recipes.data", "recipes.shared", "ascend_patches"},
+    "recipes.model": {"recipes.shared", "ascend_patches"},
+    "recipes.data": {"recipes.model", "recipes.shared", "ascend_patches"},
+    "recipes.train": {"recipes.data", "recipes.model", "recipes.shared", "ascend_patches"},
+    "recipes.infer": {"recipes.data", "recipes.model", "recipes.shared", "ascend_patches"},
+    "commands": {"recipes.infer", "recipes.train", "recipes.data", "recipes.model", "recipes.shared", "ascend_patches"},
+    "converters": {"recipes.data", "recipes.model", "recipes.shared", "ascend_patches"},
 }
 
 
@@ -110,6 +115,25 @@ def test_layers_import_one_way():
     wrong = sorted(f"{a} imports {b}" for a, deps in graph.items() for b in deps
                    if _layer(a) != _layer(b) and _layer(b) not in ALLOWED[_layer(a)])
     assert wrong == []
+
+
+def test_infer_and_converters_never_import_train():
+    """The checkpoint and LoRA formats are the floor's: reading a checkpoint is not training."""
+    graph = import_graph()
+    sideways = sorted(f"{a} imports {b}" for a, deps in graph.items() for b in deps
+                      if (a.startswith(("recipes.infer", "converters"))) and b.startswith("recipes.train"))
+    assert sideways == []
+
+
+def test_one_module_knows_the_lora_file_format():
+    """Its per-rank file name and adapter tensor names: written and read in recipes.model.lora
+    alone (converters.merge_lora reads through it)."""
+    for path in [*(ROOT / "recipes").rglob("*.py"), *(ROOT / "converters").rglob("*.py")]:
+        if path == ROOT / "recipes" / "model" / "lora.py":
+            continue
+        text = path.read_text()
+        for mark in ("lora_A", "lora_B", "lora_([AB])", "rank_file(", '["adapters"]'):
+            assert mark not in text, (path, mark)
 
 
 def test_the_circle_check_finds_a_circle():

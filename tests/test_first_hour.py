@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.train import checkpointing, pretrain, run_settings
+from recipes.train import pretrain, run_settings
+from recipes.model import checkpointing
 from recipes.errors import BadInput, MissingInput
 from tests.helpers.launch import ROOT, env_for_ranks, free_port, run_module, run_torchrun
 

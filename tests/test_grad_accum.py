@@ -5,7 +5,7 @@ and the embedding's index-add into main_grad) and once stock; main_grad must agr
 import pytest
 import torch
 
-from recipes import llama2
+from recipes.model import llama2
 from recipes.train import training
 
 SHAPE = llama2.LlamaShape(2, 64, 176, 4, 2, vocab_size=256, seq_length=32)

@@ -4,7 +4,7 @@ word, from pretraining, generation, evaluation, the HF converter and the LoRA me
 import pytest
 
 from converters import hf_to_megatron, merge_lora
-from recipes import llama2
+from recipes.model import llama2
 from recipes.infer import evaluate, generate
 from recipes.train import pretrain, run_settings
 

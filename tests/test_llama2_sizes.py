@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from recipes import llama2
+from recipes.model import llama2
 
 PUBLISHED = {"llama2-7b": 6_738_415_616}
 

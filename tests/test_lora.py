@@ -115,7 +115,7 @@ def test_lora_tp2_modules_to_save_and_resume(setup, tmp_path):
 
 
 def test_bad_lora_targets_are_named():
-    from recipes.train import lora
+    from recipes.model import lora
 
     with pytest.raises(ValueError, match="--lora-target-modules 'qkv_proj'"):
         lora.resolve_targets(["query_key_value", "qkv_proj"])

@@ -1,5 +1,5 @@
 """LoRA's math against a plain-torch reference written from the LoRA paper (Hu et al., 2021:
-h = W x + (alpha / r) B A x), not from recipes.train.lora: on megatron's column- and
+h = W x + (alpha / r) B A x), not from recipes.model.lora: on megatron's column- and
 row-parallel linears (TP=1), the forward and the gradients of A and B (and none for the
 frozen W).  That the merged checkpoint (converters.merge_lora) gives the adapter's logits is
 tests/test_lora.py's end-to-end check.
@@ -11,7 +11,7 @@ gradient reaching W) would move them."""
 import pytest
 import torch
 
-from recipes.train import lora
+from recipes.model import lora
 
 
 def _linear(kind, n_in, n_out):

@@ -150,7 +150,7 @@ def test_kill_during_async_save_leaves_the_last_complete_checkpoint(checkout, al
     """--ckpt-format torch_dist --async-save, saving every 3 with the distributed optimizer: the
     whole launch SIGKILLed as iteration 7 is logged (the save of 6 in flight or just done).
     "latest" names a complete checkpoint, and the resume from it equals the uninterrupted run."""
-    from recipes.train import checkpointing
+    from recipes.model import checkpointing
 
     layout = [*LAYOUTS["tp2_distopt"], "--ckpt-format", "torch_dist", "--async-save", "--save-interval", 3]
     mlm.pretrain_gpt_killed_at(checkout, alpaca, "iteration        7/", *layout, "--train-iters", 10,

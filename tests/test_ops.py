@@ -272,7 +272,7 @@ def test_no_grad_linear_fast_path_equals_stock(single_process_group, monkeypatch
     the result is the same matmul, bit for bit, and with grad the stock Function still runs."""
     import ascend_patches
     from megatron.core.tensor_parallel import layers
-    from recipes import llama2
+    from recipes.model import llama2
 
     cfg = llama2.transformer_config(llama2.shape("llama2-tiny"))
     col = layers.ColumnParallelLinear(64, 96, config=cfg, init_method=torch.nn.init.normal_, bias=False,

@@ -16,7 +16,7 @@ import itertools
 import pytest
 import torch
 
-from recipes import llama2
+from recipes.model import llama2
 from recipes.train import training
 from tests.helpers.parity import batch, forward_backward, ops_disabled, rel_err, tiny_shape
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from recipes.data import preprocess_data
-from recipes.train import checkpointing
+from recipes.model import checkpointing
 from tests.helpers.launch import run_torchrun
 
 pytestmark = pytest.mark.slow  # multi-process runs

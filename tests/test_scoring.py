@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from recipes import llama2
+from recipes.model import llama2
 from recipes.infer import evaluate, inference
 
 SHAPE = llama2.LlamaShape(2, 64, 160, 8, 4, vocab_size=97, seq_length=48)
@@ -21,7 +21,7 @@ def lm():
     import os
 
     os.environ["MASTER_PORT"] = str(free_port())
-    from recipes import parallel
+    from recipes.model import parallel
 
     parallel.init_distributed(tp=1, pp=1)
     torch.manual_seed(0)

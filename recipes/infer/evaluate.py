@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from recipes.errors import ArgumentParser, BadInput, MissingInput
 from recipes.progress import bar as progress_bar
-from recipes import parallel
+from recipes.model import parallel
 from recipes.infer import inference
 
 LETTERS = ("A", "B", "C", "D")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from recipes.errors import ArgumentParser, BadInput
-from recipes import parallel
+from recipes.model import parallel
 from recipes.infer import decoding, inference
 
 QUIT_WORDS = {"q", "quit", "exit"}

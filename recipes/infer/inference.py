@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 
 from recipes.errors import BadInput
-from recipes import llama2, parallel
-from recipes.train import checkpointing
+from recipes.model import checkpointing, llama2, parallel
 
 
 @dataclass
@@ -57,7 +56,7 @@ def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None
     model = model.to(dtype)
     checkpointing.load(load_dir, [model], restore_rng=False)
     if lora_load:
-        from recipes.train import lora
+        from recipes.model import lora
 
         cfg = lora.read_config(lora_load)
         wrapped = lora.apply_lora(model, cfg["target_modules"], cfg["r"], cfg["alpha"], 0.0, cfg["modules_to_save"])

@@ -28,8 +28,9 @@ import torch.distributed as dist
 
 import ascend_patches
 from ascend_patches.with_deepspeed import accelerator_note, mpu
-from recipes import llama2, parallel
-from recipes.train import checkpointing, throughput, training
+from recipes.model import llama2, parallel
+from recipes.train import throughput, training
+from recipes.model import checkpointing
 from recipes.errors import BadInput
 from recipes.train.run_settings import RunSettings
 from recipes.train.trainer import Trainer, dp_mean

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from recipes import llama2
+from recipes.model import llama2
 from recipes.train import training
 
 

@@ -158,7 +158,7 @@ class MegatronLMEngine:
         import ascend_patches
         import torch.distributed as dist
 
-        from recipes import parallel
+        from recipes.model import parallel
 
         parallel.default_rendezvous_env()  # Megatron-LM reads torchrun's variables; one plain process works too
         flags = argv(self.s)

@@ -6,7 +6,7 @@
         [--tensor-model-parallel-size 8 --pipeline-model-parallel-size 1 \\
          --micro-batch-size 4 --global-batch-size 16 --seq-length 4096 --lr ... --bf16 ...]
 
-``--model`` picks a size from ``recipes.llama2.SIZES`` with its defaults
+``--model`` picks a size from ``recipes.model.llama2.SIZES`` with its defaults
 (``llama2.RECIPE_DEFAULTS``); any flag given overrides them.  Shape flags (``--num-layers
 --hidden-size ...``) or ``--hf-config DIR`` give custom shapes.  With
 ``--is-instruction-dataset`` the data is the packed instruction pair from
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from recipes.errors import ArgumentParser
 
-from recipes import llama2
+from recipes.model import llama2
 from recipes.train import run_settings
 from recipes.train.megatron_lm import MegatronLMEngine
 from recipes.train.trainer import Trainer
@@ -167,7 +167,7 @@ def _checkpoint_flags(p):
 
 
 def _lora_flags(p):
-    g = p.add_argument_group("LoRA (recipes.train.lora)")
+    g = p.add_argument_group("LoRA (recipes.model.lora)")
     g.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="query_key_value dense gate_proj up_proj down_proj (or linear_qkv ... linear_fc2)")
     g.add_argument("--lora-r", type=int, default=16, help="adapter rank (default 16)")

@@ -19,8 +19,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 import ascend_patches
-from recipes import llama2
-from recipes.train import checkpointing
+from recipes.model import checkpointing, llama2
 from recipes.errors import BadInput, Exists, MissingInput
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -299,7 +298,7 @@ def _train_iters(args, global_batch: int) -> int:
 def _lora(args) -> Optional[Lora]:
     if not args.lora_target_modules:
         return None
-    from recipes.train import lora
+    from recipes.model import lora
 
     return Lora(tuple(lora.resolve_targets(args.lora_target_modules)), args.lora_r, args.lora_alpha, args.lora_dropout,
                 tuple(lora.resolve_modules_to_save(args.lora_modules_to_save)), args.lora_load)

@@ -2,7 +2,7 @@
 
 ``GPTModel`` chunks -> megatron ``DistributedDataParallel`` -> ``get_megatron_optimizer`` +
 ``OptimizerParamScheduler`` -> ``get_forward_backward_func`` (1F1B / interleaved pipeline
-schedules) each step, checkpoints through ``dist_checkpointing`` (``recipes.train.checkpointing``).
+schedules) each step, checkpoints through ``dist_checkpointing`` (``recipes.model.checkpointing``).
 The other engines (stock Megatron-LM's ``pretrain()``, DeepSpeed) take the same
 ``RunSettings`` and replace ``Trainer`` as a whole.
 """
@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 import ascend_patches
-from recipes import llama2, parallel
-from recipes.train import checkpointing, throughput, training, weights
+from recipes.model import llama2, parallel
+from recipes.train import throughput, training, weights
+from recipes.model import checkpointing
 from recipes.train.run_settings import RunSettings
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import List
 
 from recipes.errors import BadInput, MissingInput
-from recipes.train import checkpointing, lora
+from recipes.model import checkpointing, lora
 from recipes.train.run_settings import RunSettings
 
 FRESH = {"iteration": 0, "consumed_samples": 0}

@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from recipes import llama2, parallel
+from recipes.model import llama2, parallel
 from recipes.train import pretrain, run_settings, training
 from recipes.train.deepspeed_engine import DeepSpeedEngine, _loss
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from converters.layout import tp_split
 from converters.sources import open_megatron
 from recipes.infer import inference
-from recipes.train import checkpointing
+from recipes.model import checkpointing
 
 CANON = {"embedding.word_embeddings.weight": "embedding", "decoder.final_layernorm.weight": "final_norm",
          "output_layer.weight": "output", "input_layernorm.weight": "input_norm",

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import ascend_patches
 from megatron.core import parallel_state
-from recipes import llama2, parallel
+from recipes.model import llama2, parallel
 from recipes.train import training
 from tests.helpers.parity import batch, rel_err, tiny_shape
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import ascend_patches
-from recipes import llama2
+from recipes.model import llama2
 
 
 

@@ -21,7 +21,7 @@ word_embeddings -> embedding.word_embeddings, lm_head / output_layer -> output_l
 
 Checkpoints hold only adapters (and modules to save), the optimizer, scheduler, RNG and data
 position, one file per TP/PP rank (``adapter_mp_rank_XX_YYY.pt``), written atomically like
-``recipes.train.checkpointing``.  Resuming needs the same TP/PP; ``converters.merge_lora`` merges
+``recipes.model.checkpointing``.  Resuming needs the same TP/PP; ``converters.merge_lora`` merges
 them into the base at any layout.
 """
 
@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -204,10 +205,10 @@ def rank_file(tp_rank: int, pp_rank: int) -> str:
 
 def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, scheduler, progress: dict,
          config: dict, args: dict):
-    """Adapter-only checkpoint; same atomic protocol as recipes.train.checkpointing."""
+    """Adapter-only checkpoint; same atomic protocol as recipes.model.checkpointing."""
     from megatron.core import parallel_state as ps
 
-    from recipes.train import checkpointing
+    from recipes.model import checkpointing
 
     state = {"adapters": adapter_state(model, wrapped, modules_to_save), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "progress": progress, "rng": checkpointing.rng_state()}
@@ -223,7 +224,7 @@ def save(root, iteration: int, model, wrapped, modules_to_save, optimizer, sched
 
 
 def read_config(root) -> dict:
-    from recipes.train import checkpointing
+    from recipes.model import checkpointing
 
     it = checkpointing.latest_iteration(root)
     if it is None:
@@ -234,10 +235,39 @@ def read_config(root) -> dict:
     return json.loads(path.read_text())
 
 
+ADAPTER_NAME = re.compile(r"decoder\.layers\.(\d+)\.(self_attention|mlp)\.(linear_\w+)\.lora_([AB])$")
+
+
+def parse_adapter_name(name: str) -> Optional[Tuple[int, str, str]]:
+    """(layer, linear, "A" or "B") of an adapter tensor's saved name; None for a module saved whole."""
+    m = ADAPTER_NAME.match(name)
+    return None if m is None else (int(m.group(1)), m.group(3), m.group(4))
+
+
+def read_adapters(root) -> Tuple[dict, Path, Dict[str, Dict[int, torch.Tensor]]]:
+    """(config, the iteration folder, {saved name: {TP rank: tensor}}) of the latest LoRA
+    checkpoint under ``root``, every TP and PP rank's file read (each PP rank holds its own
+    layers): what a merge needs, at any layout."""
+    from recipes.model import checkpointing
+
+    cfg = read_config(root)
+    it_dir = checkpointing.iter_dir(root, checkpointing.latest_iteration(root))
+    tp, pp = cfg["tensor_model_parallel_size"], cfg["pipeline_model_parallel_size"]
+    per_rank: Dict[str, Dict[int, torch.Tensor]] = {}
+    for t in range(tp):
+        for p in range(pp):
+            path = it_dir / rank_file(t, p)
+            if not path.is_file():
+                raise MissingInput(f"{path} missing (LoRA saved at TP={tp} PP={pp})")
+            for name, tensor in torch.load(path, map_location="cpu", weights_only=False)["adapters"].items():
+                per_rank.setdefault(name, {})[t] = tensor
+    return cfg, it_dir, per_rank
+
+
 def load(root, model, wrapped, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
     from megatron.core import parallel_state as ps
 
-    from recipes.train import checkpointing
+    from recipes.model import checkpointing
 
     cfg = read_config(root)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
