@@ -149,3 +149,17 @@ def test_the_commands_are_thin_entry_modules():
         imports = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
         assert len(imports) == 1 and imports[0].names[0].name == "main", cmd
         assert len(path.read_text().splitlines()) <= 10, cmd
+
+
+def test_inference_takes_typed_settings_not_the_namespace():
+    """Generation, chat, evaluation and the checkpoint front end take recipes.infer.settings'
+    frozen objects: only the commands' main() and settings.py itself read the parsed flags."""
+    from recipes.infer import settings
+
+    for name in ("Checkpoint", "Decoding", "Generate", "Evaluate"):
+        assert getattr(settings, name).__dataclass_params__.frozen, name
+    for module in ("generate", "evaluate", "inference", "decoding"):
+        tree = ast.parse((ROOT / "recipes" / "infer" / f"{module}.py").read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            if fn.name not in ("main", "build_parser", "add_checkpoint_flags"):
+                assert "args" not in [a.arg for a in fn.args.args], f"recipes.infer.{module}.{fn.name} takes args"

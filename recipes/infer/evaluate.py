@@ -34,7 +34,7 @@ import torch.distributed as dist
 from recipes.errors import ArgumentParser, BadInput, MissingInput
 from recipes.progress import bar as progress_bar
 from recipes.model import parallel
-from recipes.infer import inference
+from recipes.infer import inference, settings
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -395,26 +395,24 @@ def build_parser():
     return p
 
 
-def read_questions(args, skipped: List[str]) -> List[Question]:
-    if args.task == "mmlu":
-        return mmlu_questions(args.task_data_path, args.num_fewshot, args.limit, skipped)
-    if args.num_fewshot:
-        raise BadInput("--num-fewshot is for MMLU; BoolQ is scored zero-shot")
-    return boolq_questions(args.task_data_path, args.limit, skipped)
+def read_questions(s: settings.Evaluate, skipped: List[str]) -> List[Question]:
+    if s.task == "mmlu":
+        return mmlu_questions(s.data_path, s.num_fewshot, s.limit, skipped)
+    return boolq_questions(s.data_path, s.limit, skipped)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    s = settings.evaluate(build_parser().parse_args(argv))
     skipped: List[str] = []
-    questions = read_questions(args, skipped)  # unusable task data is refused before any model loads
-    lm, tokenizer = inference.open_checkpoint(args)
+    questions = read_questions(s, skipped)  # unusable task data is refused before any model loads
+    lm, tokenizer = inference.open_checkpoint(s.checkpoint)
     rank = dist.get_rank()
-    max_len = min(args.seq_length or lm.shape.seq_length, lm.shape.seq_length)
+    max_len = min(s.seq_length or lm.shape.seq_length, lm.shape.seq_length)
     t0 = time.time()
-    results = evaluate(lm, tokenizer, questions, max_len, args.micro_batch_size, progress=rank == 0)
+    results = evaluate(lm, tokenizer, questions, max_len, s.micro_batch_size, progress=rank == 0)
     elapsed = time.time() - t0
     text, summary = table(results)
-    summary.update(task=args.task, num_fewshot=args.num_fewshot, load=str(args.load), seconds=elapsed,
+    summary.update(task=s.task, num_fewshot=s.num_fewshot, load=s.checkpoint.load, seconds=elapsed,
                    questions_per_s=len(results) / max(elapsed, 1e-9))
     summary["skipped_rows"] = skipped
     if rank == 0 and skipped:
@@ -422,11 +420,11 @@ def main(argv=None):
               + "\n".join(f"  {s}" for s in skipped[:5]) + (f"\n  ... {len(skipped) - 5} more" if len(skipped) > 5
                                                              else ""), flush=True)
     if rank == 0:
-        lora_txt = f" + LoRA {args.lora_load}" if args.lora_load else ""
-        print(f"\n{args.task} ({args.num_fewshot}-shot), {args.load}{lora_txt}\n{text}\n"
+        lora_txt = f" + LoRA {s.checkpoint.lora_load}" if s.checkpoint.lora_load else ""
+        print(f"\n{s.task} ({s.num_fewshot}-shot), {s.checkpoint.load}{lora_txt}\n{text}\n"
               f"{len(results)} questions in {elapsed:.1f} s ({summary['questions_per_s']:.1f} questions/s)", flush=True)
-        if args.output_json:
-            Path(args.output_json).write_text(json.dumps({**summary, "predictions": results}, indent=1))
+        if s.output_json:
+            Path(s.output_json).write_text(json.dumps({**summary, "predictions": results}, indent=1))
     parallel.destroy()
     return summary, results
 

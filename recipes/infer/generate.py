@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from recipes.errors import ArgumentParser, BadInput
 from recipes.model import parallel
-from recipes.infer import decoding, inference
+from recipes.infer import decoding, inference, settings
 
 QUIT_WORDS = {"q", "quit", "exit"}
 CLEAR_WORDS = {"clear", "new"}
@@ -66,17 +66,6 @@ def build_parser():
                    help="run the cached decode step through torch.compile (TP=1, CPU/CUDA): it compiles once per "
                         "batch size, then steps faster; pays off over long generations")
     return p
-
-
-def sampling_params(args) -> decoding.SamplingParams:
-    sampling = not args.greedy and (args.do_sample or any(v is not None for v in
-                                                          (args.temperature, args.top_k, args.top_p)))
-    if args.temperature is not None and args.temperature <= 0:
-        raise BadInput("--temperature must be > 0 (use --greedy for argmax)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise BadInput("--top-p must be in (0, 1]")
-    return decoding.SamplingParams(greedy=not sampling, temperature=args.temperature or 1.0,
-                                   top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
 
 
 def chat_tokens(tokenizer, history, user: str, system: Optional[str]) -> List[int]:
@@ -137,26 +126,22 @@ def _broadcast_text(text: Optional[str]) -> Optional[str]:
     return box[0]
 
 
-def run_generation(lm, tokenizer, args, prompts_ids, on_token=None, max_new_tokens: Optional[int] = None):
-    params = sampling_params(args)
-    max_new = args.max_new_tokens if max_new_tokens is None else max_new_tokens
-    gen = torch.Generator().manual_seed(args.seed)
+def run_generation(lm, tokenizer, d: settings.Decoding, prompts_ids, on_token=None,
+                   max_new_tokens: Optional[int] = None):
+    params = d.sampling
+    max_new = d.max_new_tokens if max_new_tokens is None else max_new_tokens
+    gen = torch.Generator().manual_seed(d.seed)
     eos = tokenizer.eos_id
-    if args.num_beams > 1:
-        results = []
-        for ids in prompts_ids:
-            early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-            results.append(decoding.beam_search(lm, ids, max_new, args.num_beams, eos,
-                                                args.length_penalty, early, args.do_sample,
-                                                None if params.greedy else params, args.num_return_sequences, gen))
-        return results
-    if args.num_return_sequences > 1:
+    if d.num_beams > 1:
+        return [decoding.beam_search(lm, ids, max_new, d.num_beams, eos, d.length_penalty, d.early_stopping,
+                                     d.do_sample, None if params.greedy else params, d.num_return_sequences, gen)
+                for ids in prompts_ids]
+    if d.num_return_sequences > 1:
         if params.greedy:
             raise BadInput("--num-return-sequences > 1 needs sampling or --num-beams")
-        prompts_ids = [ids for ids in prompts_ids for _ in range(args.num_return_sequences)]
-    out = decoding.generate(lm, prompts_ids, max_new, params, eos, gen, on_token,
-                            log_probs=args.return_log_probs)
-    n = args.num_return_sequences
+        prompts_ids = [ids for ids in prompts_ids for _ in range(d.num_return_sequences)]
+    out = decoding.generate(lm, prompts_ids, max_new, params, eos, gen, on_token, log_probs=d.return_log_probs)
+    n = d.num_return_sequences
     return [out[i:i + n] for i in range(0, len(out), n)]
 
 
@@ -172,7 +157,7 @@ def _read_prompt(rank: int, alone: bool) -> Optional[str]:
         return "quit"
 
 
-def interactive(lm, tokenizer, args, rank: int):
+def interactive(lm, tokenizer, s: settings.Generate, rank: int):
     history = []
     alone = dist.get_world_size() == 1
     if rank == 0:
@@ -191,8 +176,8 @@ def interactive(lm, tokenizer, args, rank: int):
             continue
         if not text:
             continue
-        ids, budget, dropped = fit_turn(tokenizer, history, text, args.system_prompt, lm.shape.seq_length,
-                                        args.max_new_tokens)
+        ids, budget, dropped = fit_turn(tokenizer, history, text, s.system_prompt, lm.shape.seq_length,
+                                        s.decoding.max_new_tokens)
         if rank == 0 and dropped:
             print(f"(dropped the oldest {dropped} turn{'s' * (dropped > 1)} to fit the model's "
                   f"{lm.shape.seq_length} positions)", flush=True)
@@ -202,9 +187,9 @@ def interactive(lm, tokenizer, args, rank: int):
                       flush=True)
             continue
         history = history[dropped:]
-        if rank == 0 and budget < args.max_new_tokens:
+        if rank == 0 and budget < s.decoding.max_new_tokens:
             print(f"(this reply gets at most {budget} tokens: the model's positions are nearly full)", flush=True)
-        if rank == 0 and args.show_prompt:
+        if rank == 0 and s.show_prompt:
             print(f"[prompt, {len(ids)} tokens] {tokenizer.decode(ids)!r}", flush=True)
         t0 = time.time()
         streamer = Streamer(tokenizer, rank == 0)
@@ -212,8 +197,8 @@ def interactive(lm, tokenizer, args, rank: int):
             if rank == 0:
                 sys.stdout.write("Assistant: ")
                 sys.stdout.flush()
-            out = run_generation(lm, tokenizer, args, [ids], on_token=streamer if args.num_beams == 1 else None,
-                                 max_new_tokens=budget)[0][0]
+            out = run_generation(lm, tokenizer, s.decoding, [ids],
+                                 on_token=streamer if s.decoding.num_beams == 1 else None, max_new_tokens=budget)[0][0]
             tokens = out.tokens
         except KeyboardInterrupt:
             if not alone:
@@ -222,7 +207,7 @@ def interactive(lm, tokenizer, args, rank: int):
             print("\n(reply stopped)", end="", flush=True)
         answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id])
         if rank == 0:
-            if args.num_beams > 1:
+            if s.decoding.num_beams > 1:
                 sys.stdout.write(answer)
             print(f"\n[{len(tokens)} tokens in {time.time() - t0:.2f} s]", flush=True)
         history.append((text, answer))
@@ -237,46 +222,38 @@ def _enable_compiled_decode(lm) -> None:
     ascend_patches.configure(compile_decode=True)
 
 
-def _prompts(args) -> List[str]:
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
-    return prompts or [""]  # nothing given: unconditional, from BOS alone
-
-
-def _records(args, tokenizer, prompts, prompts_ids, results, rank: int) -> List[dict]:
+def _records(log_probs: bool, tokenizer, prompts, prompts_ids, results, rank: int) -> List[dict]:
     records = []
     for prompt, ids, group in zip(prompts, prompts_ids, results):
         for g in group:
             text = continuation(tokenizer, ids, g.tokens)
             rec = {"prompt": prompt, "text": text, "tokens": g.tokens}
-            if args.return_log_probs:
+            if log_probs:
                 rec["log_probs"] = g.log_probs
             if g.score is not None:
                 rec["score"] = g.score
             records.append(rec)
             if rank == 0:
                 print(f"\n=== prompt: {prompt!r}\n{prompt}{text}", flush=True)
-                if args.return_log_probs:
+                if log_probs:
                     print(f"log-probs: {[round(x, 4) for x in g.log_probs]}", flush=True)
     return records
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    lm, tokenizer = inference.open_checkpoint(args)
-    if args.compile_decode:
+    s = settings.generate(build_parser().parse_args(argv))
+    lm, tokenizer = inference.open_checkpoint(s.checkpoint)
+    if s.compile_decode:
         _enable_compiled_decode(lm)
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank()
     if rank == 0:
-        print(f"loaded {args.load}: {lm.shape.num_layers} layers, TP={ps.get_tensor_model_parallel_world_size()} "
+        print(f"loaded {s.checkpoint.load}: {lm.shape.num_layers} layers, TP={ps.get_tensor_model_parallel_world_size()} "
               f"PP={ps.get_pipeline_model_parallel_world_size()}, {lm.dtype}", flush=True)
-    if args.interactive:
+    if s.interactive:
         try:
-            interactive(lm, tokenizer, args, rank)
+            interactive(lm, tokenizer, s, rank)
         except KeyboardInterrupt:
             if dist.get_world_size() == 1:  # Ctrl-C between a reply and the prompt: quit, as at the prompt
                 print(flush=True)
@@ -287,18 +264,18 @@ def main(argv=None):
                 os._exit(130)
         parallel.destroy()
         return None
-    prompts = _prompts(args)
-    bos = [] if args.no_bos else [tokenizer.bos_id]
+    prompts = list(s.prompts)
+    bos = [tokenizer.bos_id] if s.bos else []
     prompts_ids = [bos + tokenizer.encode(p) for p in prompts]
     t0 = time.time()
-    results = run_generation(lm, tokenizer, args, prompts_ids)
+    results = run_generation(lm, tokenizer, s.decoding, prompts_ids)
     elapsed = time.time() - t0
-    records = _records(args, tokenizer, prompts, prompts_ids, results, rank)
+    records = _records(s.decoding.return_log_probs, tokenizer, prompts, prompts_ids, results, rank)
     if rank == 0:
         n_tokens = sum(len(r["tokens"]) for r in records)
         print(f"\n{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)", flush=True)
-        if args.output_json:
-            with open(args.output_json, "w") as f:
+        if s.output_json:
+            with open(s.output_json, "w") as f:
                 json.dump(records, f, indent=1)
     parallel.destroy()
     return records

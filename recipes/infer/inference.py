@@ -1,8 +1,8 @@
 """A loaded Megatron GPTModel for inference at any TP/PP, shared by generate and evaluate.
 
-``add_checkpoint_flags`` + ``open_checkpoint`` are the one front end from command-line flags
-(``--load``, ``--lora-load``, the tokenizer, TP/PP, ``--params-dtype``) to a loaded model and
-its tokenizer, so every inference command reads them the same way.
+``add_checkpoint_flags`` + ``settings.checkpoint`` + ``open_checkpoint`` are the one front end
+from command-line flags (``--load``, ``--lora-load``, the tokenizer, TP/PP, ``--params-dtype``)
+to a loaded model and its tokenizer, so every inference command reads them the same way.
 
 Every rank calls the same methods in lockstep.  Pipeline stages pass hidden states forward
 with point-to-point sends; the last stage gathers the tensor-parallel logits and broadcasts
@@ -12,7 +12,6 @@ returns the same answer.  Decoding keeps K/V in megatron's ``StaticInferenceCont
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -76,21 +75,19 @@ def add_checkpoint_flags(p) -> None:
     p.add_argument("--params-dtype", choices=list(llama2.DTYPES), default=None, help="default: the checkpoint's")
 
 
-def open_checkpoint(args):
-    """(``Loaded``, tokenizer) from the flags of ``add_checkpoint_flags``."""
+def open_checkpoint(c):
+    """(``Loaded``, tokenizer) from the settings of ``add_checkpoint_flags``' flags
+    (``recipes.infer.settings.checkpoint``)."""
     from recipes.data.tokenizer import load_tokenizer
 
-    saved = checkpointing.load_args(args.load)
-    tok_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
+    saved = checkpointing.load_args(c.load)
+    tok_path = c.tokenizer or saved.get("tokenizer_name_or_path")
     if not tok_path:
-        raise BadInput(f"{args.load} records no tokenizer: give --tokenizer-name-or-path")
-    tokenizer = load_tokenizer(tok_path, args.tokenizer_type)
+        raise BadInput(f"{c.load} records no tokenizer: give --tokenizer-name-or-path")
+    tokenizer = load_tokenizer(tok_path, c.tokenizer_type)
     if saved.get("vocab_size") is None:  # Megatron-LM records only the padded rows: the rest is the tokenizer's
         saved = dict(saved, vocab_size=tokenizer.vocab_size)
-    pp = args.pipeline_model_parallel_size
-    tp = args.tensor_model_parallel_size or max(1, int(os.environ.get("WORLD_SIZE", "1")) // pp)
-    dtype = llama2.DTYPES[args.params_dtype] if args.params_dtype else None
-    return load(args.load, tp, pp, dtype, lora_load=args.lora_load, saved=saved), tokenizer
+    return load(c.load, c.tp, c.pp, c.dtype, lora_load=c.lora_load, saved=saved), tokenizer
 
 
 class StageInfo(NamedTuple):
