@@ -184,14 +184,6 @@ def cp_runs(checkout, alpaca):
     return get
 
 
-def loss_mismatches(got: dict, want: dict, rtol: float) -> list:
-    """Iterations whose loss differs by more than rtol (relative) or whose grad norm differs in
-    the 3 decimals Megatron-LM logs."""
-    bad = [] if sorted(got) == sorted(want) else [("iterations", sorted(got))]
-    return bad + [(i, got[i], want[i]) for i in sorted(set(got) & set(want))
-                  if abs(got[i][0] - want[i][0]) > rtol * abs(want[i][0]) or abs(got[i][1] - want[i][1]) > 1.5e-3]
-
-
 @pytest.mark.parametrize("layout,reference", [("cp2", "cp1"), ("cp2_a2a", "cp1"),
                                               pytest.param("tp2_cp2", "tp2", marks=pytest.mark.full)])
 def test_context_parallel_losses_equal_cp1(cp_runs, layout, reference):
@@ -202,7 +194,7 @@ def test_context_parallel_losses_equal_cp1(cp_runs, layout, reference):
     initialises other weights than TP=1, so TP2 x CP2 (4 ranks) is held to TP=2 alone."""
     ref, got = cp_runs(reference), cp_runs(layout)
     assert sorted(ref) == list(range(1, 11)) and ref[10][0] < ref[1][0] - 0.5, ref
-    assert loss_mismatches(got, ref, rtol=1e-5) == []
+    assert mlm.loss_mismatches(got, ref, rtol=1e-5) == []
 
 
 @pytest.mark.full  # core_v0.19.0's resume at CP=2 runs in default CI (the Python 3.12 job)

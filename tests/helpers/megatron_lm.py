@@ -189,6 +189,14 @@ def resume_mismatches(full: dict, resumed: dict, start: int, end: int) -> list:
     return bad
 
 
+def loss_mismatches(got: dict, want: dict, rtol: float) -> list:
+    """Iterations whose loss differs by more than rtol (relative) or whose grad norm differs in
+    the 3 decimals Megatron-LM logs; and the iterations themselves, if they differ."""
+    bad = [] if sorted(got) == sorted(want) else [("iterations", sorted(got))]
+    return bad + [(i, got[i], want[i]) for i in sorted(set(got) & set(want))
+                  if abs(got[i][0] - want[i][0]) > rtol * abs(want[i][0]) or abs(got[i][1] - want[i][1]) > 1.5e-3]
+
+
 def alpaca_pretraining_text(out: Path, fixtures: Path) -> dict:
     """The Alpaca sample's responses as pretraining text (jsonl, as Megatron-LM's tool reads),
     preprocessed by this project's recipe into stories260K's tokenizer."""
