@@ -4,6 +4,7 @@ and the tests all step through here."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, List, Optional
 
 import torch
@@ -77,15 +78,24 @@ def lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor, cp_group=None)
     return local / sums[1].clamp(min=1), {"lm loss": sums[0] / sums[1].clamp(min=1)}
 
 
-def split_for_context_parallel(batch: dict) -> dict:
-    """This rank's share of each sequence, cut by megatron's own ``get_batch_on_this_cp_rank``
-    (chunks r and 2 x CP - 1 - r; 0.19 also asks whether the CP is hybrid)."""
+@functools.lru_cache(maxsize=None)
+def _cp_split_keywords() -> tuple:
+    """What this megatron-core's ``get_batch_on_this_cp_rank`` needs besides the batch, read once
+    (0.19 asks whether the CP is hybrid)."""
     import inspect
 
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    hybrid = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
-    return get_batch_on_this_cp_rank(dict(batch), **hybrid)
+    return (("is_hybrid_cp", False),) if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters \
+        else ()
+
+
+def split_for_context_parallel(batch: dict) -> dict:
+    """This rank's share of each sequence, cut by megatron's own ``get_batch_on_this_cp_rank``
+    (chunks r and 2 x CP - 1 - r)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank(dict(batch), **dict(_cp_split_keywords()))
 
 
 def with_defaults(batch: dict) -> dict:

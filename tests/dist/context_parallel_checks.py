@@ -5,7 +5,6 @@ outputs and the gradients of q, k and v.  Each rank prints RESULT {...}.  On the
 (ASCEND_PATCHES_BACKEND=npu, tests/npu_emulation on PYTHONPATH) the blocks go through
 npu_fusion_attention and npu_fusion_attention_grad; RESULT then counts their calls."""
 
-import inspect
 import json
 import sys
 
@@ -15,10 +14,10 @@ import torch.distributed as dist
 import ascend_patches  # noqa: F401
 
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
 from ascend_patches.ops import context_parallel, flash_attention  # noqa: E402
 from ascend_patches.ops.context_parallel import ring_attention  # noqa: E402
+from recipes.train.training import split_for_context_parallel  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -37,13 +36,9 @@ def reference(q, k, v, scale):
     return (scores.softmax(-1) @ vf).permute(2, 0, 1, 3)
 
 
-HYBRID = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters else {}
-
-
 def local(t):
-    """This rank's chunks of a [s, b, ...] tensor, cut by megatron's own CP split (it splits dim 1;
-    0.19 asks whether the CP is hybrid)."""
-    return get_batch_on_this_cp_rank({"x": t.transpose(0, 1)}, **HYBRID)["x"].transpose(0, 1).contiguous()
+    """This rank's chunks of a [s, b, ...] tensor, cut by megatron's own CP split (it splits dim 1)."""
+    return split_for_context_parallel({"x": t.transpose(0, 1)})["x"].transpose(0, 1).contiguous()
 
 
 def rel(a, b_):
