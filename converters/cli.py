@@ -32,10 +32,6 @@ def add_shape_flags(p: argparse.ArgumentParser):
                             "(default: read from the input)")
 
 
-def add_dtype_flag(p: argparse.ArgumentParser):
-    p.add_argument("--params-dtype", choices=list(llama2.DTYPES), default=None, help="default: the input's dtype")
-
-
 def dtype_of(args) -> Optional[torch.dtype]:
     return llama2.DTYPES[args.params_dtype] if args.params_dtype else None
 

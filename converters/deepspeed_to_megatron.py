@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from recipes.errors import ArgumentParser
+from recipes.model import flags
 from converters import cli
 from converters.sources import DeepSpeedSource
 from converters.writers import write_dist
@@ -23,10 +24,9 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_folder_flags(p, "the DeepSpeed checkpoint folder (with latest_checkpointed_iteration.txt)")
     p.add_argument("--tag", default=None, help="the iteration folder (default: the latest)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="sets the vocabulary padding (default 1)")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="recorded for later commands")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=1, help="default 1 (the checkpoint's rows)")
-    cli.add_dtype_flag(p)
+    flags.add_layout_flags(p, "the layout written (default: the source's)")
+    flags.add_vocab_padding_flag(p)
+    flags.add_dtype_flag(p, "the input's")
     return p
 
 
@@ -34,8 +34,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     t0 = time.time()
     src = DeepSpeedSource(args.input_model_dir, args.tag)
-    out = write_dist(src, args.output_model_dir, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                     args.make_vocab_size_divisible_by, cli.dtype_of(args), src.args.get("model"),
+    tp = args.tensor_model_parallel_size or src.args.get("tensor_model_parallel_size", 1)
+    pp = args.pipeline_model_parallel_size or src.args.get("pipeline_model_parallel_size", 1)
+    divisor = flags.vocab_divisor(args.make_vocab_size_divisible_by, src.args.get("make_vocab_size_divisible_by"))
+    out = write_dist(src, args.output_model_dir, tp, pp, divisor, cli.dtype_of(args), src.args.get("model"),
                      {"converted_from": f"{args.input_model_dir} (DeepSpeed)"})
     print(f"wrote {out} from {args.input_model_dir} in {time.time() - t0:.1f} s", flush=True)
     return out

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import time
 
+from recipes.data.tokenizer import add_tokenizer_flags
 from recipes.errors import ArgumentParser
+from recipes.model import flags
 from converters import cli
 from converters.sources import HFSource
 from converters.writers import write_dist
@@ -25,14 +27,12 @@ from converters.writers import write_dist
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_folder_flags(p)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP of the written checkpoint")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of the written checkpoint")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this x TP, as Megatron-LM does")
+    flags.add_layout_flags(p, "the layout written; default 1 (an HF folder has none)")
+    flags.add_vocab_padding_flag(p)
     p.add_argument("--merge-mlp", action="store_true", help="accepted; Megatron-Core's linear_fc1 is always merged")
-    p.add_argument("--tokenizer-name-or-path", default=None, help="recorded for later commands; "
-                   "default: the input folder when it holds a tokenizer")
+    add_tokenizer_flags(p, "the input folder when it holds one (recorded for later commands)", typed=False)
     cli.add_shape_flags(p)
-    cli.add_dtype_flag(p)
+    flags.add_dtype_flag(p, "the input's")
     return p
 
 
@@ -44,12 +44,11 @@ def main(argv=None):
     if args.tokenizer_name_or_path:
         src.meta["tokenizer_name_or_path"] = args.tokenizer_name_or_path
     model = cli.TYPES.get(args.type, args.type) if args.type else None
-    out = write_dist(src, args.output_model_dir, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                     args.make_vocab_size_divisible_by, cli.dtype_of(args), model,
-                     {"converted_from": str(args.input_model_dir)})
-    print(f"wrote {out} ({src.shape.num_layers} layers, TP={args.tensor_model_parallel_size} "
-          f"PP={args.pipeline_model_parallel_size}) in {time.time() - t0:.1f} s; peak RSS {cli.peak_rss_gib():.2f} GiB",
-          flush=True)
+    tp, pp = args.tensor_model_parallel_size or 1, args.pipeline_model_parallel_size or 1
+    out = write_dist(src, args.output_model_dir, tp, pp, flags.vocab_divisor(args.make_vocab_size_divisible_by),
+                     cli.dtype_of(args), model, {"converted_from": str(args.input_model_dir)})
+    print(f"wrote {out} ({src.shape.num_layers} layers, TP={tp} PP={pp}) in {time.time() - t0:.1f} s; "
+          f"peak RSS {cli.peak_rss_gib():.2f} GiB", flush=True)
     return out
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 
+from recipes.data.tokenizer import add_tokenizer_flags
 from recipes.errors import ArgumentParser
+from recipes.model import flags
 from converters import cli
 from converters.sources import open_megatron
 from converters.writers import write_hf
@@ -22,10 +24,10 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_folder_flags(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file written, as in HF save_pretrained")
-    p.add_argument("--tokenizer-name-or-path", default=None, help="copied into the folder; default: the checkpoint's")
+    add_tokenizer_flags(p, "the checkpoint's (copied into the folder)", typed=False)
     p.add_argument("--hf-config", default=None, help="shape of a legacy checkpoint from an HF config folder")
     cli.add_shape_flags(p)
-    cli.add_dtype_flag(p)
+    flags.add_dtype_flag(p, "the input's")
     return p
 
 

@@ -19,7 +19,7 @@ from recipes.errors import ArgumentParser
 from converters.layout import tp_merge
 from converters.sources import ConversionError, open_megatron
 from converters.writers import write_dist, write_hf
-from recipes.model import llama2
+from recipes.model import flags, llama2
 
 COLUMN = {"linear_qkv", "linear_fc1"}
 SAVED = {"embedding.word_embeddings.weight": "embedding", "output_layer.weight": "output"}
@@ -85,8 +85,7 @@ def build_parser():
     p.add_argument("--lora", required=True, help="the LoRA checkpoint folder (recipes.pretrain --save with --lora-target-modules)")
     p.add_argument("--output-model-dir", required=True, help="a new or empty folder to write")
     p.add_argument("--to-hf", action="store_true", help="write an HF folder instead of a Megatron checkpoint")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: the base's")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=None, help="default: the base's")
+    flags.add_layout_flags(p, "the layout written (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file written, as in HF save_pretrained")
     return p
 
@@ -97,7 +96,7 @@ def main(argv=None):
     b_args = getattr(base, "args", {})
     tp = args.tensor_model_parallel_size or b_args.get("tensor_model_parallel_size", 1)
     pp = args.pipeline_model_parallel_size or b_args.get("pipeline_model_parallel_size", 1)
-    divisible = b_args.get("make_vocab_size_divisible_by", 128)
+    divisible = flags.vocab_divisor(None, b_args.get("make_vocab_size_divisible_by"))
     if not args.to_hf:  # before reading any adapter: a layout that cannot be written is refused at once
         llama2.check_layout(base.shape, tp, pp, padded_vocab=llama2.padded_vocab_size(base.shape.vocab_size,
                                                                                       divisible, tp))

@@ -13,7 +13,9 @@ the target sizes set the vocabulary padding and are recorded for later commands.
 
 from __future__ import annotations
 
+from recipes.data.tokenizer import add_tokenizer_flags
 from recipes.errors import ArgumentParser, BadInput
+from recipes.model import flags
 
 from converters import cli
 from converters.sources import DistSource, LegacySource, open_megatron
@@ -23,15 +25,13 @@ from converters.writers import write_dist
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_folder_flags(p)
-    for side in ("src", "tgt"):
-        which = "the source's layout, checked (default: read from it)" if side == "src" else "the new layout (default: the source's)"
-        p.add_argument(f"--{side}-tensor-model-parallel-size", type=int, default=None, help=f"TP: {which}")
-        p.add_argument(f"--{side}-pipeline-model-parallel-size", type=int, default=None, help=f"PP: {which}")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None, help="default: the source's (or 128)")
+    flags.add_layout_flags(p, "the source's, checked (default: read from it)", prefix="src")
+    flags.add_layout_flags(p, "the new layout (default: the source's)", prefix="tgt")
+    flags.add_vocab_padding_flag(p)
     p.add_argument("--hf-config", default=None, help="an HF config.json folder giving the shape of a checkpoint that records none")
-    p.add_argument("--tokenizer-name-or-path", default=None, help="the tokenizer to record in the output (default: the source's)")
+    add_tokenizer_flags(p, "the source's (recorded in the output)", typed=False)
     cli.add_shape_flags(p)
-    cli.add_dtype_flag(p)
+    flags.add_dtype_flag(p, "the input's")
     return p
 
 
@@ -51,8 +51,8 @@ def main(argv=None):
             raise BadInput(f"{flag} {given}, but {args.input_model_dir} was written with {actual}")
     tgt_tp = args.tgt_tensor_model_parallel_size or tp
     tgt_pp = args.tgt_pipeline_model_parallel_size or pp
-    divisible = args.make_vocab_size_divisible_by or (
-        src.args.get("make_vocab_size_divisible_by", 128) if isinstance(src, DistSource) else 128)
+    divisible = flags.vocab_divisor(args.make_vocab_size_divisible_by,
+                                    src.args.get("make_vocab_size_divisible_by") if isinstance(src, DistSource) else None)
     if args.tokenizer_name_or_path:
         src.meta["tokenizer_name_or_path"] = args.tokenizer_name_or_path
     model = cli.TYPES.get(args.type, args.type) if args.type else (

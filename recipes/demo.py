@@ -30,7 +30,7 @@ from recipes.errors import ArgumentParser
 from recipes.data import preprocess_data
 from recipes.infer import evaluate, generate
 from recipes.train import pretrain
-from recipes.model import checkpointing
+from recipes.model import checkpointing, flags
 
 HERE = Path(__file__).resolve().parent / "demo_data"
 TOKENIZER = HERE / "tokenizer_stories260K.model"
@@ -131,11 +131,12 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="where everything is written (default demo_out)")
     p.add_argument("--train-iters", type=int, default=60, help="pretraining iterations (default 60)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=2, help="default 2")
+    flags.add_layout_flags(p, "default: the world size", with_pp=False)
     args = p.parse_args(argv)
     started = time.perf_counter()
     out = Path(args.out)
     dist.init_process_group(backend=ascend_patches.dist_backend())
+    args.tensor_model_parallel_size = args.tensor_model_parallel_size or dist.get_world_size()
     rank = dist.get_rank()
     if rank == 0:
         prepare(args, out)

@@ -32,7 +32,7 @@ from recipes import errors
 from recipes.data.handlers import HANDLERS, TEMPLATES, SkipRow, make_handler
 from recipes.data.indexed import IndexedWriter, token_dtype
 from recipes.data.readers import BadRow, input_files, materialize, read_rows
-from recipes.data.tokenizer import MEGATRON_LM_TYPES, TOKENIZER_TYPES, load_tokenizer
+from recipes.data.tokenizer import add_tokenizer_flags, load_tokenizer
 
 _worker = {}
 
@@ -72,10 +72,7 @@ def _chunks(files, size):
 def build_parser():
     p = errors.ArgumentParser(description="Tokenize raw data into Megatron indexed datasets.")
     p.add_argument("--input", required=True, help="a parquet/json/jsonl/csv/txt file, or a folder of them")
-    p.add_argument("--tokenizer-name-or-path", default=None, help="an HF tokenizer folder or a sentencepiece .model")
-    p.add_argument("--tokenizer-model", default=None, help="Megatron-LM's name for --tokenizer-name-or-path")
-    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES + tuple(MEGATRON_LM_TYPES), default=None,
-                   help="default: a folder with tokenizer.json/config is PretrainedFromHF, a .model file SentencePiece")
+    add_tokenizer_flags(p, "none (one is required)")
     p.add_argument("--output-prefix", required=True, help="written: {prefix}_{key}_document.bin/.idx")
     p.add_argument("--handler-name", choices=HANDLERS, default="GeneralPretrainHandler",
                    help="how a row becomes tokens (default GeneralPretrainHandler: plain text)")
@@ -148,7 +145,7 @@ def _handler_kw(args) -> dict:
 
 
 def _tokenizer_path(args) -> str:
-    path = args.tokenizer_name_or_path or args.tokenizer_model
+    path = args.tokenizer_name_or_path
     if not path:
         raise errors.BadInput("give --tokenizer-name-or-path (or Megatron-LM's --tokenizer-model)")
     return path

@@ -10,6 +10,7 @@ folder), with the path in ``--tokenizer-model``.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -56,6 +57,34 @@ class HFTokenizer:
         return self.tok.decode(list(ids))
 
 
+class _OnePath(argparse.Action):
+    """--tokenizer-name-or-path and Megatron-LM's --tokenizer-model name one path: given both,
+    they must agree (the later one is never taken silently)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        before = getattr(namespace, self.dest)
+        if before is not None and before != value:
+            parser.error(f"{option_string} {value} and an earlier tokenizer path {before} disagree: give one")
+        setattr(namespace, self.dest, value)
+
+
+def add_tokenizer_flags(p, unset: str, typed: bool = True) -> None:
+    """The tokenizer flags every command that reads or records one takes: the path (Megatron-LM's
+    --tokenizer-model is the same flag) and, where the command loads it, --tokenizer-type."""
+    p.add_argument("--tokenizer-name-or-path", "--tokenizer-model", dest="tokenizer_name_or_path", default=None,
+                   action=_OnePath, help=f"an HF tokenizer folder or a sentencepiece .model (Megatron-LM's "
+                                         f"--tokenizer-model also works); default: {unset}")
+    if typed:
+        p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES + tuple(MEGATRON_LM_TYPES), default=None,
+                       help="default: a folder with tokenizer.json/config is PretrainedFromHF, a .model file "
+                            "SentencePiece")
+
+
+def kind(tokenizer_type):
+    """This project's name for a --tokenizer-type (Megatron-LM's names map onto the two kinds)."""
+    return MEGATRON_LM_TYPES.get(tokenizer_type, tokenizer_type)
+
+
 def load_tokenizer(path: str, tokenizer_type: str = None):
     """Load a tokenizer; a missing path is a clear error before any work."""
     from recipes.errors import BadInput, MissingInput
@@ -63,7 +92,7 @@ def load_tokenizer(path: str, tokenizer_type: str = None):
     p = Path(path)
     if not p.exists():
         raise MissingInput(f"tokenizer not found: {path}")
-    tokenizer_type = MEGATRON_LM_TYPES.get(tokenizer_type, tokenizer_type)
+    tokenizer_type = kind(tokenizer_type)
     if tokenizer_type is not None and tokenizer_type not in TOKENIZER_TYPES:
         raise BadInput(f"--tokenizer-type {tokenizer_type!r}: expected one of "
                        f"{', '.join(TOKENIZER_TYPES + tuple(MEGATRON_LM_TYPES))}")

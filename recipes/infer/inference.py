@@ -18,8 +18,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from recipes.data.tokenizer import add_tokenizer_flags, load_tokenizer
 from recipes.errors import BadInput
-from recipes.model import checkpointing, llama2, parallel
+from recipes.model import checkpointing, flags, llama2, parallel
 
 
 @dataclass
@@ -66,20 +67,15 @@ def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None
 
 def add_checkpoint_flags(p) -> None:
     """The flags every inference command takes to open a checkpoint."""
-    p.add_argument("--load", required=True, help="a checkpoint folder (recipes.pretrain's, or a converter's)")
-    p.add_argument("--lora-load", default=None, help="a LoRA checkpoint applied on top of --load (unmerged)")
-    p.add_argument("--tokenizer-name-or-path", default=None, help="default: the one the checkpoint records")
-    p.add_argument("--tokenizer-type", default=None, help="PretrainedFromHF or SentencePiece (default: by path)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="default: world size / PP")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="default 1")
-    p.add_argument("--params-dtype", choices=list(llama2.DTYPES), default=None, help="default: the checkpoint's")
+    flags.add_load_flags(p, "the model", "applied unmerged", required=True)
+    add_tokenizer_flags(p, "the one the checkpoint records")
+    flags.add_layout_flags(p, "default: the world size / PP", "default 1")
+    flags.add_dtype_flag(p, "the checkpoint's")
 
 
 def open_checkpoint(c):
     """(``Loaded``, tokenizer) from the settings of ``add_checkpoint_flags``' flags
     (``recipes.infer.settings.checkpoint``)."""
-    from recipes.data.tokenizer import load_tokenizer
-
     saved = checkpointing.load_args(c.load)
     tok_path = c.tokenizer or saved.get("tokenizer_name_or_path")
     if not tok_path:

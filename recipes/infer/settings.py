@@ -68,7 +68,7 @@ class Evaluate:
 
 def checkpoint(args) -> Checkpoint:
     """From ``inference.add_checkpoint_flags``' flags; TP defaults to the world size / PP."""
-    pp = args.pipeline_model_parallel_size
+    pp = args.pipeline_model_parallel_size or 1
     tp = args.tensor_model_parallel_size or max(1, int(os.environ.get("WORLD_SIZE", "1")) // pp)
     dtype = llama2.DTYPES[args.params_dtype] if args.params_dtype else None
     return Checkpoint(str(args.load), args.lora_load, args.tokenizer_name_or_path, args.tokenizer_type, tp, pp, dtype)

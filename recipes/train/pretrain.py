@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from recipes.errors import ArgumentParser
 
-from recipes.model import llama2
+from recipes.data.tokenizer import add_tokenizer_flags
+from recipes.model import flags, llama2
 from recipes.train import run_settings
 from recipes.train.megatron_lm import MegatronLMEngine
 from recipes.train.trainer import Trainer
@@ -56,8 +57,7 @@ def _model_flags(p):
     g.add_argument("--group-query-attention", action="store_true",
                    help="accepted for Megatron-LM scripts: GQA follows from --num-query-groups")
     g.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
-                   help="pad the embedding rows to a multiple of this x TP (default 1)")
+    flags.add_vocab_padding_flag(g)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: the shape's positions")
     g.add_argument("--rotary-base", type=float, default=None, help="RoPE theta; default: the shape's (1e4, 34B 1e6)")
     g.add_argument("--norm-epsilon", type=float, default=None, help="RMSNorm epsilon; default 1e-5")
@@ -67,10 +67,7 @@ def _model_flags(p):
 
 def _parallel_flags(p):
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=None,
-                   help=_per_size("tensor_model_parallel_size"))
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=None,
-                   help=_per_size("pipeline_model_parallel_size"))
+    flags.add_layout_flags(g, _per_size("tensor_model_parallel_size"), _per_size("pipeline_model_parallel_size"))
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved pipeline schedule with this many layers per virtual stage (default: off)")
     g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (needs TP > 1)")
@@ -134,16 +131,14 @@ def _data_flags(p):
     g.add_argument("--variable-seq-lengths", action="store_true",
                    help="--is-instruction-dataset, unpacked: pad each micro-batch to its longest sample, not "
                         "--seq-length")
-    g.add_argument("--tokenizer-name-or-path", default=None,
-                   help="an HF folder or a sentencepiece .model; default: the one --load records")
-    g.add_argument("--tokenizer-type", default=None, help="PretrainedFromHF or SentencePiece (default: by path)")
+    add_tokenizer_flags(g, "the one --load records")
     g.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its indices (default: beside the data)")
 
 
 def _checkpoint_flags(p):
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--load", default=None, help="a checkpoint folder to resume (or fine-tune) from; an empty or "
-                                                "missing one starts from scratch, as in Megatron-LM")
+    flags.add_load_flags(g, "resumed (or, with --finetune, fine-tuned from); an empty or missing one starts "
+                            "from scratch, as in Megatron-LM", "resumed (adapters, optimizer, data)")
     g.add_argument("--save", default=None, help="where checkpoints go (iter_XXXXXXX/, written atomically)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, iteration, data")
@@ -175,7 +170,6 @@ def _lora_flags(p):
     g.add_argument("--lora-dropout", type=float, default=0.0, help="default 0.0")
     g.add_argument("--lora-modules-to-save", nargs="*", default=None,
                    help="modules trained in full beside the adapters: word_embeddings lm_head.lm_head")
-    g.add_argument("--lora-load", default=None, help="a LoRA checkpoint to resume (adapters, optimizer, data)")
 
 
 def _engine_flags(p):
@@ -219,9 +213,9 @@ def _pasted_flags(p):
 
 def build_parser():
     p = ArgumentParser(description="LLaMA-2 pretraining / fine-tuning on stock Megatron-Core", allow_abbrev=False)
-    for flags in (_model_flags, _parallel_flags, _training_flags, _data_flags, _checkpoint_flags, _lora_flags,
+    for group in (_model_flags, _parallel_flags, _training_flags, _data_flags, _checkpoint_flags, _lora_flags,
                   _engine_flags, _pasted_flags):
-        flags(p)
+        group(p)
     return p
 
 

@@ -19,7 +19,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 import ascend_patches
-from recipes.model import checkpointing, llama2
+from recipes.model import checkpointing, flags, llama2
 from recipes.errors import BadInput, Exists, MissingInput
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -173,6 +173,7 @@ class RunSettings:
         rebuild the model from ``--load`` alone."""
         return {"model": self.model_name, "shape": asdict(self.shape), "tokenizer_name_or_path": self.tokenizer_path,
                 "padded_vocab_size": self.padded_vocab, "vocab_size": self.vocab_size,
+                "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
                 "tensor_model_parallel_size": self.layout.tp, "pipeline_model_parallel_size": self.layout.pp,
                 "bf16": self.bf16, "fp16": self.fp16}
 
@@ -238,13 +239,17 @@ def _defaults(args, size: Optional[str]) -> dict:
     return out
 
 
-def _vocab(args, shape, saved, tokenizer, tp: int) -> Tuple[int, int]:
-    """(true vocabulary, padded rows): the checkpoint's padding wins when its vocabulary is ours."""
+def _vocab(args, shape, saved, tokenizer, tp: int) -> Tuple[int, int, int]:
+    """(true vocabulary, padded rows, divisor): a checkpoint continued with its own vocabulary
+    keeps its rows (a divisor that would give others is refused); otherwise the rows are padded
+    to --make-vocab-size-divisible-by x TP (default 128, or the divisor the checkpoint records)."""
     vocab = args.vocab_size or (tokenizer.vocab_size if tokenizer is not None else shape.vocab_size)
-    padded = llama2.padded_vocab_size(vocab, args.make_vocab_size_divisible_by, tp)
+    divisor = flags.vocab_divisor(args.make_vocab_size_divisible_by, saved.get("make_vocab_size_divisible_by"))
     if saved.get("padded_vocab_size") and saved.get("vocab_size", vocab) == vocab:
-        padded = saved["padded_vocab_size"]
-    return vocab, padded
+        rows = flags.checkpoint_rows(args.make_vocab_size_divisible_by, vocab, tp, saved["padded_vocab_size"],
+                                     f"--load {args.load}")
+        return vocab, rows, divisor
+    return vocab, llama2.padded_vocab_size(vocab, divisor, tp), divisor
 
 
 def _same_folder(a, b) -> bool:
@@ -307,7 +312,7 @@ def _lora(args) -> Optional[Lora]:
 def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     """Every setting of a run, from the parsed flags (and what ``--load`` records).
     ``passthrough``: flags the recipe does not know, for the Megatron-LM engine."""
-    from recipes.data.tokenizer import load_tokenizer
+    from recipes.data.tokenizer import kind as tokenizer_kind, load_tokenizer
 
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = None
@@ -336,7 +341,7 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     tokenizer_path = args.tokenizer_name_or_path or saved.get("tokenizer_name_or_path")
     tokenizer = load_tokenizer(tokenizer_path, args.tokenizer_type) if tokenizer_path else None
     tp, pp = d["tensor_model_parallel_size"], d["pipeline_model_parallel_size"]
-    vocab, padded = _vocab(args, shape, saved, tokenizer, tp)
+    vocab, padded, divisor = _vocab(args, shape, saved, tokenizer, tp)
     llama2.check_layout(shape, tp, pp, padded_vocab=padded, world=world,
                         layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage)
     cp, cp_comm_type = _context_parallel(args, world, tp, pp, seq_length, shape)
@@ -347,7 +352,9 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     if global_batch % (micro * dp):
         raise BadInput(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {micro} x "
                          f"data-parallel size {dp}")
-    args = argparse.Namespace(**{**vars(args), "train_iters": _train_iters(args, global_batch)})
+    args = argparse.Namespace(**{**vars(args), "train_iters": _train_iters(args, global_batch),
+                                 "make_vocab_size_divisible_by": divisor,
+                                 "tokenizer_type": tokenizer_kind(args.tokenizer_type)})
     settings = _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
                          Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel,
                                 args.use_distributed_optimizer, cp, cp_comm_type),
