@@ -145,3 +145,18 @@ def test_converters_pad_to_128_and_a_resharded_checkpoint_keeps_the_divisor_it_r
                             str(tmp_path / f"{name}_tp2"), "--tgt-tensor-model-parallel-size", "2"])
         rows[f"{name}_tp2"] = checkpointing.args_of(out)["padded_vocab_size"]
     assert rows == {"default": 384, "default_tp2": 512, "by1": 300, "by1_tp2": 300}
+
+
+def test_stock_megatron_lm_continuing_a_checkpoint_is_given_the_divisor_of_its_rows(tmp_path):
+    """Stock Megatron-LM pads by the divisor alone: a checkpoint whose args.json records no
+    divisor (written before it was recorded, with 1) is refused under the 128 default and runs
+    with its own divisor given."""
+    from recipes.errors import BadInput
+
+    ckpt = _release(tmp_path, vocab_size=300, padded_vocab_size=300)
+    with pytest.raises(BadInput, match=r"holds 300 embedding rows; stock Megatron-LM pads the vocabulary 300 to 384 "
+                                       r"with --make-vocab-size-divisible-by 128 at TP=1"):
+        _pretrain_settings("--load", ckpt, "--finetune", "--megatron-lm", tmp_path, "--vocab-size", 300)
+    s = _pretrain_settings("--load", ckpt, "--finetune", "--megatron-lm", tmp_path, "--vocab-size", 300,
+                           "--make-vocab-size-divisible-by", 1)
+    assert (s.engine, s.padded_vocab, s.make_vocab_size_divisible_by) == ("megatron-lm", 300, 1)

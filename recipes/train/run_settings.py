@@ -446,6 +446,11 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
     if builtin_only:
         raise BadInput(f"{', '.join(builtin_only)}: the built-in engine's metrics; with --megatron-lm, "
                          "Megatron-LM logs (and writes tensorboard with --tensorboard-dir)")
+    stock_rows = llama2.padded_vocab_size(s.vocab_size, s.make_vocab_size_divisible_by, s.layout.tp)
+    if stock_rows != s.padded_vocab:  # stock pads by the divisor alone: a continued checkpoint's rows must follow
+        raise BadInput(f"--load {args.load} holds {s.padded_vocab} embedding rows; stock Megatron-LM pads the "
+                       f"vocabulary {s.vocab_size} to {stock_rows} with --make-vocab-size-divisible-by "
+                       f"{s.make_vocab_size_divisible_by} at TP={s.layout.tp}: pass the divisor it was written with")
     # Megatron-LM's own data flags reach it, with its meaning (its GPTDataset builds the masks)
     passthrough = tuple(passthrough) + tuple(_given_data_flags(args))
     return replace(s, engine="megatron-lm", megatron_lm=checkout, passthrough=passthrough)
