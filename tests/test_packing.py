@@ -144,10 +144,11 @@ def _losses(save):
     return [json.loads(line)["loss"] for line in open(save / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", 2],
-                                    ["--tensor-model-parallel-size", 2, "--lora-target-modules", "linear_qkv",
-                                     "linear_proj", "--lora-r", 8, "--lora-alpha", 16]],
-                         ids=["tp2_full", "tp2_lora"])
+@pytest.mark.parametrize("layout", [
+    # a full fine-tune's resume is the pretraining resume's (test_pretrain); LoRA's loads its adapters
+    pytest.param(["--tensor-model-parallel-size", 2], marks=pytest.mark.full),
+    ["--tensor-model-parallel-size", 2, "--lora-target-modules", "linear_qkv", "linear_proj", "--lora-r", 8,
+     "--lora-alpha", 16]], ids=["tp2_full", "tp2_lora"])
 def test_packed_finetune_learns_and_resumes_exactly(stories_sft, tmp_path, layout):
     """Packed, dropout 0.1, TP=2: the loss falls; a run stopped at 4 (its save) and resumed
     equals the uninterrupted run bit for bit."""
