@@ -17,6 +17,7 @@ from pathlib import Path
 from tests.helpers.launch import ROOT
 
 PACKAGES = ("ascend_patches", "recipes", "converters")
+PROJECT = (*PACKAGES, "bench")
 SHARED = {"recipes.errors", "recipes.progress"}
 COMMANDS = {"recipes.pretrain", "recipes.generate", "recipes.evaluate", "recipes.preprocess_data",
             "recipes.compare_loss", "recipes.demo"}
@@ -163,3 +164,65 @@ def test_inference_takes_typed_settings_not_the_namespace():
         for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
             if fn.name not in ("main", "build_parser", "add_checkpoint_flags"):
                 assert "args" not in [a.arg for a in fn.args.args], f"recipes.infer.{module}.{fn.name} takes args"
+
+
+def _package(module: str, sources: dict) -> str:
+    return module if sources.get(module, ("", False))[1] else module.rpartition(".")[0]
+
+
+def private_crossings(sources: dict) -> list:
+    """``{module: (source, is_package)}`` -> each use of a private name (``_x``, not dunder) of a
+    project module by a module of another package: ``from m import _x`` or ``m._x`` read or set
+    through an imported module."""
+    def private(dotted: str) -> bool:
+        return any(part.startswith("_") and not part.startswith("__") for part in dotted.split("."))
+
+    out = []
+    for name, (text, _) in sources.items():
+        here = _package(name, sources)
+        modules = {}  # local name -> the project module it is bound to
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] in PROJECT:
+                        modules[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                        if private(a.name) and _package(a.name, sources) != here:
+                            out.append(f"{name}: import {a.name}")
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level \
+                    and node.module.split(".")[0] in PROJECT:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    if full in sources:
+                        modules[a.asname or a.name] = full
+                    if private(full) and _package(node.module, sources) != here:
+                        out.append(f"{name}: from {node.module} import {a.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                    and private(node.attr) and _package(modules[node.value.id], sources) != here:
+                out.append(f"{name}: {node.value.id}.{node.attr}")
+    return sorted(set(out))
+
+
+def test_no_private_name_crosses_a_package():
+    """What one package needs of another is public (ascend_patches.configure, keep_freed_memory,
+    gradient_accumulation_fusion_available): the recipes, converters and benches never reach
+    into a private name, so the patch layer can change its insides."""
+    sources = {_module_name(p): (p.read_text(), p.name == "__init__.py")
+               for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py")}
+    assert "recipes.train.trainer" in sources
+    assert private_crossings(sources) == []
+
+
+def test_the_private_name_check_finds_one():
+    sources = {"ascend_patches": ("_state = 1", True),
+               "ascend_patches.device": ("def _heap(): pass", False),
+               "ascend_patches.registry": ("from ascend_patches.device import _heap", False),
+               "ascend_patches._config": ("", False),
+               "bench": ("", True),
+               "bench.b": ("import ascend_patches\nascend_patches._state = 2\n"
+                           "from ascend_patches.device import _heap\nfrom ascend_patches import device as d\nd._heap()\n"
+                           "from ascend_patches import _config\nimport ascend_patches._config", False)}
+    assert private_crossings(sources) == [
+        "bench.b: ascend_patches._state", "bench.b: d._heap", "bench.b: from ascend_patches import _config",
+        "bench.b: from ascend_patches.device import _heap", "bench.b: import ascend_patches._config"]
