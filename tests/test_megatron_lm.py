@@ -81,7 +81,7 @@ def test_pretrain_gpt_trains(trained, layout):
     assert log.count(RNG_WARNING) == 0
 
 
-@pytest.mark.full  # default CI runs core_v0.19.0's at TP=2 and DP=2 (the Python 3.12 job)
+@pytest.mark.full  # default CI runs core_v0.19.0's at DP=2 (the Python 3.12 job)
 @pytest.mark.parametrize("layout", ["dp2_distopt", "tp2_distopt"])
 def test_distributed_optimizer_resume_equals_uninterrupted(checkout, alpaca, trained, tmp_path, layout):
     """--use-distributed-optimizer without Apex or TE, dropout 0.1: stopped by --exit-interval 5 and
