@@ -130,3 +130,27 @@ def test_npu_in_saturation_mode_refuses_fp16_loss_scaling(deepspeed_on_cpu, npu_
     finally:
         npu_emulated.npu.utils.INF_NAN = True
     assert "deepspeed" in sys.modules
+
+
+def test_file_gradient_accumulation_sets_the_global_batch_or_a_contradicting_flag_is_refused(tmp_path):
+    """DeepSpeed's rule, train_batch_size = micro x gradient_accumulation_steps x DP: the file's
+    accumulation is the run's (it was overwritten by the recipe's default global batch of 8,
+    silently running 4 steps of accumulation instead of 16), and a --global-batch-size or a
+    train_batch_size that disagrees is refused naming both values."""
+    from recipes.train.deepspeed_engine import ds_config
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 16}
+    s = _resolve(tmp_path, cfg)  # world 2, TP 1: DP 2
+    assert (s.batches.micro, s.batches.global_batch, s.batches.num_microbatches) == (1, 32, 16)
+    final = ds_config(s)
+    assert (final["gradient_accumulation_steps"], final["train_batch_size"]) == (16, 32)
+    assert _resolve(tmp_path, cfg, "--global-batch-size", 32).batches.global_batch == 32  # agrees: fine
+    with pytest.raises(BadInput, match=r"--global-batch-size 8 contradicts gradient_accumulation_steps = 16 in "
+                                       r".*ds\.json \(x micro-batch 1 x data-parallel size 2 = a global batch of 32\)"):
+        _resolve(tmp_path, cfg, "--global-batch-size", 8)
+    with pytest.raises(BadInput, match=r"train_batch_size = 8 but train_micro_batch_size_per_gpu 1 x "
+                                       r"gradient_accumulation_steps = 16 x data-parallel size 2 = 32"):
+        _resolve(tmp_path, {**cfg, "train_batch_size": 8})
+    # the other direction: the flags set what the file leaves open, and the file's train_batch_size is used
+    assert _resolve(tmp_path, {"train_micro_batch_size_per_gpu": 2}, "--global-batch-size", 12).batches.num_microbatches == 3
+    assert _resolve(tmp_path, {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2}).batches.num_microbatches == 4

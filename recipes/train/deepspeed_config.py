@@ -57,6 +57,29 @@ def check_config(cfg: dict, path: str) -> None:
                        "block and give those flags")
 
 
+def global_batch(cfg: dict, path: str, micro: int, dp: int, global_batch_size: int, flag_given: bool) -> int:
+    """The global batch under the file's ``gradient_accumulation_steps``: DeepSpeed's rule,
+    train_batch_size = micro x accumulation x data-parallel size.  A ``--global-batch-size``
+    (or the file's ``train_batch_size``) that disagrees is an error naming both values; without
+    the key, the flags' (or the recipe's) global batch stands."""
+    steps = cfg.get("gradient_accumulation_steps")
+    if steps in (None, "auto"):
+        return global_batch_size
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise BadInput(f"--deepspeed_config {path}: gradient_accumulation_steps = {steps!r}: expected a positive integer")
+    implied = micro * steps * dp
+    stated = cfg.get("train_batch_size")
+    if stated not in (None, "auto") and stated != implied:
+        raise BadInput(f"--deepspeed_config {path}: train_batch_size = {stated} but train_micro_batch_size_per_gpu "
+                       f"{micro} x gradient_accumulation_steps = {steps} x data-parallel size {dp} = {implied}; "
+                       "make them agree")
+    if flag_given and global_batch_size != implied:
+        raise BadInput(f"--global-batch-size {global_batch_size} contradicts gradient_accumulation_steps = {steps} in "
+                       f"{path} (x micro-batch {micro} x data-parallel size {dp} = a global batch of {implied}); "
+                       "drop the flag or change the file")
+    return implied
+
+
 def check_flags_against_config(args, cfg: dict, path: str) -> dict:
     """The config's values for flags not given; an error for a given flag that disagrees."""
     stated = flags_from_config(cfg)

@@ -315,7 +315,7 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     from recipes.data.tokenizer import kind as tokenizer_kind, load_tokenizer
 
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config = None
+    ds_config, global_given = None, args.global_batch_size is not None
     if args.deepspeed:
         from recipes.train import deepspeed_config
 
@@ -349,6 +349,9 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
     per_stage = args.num_layers_per_virtual_pipeline_stage
     vpp = shape.num_layers // pp // per_stage if per_stage else None
     micro, global_batch = d["micro_batch_size"], d["global_batch_size"]
+    if ds_config is not None:  # the file's gradient_accumulation_steps sets the global batch, or must agree with it
+        global_batch = deepspeed_config.global_batch(ds_config, args.deepspeed_config, micro, dp, global_batch,
+                                                     global_given)
     if global_batch % (micro * dp):
         raise BadInput(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size {micro} x "
                          f"data-parallel size {dp}")
