@@ -98,6 +98,51 @@ def test_a_document_mask_or_a_kv_cache_is_refused_under_context_parallelism(sing
     assert not causal[0, 0, 4:, :12].any() and causal[0, 0, 4:, 12:].equal(torch.ones(4, 4, dtype=torch.bool).triu(1))
 
 
+def _count_host_syncs(monkeypatch) -> dict:
+    """Count the calls that bring a tensor's value to the host (on an accelerator, each waits for
+    the device): bool(t), t.item(), t.tolist(), int(t), float(t)."""
+    counts = {"n": 0}
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, **k):
+            counts["n"] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counts
+
+
+def test_the_mask_is_checked_once_per_batch_not_per_layer(single_process_group, monkeypatch):
+    """Megatron-LM's data path hands every layer the same causal mask: a forward of a 4-layer
+    block at CP=2 compares it with the rank's causal rows once (one host sync), as a 1-layer block
+    does, and a new batch's mask is checked again (a document mask in it is still refused).  Before,
+    each layer built an [s_local, s] mask and synced: 4 syncs for 4 layers.  A one-process stand-in
+    for the CP group (the ring itself replaced: it syncs nothing and is checked above)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from ascend_patches.ops import context_parallel
+
+    monkeypatch.setattr(context_parallel, "_group", lambda module: (None, [0, 1]))
+    monkeypatch.setattr(context_parallel.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(context_parallel, "ring_attention",
+                        lambda q, k, v, scale, group, ranks: q.reshape(q.shape[0], q.shape[1], -1))
+    s = 8
+    syncs = {}
+    for layers in (1, 4):
+        block = TransformerBlock(_config(num_layers=layers), get_gpt_layer_local_spec())
+        for batch in range(2):
+            mask = context_parallel.causal_mask_for_rank(s, 2, 0).view(1, 1, s, 2 * s)
+            counts = _count_host_syncs(monkeypatch)
+            block(torch.randn(s, 1, 64), mask)
+            syncs[layers, batch] = counts["n"]
+    assert syncs == {(1, 0): 1, (1, 1): 1, (4, 0): 1, (4, 1): 1}, syncs
+    document = context_parallel.causal_mask_for_rank(s, 2, 0).view(1, 1, s, 2 * s).clone()
+    document[..., 5:, :2] = True
+    with pytest.raises(ValueError, match="other than the causal one"):
+        block(torch.randn(s, 1, 64), document)
+
+
 # ---- recipes.pretrain --context-parallel-size ----------------------------------------------
 
 def _settings(*flags, world=2):
@@ -156,7 +201,8 @@ def recipe_runs(alpaca_pretrain_data, tmp_path_factory):
     layouts = {"cp1": ([], 2), "cp2": (["--context-parallel-size", 2], 2),
                "cp2_ulysses": (["--context-parallel-size", 2, "--context-parallel-algo", "ulysses_cp_algo"], 2),
                "tp2": (["--tensor-model-parallel-size", 2], 2),
-               "tp2_cp2": (["--tensor-model-parallel-size", 2, "--context-parallel-size", 2], 4)}
+               "tp2_cp2": (["--tensor-model-parallel-size", 2, "--context-parallel-size", 2], 4),
+               "cp1_eod": (["--eod-mask-loss"], 2), "cp2_eod": (["--eod-mask-loss", "--context-parallel-size", 2], 2)}
     runs = {}
 
     def get(layout):
@@ -181,14 +227,19 @@ def _mismatches(got, want, rtol=1e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,reference", [("cp2", "cp1"), ("cp2_ulysses", "cp1"), ("tp2_cp2", "tp2")])
+@pytest.mark.parametrize("layout,reference", [("cp2", "cp1"), ("cp2_ulysses", "cp1"), ("tp2_cp2", "tp2"),
+                                              ("cp2_eod", "cp1_eod")])
 def test_recipe_context_parallel_equals_cp1(recipe_runs, layout, reference):
     """The same global batches at CP=2 (DP=1; ring and Ulysses) and CP=1 (DP=2), and TP2 x CP2
     (4 ranks) against TP=2: every loss and gradient norm within 1e-5 relative, fp32 (measured ~1e-7: the order of
-    sums).  The reported loss is the whole sequence's (gathered over the CP group)."""
+    sums).  The reported loss is the whole sequence's (gathered over the CP group).  With
+    --eod-mask-loss (it was refused under CP as if it packed batches) megatron's split cuts the
+    loss mask with the tokens: CP=2 again equals CP=1, and the masked loss differs from the plain one."""
     ref = recipe_runs(reference)
     assert ref[20][0] < ref[1][0] - 1.0, ref
     assert _mismatches(recipe_runs(layout), ref) == []
+    if layout == "cp2_eod":
+        assert ref[1][0] != recipe_runs("cp1")[1][0]  # the EOD positions really left the loss
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -308,6 +309,26 @@ def causal_mask_for_rank(s_local: int, cp_size: int, cp_rank: int, device=None) 
     return (keys.unsqueeze(0) > pos.unsqueeze(1)).to(device)
 
 
+class _CheckedMask:
+    """The last attention mask found causal for this rank: every layer of one forward is handed
+    the same mask tensor, so it is built and compared (a host sync) once per batch, not once per
+    layer.  Held weakly, and keyed by the tensor's version counter, so a mask written in place
+    or a new batch's mask is checked again."""
+
+    ref, key = None, None
+
+
+def _causal_for_rank(mask: torch.Tensor, s_local: int, cp_size: int, cp_rank: int) -> bool:
+    key = (mask._version, tuple(mask.shape), s_local, cp_size, cp_rank)
+    if _CheckedMask.ref is not None and _CheckedMask.ref() is mask and _CheckedMask.key == key:
+        return True
+    want = causal_mask_for_rank(s_local, cp_size, cp_rank, mask.device)
+    if mask.shape[-2:] != want.shape or not bool((mask.bool() == want).all()):
+        return False
+    _CheckedMask.ref, _CheckedMask.key = weakref.ref(mask), key
+    return True
+
+
 def refusal(config, cp_comm_type: Optional[str], attention_dropout: float) -> Optional[str]:
     """Why this attention cannot run under the config's context parallelism, or None."""
     problems = []
@@ -377,11 +398,9 @@ def forward(module, query, key, value, attention_mask, mask_type, scale: float, 
     if key.shape[0] != s:
         problems.append(f"{key.shape[0]} keys for {s} queries (self-attention over this rank's chunks only; "
                         "no KV cache)")
-    if attention_mask is not None:
-        want = causal_mask_for_rank(s, len(ranks), dist.get_rank(group), attention_mask.device)
-        if attention_mask.shape[-2:] != want.shape or not bool((attention_mask.bool() == want).all()):
-            problems.append(f"an attention mask {tuple(attention_mask.shape)} other than the causal one (document "
-                            "masks under context parallelism are not built)")
+    if attention_mask is not None and not _causal_for_rank(attention_mask, s, len(ranks), dist.get_rank(group)):
+        problems.append(f"an attention mask {tuple(attention_mask.shape)} other than the causal one (document "
+                        "masks under context parallelism are not built)")
     if problems:
         raise ValueError("ascend_patches context-parallel attention cannot serve this batch: " + "; ".join(problems))
     if getattr(module, "cp_comm_type", RING) == ULYSSES:
