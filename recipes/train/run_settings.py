@@ -391,7 +391,8 @@ def _context_parallel(args, world: int, tp: int, pp: int, seq_length: int, shape
     if seq_length % (2 * cp):
         raise BadInput(f"--seq-length {seq_length} is not a multiple of 2 x --context-parallel-size {cp}: each "
                        "sequence is split into 2 x CP equal chunks")
-    packing = _given_data_flags(args)
+    # --eod-mask-loss only zeroes the loss after EOD: megatron's split cuts loss_mask with the tokens
+    packing = [f for f in _given_data_flags(args) if f != "--eod-mask-loss"]
     if packing and not (args.megatron_lm or os.environ.get("MEGATRON_LM_PATH")):
         raise BadInput(f"{', '.join(packing)} with --context-parallel-size {cp}: packed or variable-length "
                        "batches under context parallelism are not built; use one or the other")
