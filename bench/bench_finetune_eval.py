@@ -126,7 +126,7 @@ def bench_lora(tmp: Path, rounds: int, iters: int, wide: bool):
             if proc.returncode:
                 raise SystemExit(f"{name} run failed:\n{proc.stderr[-3000:]}")
             recs = [json.loads(l) for l in open(metrics)][2:]  # skip warm-up steps
-            times[name].append(statistics.median(8 * 256 / rec["tokens_per_s_per_device"] for rec in recs))
+            times[name].append(statistics.median(rec["step_time_s"] for rec in recs))
     a, b = statistics.median(times["lora"]), statistics.median(times["full"])
     shape = "4 layers x 1024 hidden (random)" if wide else "stories260K"
     print(f"{shape}, batch 8 x 256 tokens, fp32, 1 process: step time LoRA (r=8, all linears) {a * 1e3:.1f} ms, "

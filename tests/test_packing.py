@@ -284,3 +284,46 @@ def test_pretraining_document_masking_splits_at_eod(single_process_group, tmp_pa
     assert set(e + 1 for e in eods if e + 1 < 256) <= set(cu)  # a sequence starts after every EOD
     assert {128} <= set(cu)  # and at the second row
     assert (batch["loss_mask"][0][tokens == tok.eos_id] == 0).all()
+
+
+def test_throughput_counts_real_tokens_and_the_sequences_attended(stories_sft, fixtures_dir, tmp_path):
+    """One step of 2 micro-batches of 2 at seq 256, padded, --variable-seq-lengths and packed: the
+    logged tokens are the real ones of the samples drawn (each sample's input positions, from
+    the index), and the FLOPs are 6 N per position the model ran plus 12 L d_head n_heads per
+    (query, key) pair of each sequence as attended (a padded row whole, a trimmed row to its
+    micro-batch's longest sample, each packed sample and a packed row's tail padding on their
+    own).  The arithmetic is written out here from the data; before, every step counted
+    4 x 256 tokens and 4 x 256^2 pairs whatever ran.  tokens/s and TFLOP/s are those over the
+    step's time (1 device)."""
+    from recipes.train import pretrain
+
+    seq, seed, split = 256, 1234, pretrain.build_parser().get_default("split")
+    train = datasets.split_instruction_dataset(str(stories_sft / "sft"), seq, 2, split, seed)[0]
+    lengths = train.positions()
+    drawn = np.random.RandomState(seed).permutation(len(train))[:4]  # epoch 0 of the instruction order
+    micro = [lengths[drawn[:2]], lengths[drawn[2:]]]
+    packed = datasets.PackedInstructionDataset(train)
+    rows = [packed.rows[i] for i in np.random.RandomState(seed).permutation(len(packed))[:4]]
+    row_seqs = [list(lengths[r]) + ([seq - lengths[r].sum()] if lengths[r].sum() < seq else []) for r in rows]
+    expect = {  # (real tokens, positions run, (query, key) pairs attended)
+        "padded": (sum(lengths[drawn]), 4 * seq, 4 * seq ** 2),
+        "variable": (sum(lengths[drawn]), sum(2 * m.max() for m in micro), sum(2 * m.max() ** 2 for m in micro)),
+        "packed": (sum(lengths[r].sum() for r in rows), 4 * seq, sum(n * n for s in row_seqs for n in s)),
+    }
+    cfg = json.loads((fixtures_dir / "stories260K" / "config.json").read_text())
+    h, f, L, heads, kv = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads"))
+    d = h // heads
+    dense = L * (h * (h + 2 * kv * d) + h * h + 3 * h * f) + h * cfg["vocab_size"]  # the output layer, not the lookup
+    for name, extra in (("padded", []), ("variable", ["--variable-seq-lengths"]), ("packed", ["--reset-position-ids"])):
+        save = tmp_path / name
+        run_torchrun("recipes.pretrain", "--load", stories_sft / "base", "--data-path", stories_sft / "sft",
+                     "--is-instruction-dataset", "--train-iters", 1, "--seq-length", seq, "--micro-batch-size", 2,
+                     "--global-batch-size", 4, "--lr", "1e-3", "--seed", seed, "--save", save, *extra, nproc=1)
+        rec = json.loads(open(save / "metrics.jsonl").readline())
+        tokens, positions, pairs = (int(x) for x in expect[name])
+        assert rec["tokens"] == tokens, (name, rec["tokens"], tokens)
+        assert rec["flops"] == pytest.approx(6 * dense * positions + 12 * L * d * heads * pairs, rel=1e-12), name
+        assert rec["tokens_per_s_per_device"] == pytest.approx(tokens / rec["step_time_s"], rel=1e-9)
+        assert rec["tflops_per_device"] == pytest.approx(rec["flops"] / rec["step_time_s"] / 1e12, rel=1e-9)
+    assert expect["variable"][1] < expect["padded"][1] and expect["packed"][2] < expect["padded"][2]

@@ -166,8 +166,9 @@ class DeepSpeedEngine(Trainer):
         if r.loads_weights and not self.loaded_weights:
             self.progress = load(self.engine, r, self.scheduler)
         self.dp_rank, self.dp_size = self._dp()
-        self.data, self.valid = training.build_data(self.s, self.dp_rank, self.dp_size,
-                                                    self.progress["consumed_samples"], 1)
+        data, self.valid = training.build_data(self.s, self.dp_rank, self.dp_size,
+                                               self.progress["consumed_samples"], 1)
+        self.data = self._counted(data)
 
     def _dp(self):
         if self.pipeline:
@@ -198,8 +199,8 @@ class DeepSpeedEngine(Trainer):
                                      "checkpoint is untouched")
         self.scheduler.step(increment=s.batches.global_batch)
         self.progress = {"iteration": it, "consumed_samples": self.progress["consumed_samples"] + s.batches.global_batch}
-        m = self.meter.step(s.batches.global_batch * s.batches.seq_length)
         group = self.engine.grid.get_data_parallel_group() if self.pipeline else mpu.get_data_parallel_group()
+        m = self.meter.step(self._step_work(group))
         if loss is not None:
             loss = dp_mean(loss, group)
         grad_norm = self.engine.get_global_grad_norm()

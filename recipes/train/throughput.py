@@ -13,6 +13,7 @@ start of the run ("CPU-MFU").
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +47,83 @@ def dense_params(s, vocab_size: int) -> int:
 
 
 def train_flops_per_token(s, seq_length: int, vocab_size: int) -> float:
-    return 6.0 * dense_params(s, vocab_size) + 12.0 * s.num_layers * s.kv_channels * s.num_attention_heads * seq_length
+    """Per token of full rows of ``seq_length``, each attended whole (``Work.flops`` per token)."""
+    return 6.0 * dense_params(s, vocab_size) + attention_flops_coefficient(s) * seq_length
+
+
+def attention_flops_coefficient(s) -> float:
+    """Training attention FLOPs per (query, key) pair over the layers: QK^T and AV, forward and
+    backward (x 3), 2 FLOPs per multiply-add: 12 x L x d_head x n_heads."""
+    return 12.0 * s.num_layers * s.kv_channels * s.num_attention_heads
+
+
+@dataclass
+class Work:
+    """What one or more micro-batches cost: ``tokens``, the real ones (a sample's or a document's,
+    never padding); ``positions``, every position the model ran (a padded or trimmed row's
+    length, a packed row's, its tail padding included); ``attention``, the (query, key) pairs
+    attended, the sum of s^2 over each sequence as the model attended it (a padded or trimmed
+    row whole, each packed sequence on its own, a packed row's tail padding being one)."""
+
+    tokens: int = 0
+    positions: int = 0
+    attention: int = 0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.tokens + other.tokens, self.positions + other.positions, self.attention + other.attention)
+
+    def flops(self, shape, vocab_size: int) -> float:
+        """Training FLOPs of this work: the matrices over every position run, attention over the
+        pairs attended (docs/llama2.md's convention, per sequence)."""
+        return 6.0 * dense_params(shape, vocab_size) * self.positions + attention_flops_coefficient(shape) * self.attention
+
+
+def batch_work(batch: dict, instruction: bool) -> Work:
+    """The work of one micro-batch as the model receives it (before a context-parallel split).
+    Instruction samples are right-padded and their loss runs to their last token, so a row's
+    real tokens end at its last loss-bearing position, and a packed row's padding is the one
+    sequence without loss; pretraining rows (GPTDataset) hold no padding."""
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"].long()
+        lengths = cu[1:] - cu[:-1]
+        real = lengths
+        if instruction:
+            has_loss = torch.stack([mask.view(-1)[a:b].any() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+            real = lengths[has_loss]
+        return Work(int(real.sum()), tokens.numel(), int((lengths * lengths).sum()))
+    rows, length = tokens.shape
+    if instruction:
+        bearing = mask.reshape(rows, length) > 0
+        ends = torch.where(bearing.any(1), length - bearing.flip(1).float().argmax(1), torch.zeros(rows, dtype=torch.long))
+        real = int(ends.sum())
+    else:
+        real = tokens.numel()
+    return Work(real, tokens.numel(), rows * length * length)
+
+
+class WorkCounter:
+    """Counts the work of the micro-batches drawn from a data iterator, for the step's metrics."""
+
+    def __init__(self, instruction: bool):
+        self.instruction, self.work = instruction, Work()
+
+    def wrap(self, data):
+        """The iterator (or, with virtual pipeline stages, the first of the per-chunk iterators,
+        which all draw the same batches) counted as it is drawn."""
+        if isinstance(data, list):
+            return [self.wrap(data[0])] + data[1:]
+
+        def counted():
+            for batch in data:
+                self.work = self.work + batch_work(batch, self.instruction)
+                yield batch
+        return counted()
+
+    def take(self) -> Work:
+        """The work drawn since the last call."""
+        work, self.work = self.work, Work()
+        return work
 
 
 def measured_gemm_tflops(dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
@@ -93,22 +170,25 @@ def peak_tflops(backend: str, dtype=torch.bfloat16, override: float = None) -> t
 
 
 class Meter:
-    """Per-step tokens/s per device, TFLOP/s per device and MFU."""
+    """Per-step tokens/s per device (real tokens), TFLOP/s per device and MFU (the FLOPs of the
+    work computed: ``Work.flops``)."""
 
-    def __init__(self, flops_per_token: float, peak: float, devices: int):
-        self.flops_per_token, self.peak, self.devices = flops_per_token, peak, devices
+    def __init__(self, shape, vocab_size: int, peak: float, devices: int):
+        self.shape, self.vocab_size, self.peak, self.devices = shape, vocab_size, peak, devices
         self.t = time.perf_counter()
 
     def reset(self):
         """Start the next step's clock now (after a save or an evaluation)."""
         self.t = time.perf_counter()
 
-    def step(self, tokens: int) -> dict:
+    def step(self, work: Work) -> dict:
+        """``work``: the whole step's, every data-parallel rank's summed."""
         now = time.perf_counter()
         dt, self.t = now - self.t, now
-        tps = tokens / dt / self.devices
-        tflops = tps * self.flops_per_token / 1e12
-        out = {"step_time_s": dt, "tokens_per_s_per_device": tps, "tflops_per_device": tflops,
+        flops = work.flops(self.shape, self.vocab_size)
+        tflops = flops / dt / self.devices / 1e12
+        out = {"step_time_s": dt, "tokens": work.tokens, "flops": flops,
+               "tokens_per_s_per_device": work.tokens / dt / self.devices, "tflops_per_device": tflops,
                "mfu": tflops / self.peak if self.peak else None}
         out.update(device_memory())
         return out

@@ -78,10 +78,14 @@ def _duration(seconds: float) -> str:
     return (f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{rem}s")
 
 
-def dp_mean(value, group) -> float:
-    t = torch.tensor([0.0 if value is None else value], dtype=torch.float64)
+def dp_sum(values, group) -> list:
+    t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, group=group)
-    return t.item() / dist.get_world_size(group)
+    return t.tolist()
+
+
+def dp_mean(value, group) -> float:
+    return dp_sum([0.0 if value is None else value], group)[0] / dist.get_world_size(group)
 
 
 class Trainer:
@@ -146,8 +150,19 @@ class Trainer:
 
         self.progress = self.weights.load(self.models, self.optimizer, self.scheduler)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.data, self.valid = training.build_data(self.s, self.dp_rank, self.dp_size,
-                                                    self.progress["consumed_samples"], len(self.models))
+        data, self.valid = training.build_data(self.s, self.dp_rank, self.dp_size,
+                                               self.progress["consumed_samples"], len(self.models))
+        self.data = self._counted(data)
+
+    def _counted(self, data):
+        """The training batches, their work (real tokens, positions, attention) counted as drawn."""
+        self.work = throughput.WorkCounter(self.s.data.instruction)
+        return self.work.wrap(data)
+
+    def _step_work(self, group) -> "throughput.Work":
+        """This step's work over the data-parallel ranks (each counted its own micro-batches)."""
+        w = self.work.take()
+        return throughput.Work(*(int(x) for x in dp_sum([w.tokens, w.positions, w.attention], group)))
 
     # -- the loop ----------------------------------------------------------------------
     def train(self) -> None:
@@ -155,8 +170,7 @@ class Trainer:
         self.rank, self.last_rank = dist.get_rank(), dist.get_world_size() - 1
         self._announce()
         peak, self.peak_src = throughput.peak_tflops(ascend_patches.settings().backend, s.dtype, s.logging.peak_tflops)
-        self.meter = throughput.Meter(throughput.train_flops_per_token(s.shape, s.batches.seq_length, s.padded_vocab),
-                                      peak, dist.get_world_size())
+        self.meter = throughput.Meter(s.shape, s.padded_vocab, peak, dist.get_world_size())
         self.started, self.first_iteration, self.records = time.perf_counter(), self.progress["iteration"], []
         with MetricsLog(s.logging.metrics_file, self.rank == self.last_rank, start=self.first_iteration) as log:
             while self.progress["iteration"] < s.stop_at:
@@ -184,7 +198,7 @@ class Trainer:
             raise FloatingPointError(f"iteration {it}: {e}; the last checkpoint is untouched") from None
         self.scheduler.step(increment=s.batches.global_batch)
         self.progress = {"iteration": it, "consumed_samples": self.progress["consumed_samples"] + s.batches.global_batch}
-        m = self.meter.step(s.batches.global_batch * s.batches.seq_length)
+        m = self.meter.step(self._step_work(ps.get_data_parallel_group()))
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             loss = dp_mean(loss, ps.get_data_parallel_group())
         return {"iteration": it, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
