@@ -51,6 +51,9 @@ def test_tp2_learns_and_logs_throughput(tp2_run):
     assert checkpointing.latest_iteration(save) == 20
     saved_args = checkpointing.load_args(save)
     assert saved_args["shape"]["num_layers"] == 2 and saved_args["tensor_model_parallel_size"] == 2
+    # what a resume must not change (tests/test_resume_data.py)
+    assert {k: saved_args["data"][k] for k in ("seed", "seq_length", "split")} == {"seed": 1234, "seq_length": 64,
+                                                                                 "split": "949,50,1"}
 
 
 @pytest.mark.parametrize("layout", [

@@ -141,6 +141,10 @@ def _checkpoint_flags(p):
                             "from scratch, as in Megatron-LM", "resumed (adapters, optimizer, data)")
     g.add_argument("--save", default=None, help="where checkpoints go (iter_XXXXXXX/, written atomically)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    g.add_argument("--accept-data-change", action="store_true",
+                   help="continue a checkpoint with another --data-path, --split, --seed, --seq-length or packing "
+                        "flag than it was written with (refused without it: its consumed samples would mean other "
+                        "batches); the change is logged")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, iteration, data")
     g.add_argument("--overwrite", action="store_true",
                    help="let a run that does not continue the --save folder's checkpoint write into it anyway "

@@ -175,7 +175,16 @@ class RunSettings:
                 "padded_vocab_size": self.padded_vocab, "vocab_size": self.vocab_size,
                 "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
                 "tensor_model_parallel_size": self.layout.tp, "pipeline_model_parallel_size": self.layout.pp,
-                "bf16": self.bf16, "fp16": self.fp16}
+                "bf16": self.bf16, "fp16": self.fp16, "data": self.data_record()}
+
+    def data_record(self) -> dict:
+        """What decides the batches a step draws, and so what a checkpoint's consumed_samples
+        means: a full resume with another value would train on other samples or rows."""
+        d = self.data
+        return {"data_path": [p if _is_number(p) else os.path.abspath(p) for p in d.paths], "split": d.split,
+                "seed": self.seed, "seq_length": self.batches.seq_length, "is_instruction_dataset": d.instruction,
+                "reset_position_ids": d.packed, "variable_seq_lengths": d.variable_seq_lengths,
+                "eod_mask_loss": d.eod_mask_loss}
 
     def describe(self) -> str:
         L, b = self.layout, self.batches
@@ -363,7 +372,50 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
                                 args.use_distributed_optimizer, cp, cp_comm_type),
                          Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
     settings = replace(_with_engine(args, settings, tuple(passthrough)), dist_backend=dist_backend)
-    return _with_deepspeed(args, settings, ds_config) if ds_config is not None else settings
+    settings = _with_deepspeed(args, settings, ds_config) if ds_config is not None else settings
+    return _check_data_unchanged(args, settings)
+
+
+DATA_FLAGS = {"data_path": "--data-path", "split": "--split", "seed": "--seed", "seq_length": "--seq-length",
+              "is_instruction_dataset": "--is-instruction-dataset", "reset_position_ids": "--reset-position-ids",
+              "variable_seq_lengths": "--variable-seq-lengths", "eod_mask_loss": "--eod-mask-loss"}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_data_unchanged(args, s: RunSettings) -> RunSettings:
+    """A run that continues a checkpoint (a full resume, or --lora-load) draws the batches after
+    its consumed_samples: with another data path, split, seed, sequence length or packing those
+    are other samples or rows, so a change is refused naming the flag and both values, unless
+    --accept-data-change, which says what changed.  Checkpoints written before args.json
+    recorded the data (and Megatron-LM's, whose engine reads the data itself) are not checked."""
+    path = s.lora.load if s.lora is not None and s.lora.load else s.resume.path if s.resume.kind == "full" else None
+    if path is None or s.engine == "megatron-lm" or checkpointing.latest_iteration(path) is None:
+        return s
+    saved = checkpointing.load_args(path).get("data") or {}
+    now = s.data_record()
+    changed = [f"{DATA_FLAGS[k]} {_shown(now[k])} (the checkpoint's: {_shown(saved[k])})"
+               for k in DATA_FLAGS if k in saved and saved[k] != now[k]]
+    if not changed:
+        return s
+    if not getattr(args, "accept_data_change", False):
+        raise BadInput(f"continuing {path}: {'; '.join(changed)}: its consumed samples would mean other batches; "
+                       "give the checkpoint's values, or --accept-data-change to continue on the new data")
+    note = (f"--accept-data-change: continuing {path} with {'; '.join(changed)}; its consumed samples now count "
+            "batches of the new data")
+    return replace(s, resume=replace(s.resume, note="; ".join(n for n in (s.resume.note, note) if n)))
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 CP_ALGOS = {"megatron_cp_algo": "p2p", "ulysses_cp_algo": "a2a"}  # MindSpeed's names -> megatron's cp_comm_type
