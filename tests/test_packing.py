@@ -232,10 +232,6 @@ def test_packing_flags_have_their_meaning_or_are_refused_in_one_line(tmp_path):
     ]:
         with pytest.raises(BadInput, match=match):
             _settings(*flags, world=2)
-    from recipes.data import preprocess_data
-
-    with pytest.raises(BadInput, match=r"--pack: samples are packed when the data loads"):
-        preprocess_data.main(["--input", "x.json", "--output-prefix", str(tmp_path / "p"), "--pack"])
     cfg = tmp_path / "ds.json"
     cfg.write_text("{}")
     with pytest.raises(BadInput, match=r"--reset-position-ids with DeepSpeed's pipeline: not built there"):
@@ -327,3 +323,45 @@ def test_throughput_counts_real_tokens_and_the_sequences_attended(stories_sft, f
         assert rec["tokens_per_s_per_device"] == pytest.approx(tokens / rec["step_time_s"], rel=1e-9)
         assert rec["tflops_per_device"] == pytest.approx(rec["flops"] / rec["step_time_s"] / 1e12, rel=1e-9)
     assert expect["variable"][1] < expect["padded"][1] and expect["packed"][2] < expect["padded"][2]
+
+
+def test_mindspeed_two_step_pack_route_gives_the_load_time_packing_losses(stories_sft, fixtures_dir, tmp_path):
+    """MindSpeed-LLM's two steps: preprocess_data --pack --seq-length 256, then train with
+    --reset-position-ids.  The dataset records the packing and trains packed: its losses equal
+    today's route (plain preprocessing, packed when the data loads) exactly, as they must, being
+    the same rows.  Without --reset-position-ids it still trains packed and says so in one
+    line; another --seq-length, --variable-seq-lengths, a pretraining handler or a missing
+    --seq-length are refused in one line; preprocessing again without --pack unpacks it."""
+    from recipes.data import preprocess_data
+    from recipes.errors import BadInput
+
+    seq = 256
+    prep = ["--input", str(fixtures_dir / "alpaca" / "alpaca_data_sample.json"), "--tokenizer-name-or-path",
+            str(fixtures_dir / "stories260K"), "--handler-name", "GeneralInstructionHandler", "--seq-length", str(seq)]
+    prefix = tmp_path / "packed"
+    out = preprocess_data.main([*prep, "--output-prefix", str(prefix), "--pack"])
+    assert datasets.read_packing(str(prefix)) == {"pack": True, "seq_length": seq}
+    assert f"{prefix}_packing.json" in out["outputs"]
+    runs = {}
+    for name, data, extra in (("load_time", stories_sft / "sft", ["--reset-position-ids"]),
+                              ("two_step", prefix, ["--reset-position-ids"]), ("two_step_no_flag", prefix, [])):
+        save = tmp_path / name
+        log = run_torchrun("recipes.pretrain", "--load", stories_sft / "base", "--data-path", data,
+                           "--is-instruction-dataset", "--train-iters", 3, "--seq-length", seq, "--micro-batch-size", 2,
+                           "--global-batch-size", 4, "--lr", "1e-3", "--save", save, *extra, nproc=1)
+        runs[name] = _losses(save)
+        said = "was preprocessed with --pack --seq-length 256: its samples train packed into rows of 256"
+        assert (said in log) == (name == "two_step_no_flag"), log[-2000:]
+    assert runs["two_step"] == runs["load_time"] == runs["two_step_no_flag"] and len(runs["two_step"]) == 3
+    with pytest.raises(BadInput, match=r"preprocessed with --pack --seq-length 256; this run's --seq-length is 512"):
+        _settings("--is-instruction-dataset", "--data-path", prefix, "--seq-length", 512)
+    with pytest.raises(BadInput, match=r"its samples train packed; --variable-seq-lengths pads unpacked samples"):
+        _settings("--is-instruction-dataset", "--data-path", prefix, "--seq-length", seq, "--variable-seq-lengths")
+    with pytest.raises(BadInput, match=r"--pack packs instruction samples .* writes pretraining documents"):
+        preprocess_data.main(["--input", prep[1], "--tokenizer-name-or-path", prep[3], "--output-prefix",
+                              str(tmp_path / "p"), "--pack", "--seq-length", "64"])
+    with pytest.raises(BadInput, match=r"--pack packs samples into rows of --seq-length: give --seq-length"):
+        preprocess_data.main([*prep[:6], "--output-prefix", str(tmp_path / "p"), "--pack"])
+    preprocess_data.main([*prep, "--output-prefix", str(prefix)])
+    assert datasets.read_packing(str(prefix)) is None
+    assert not _settings("--is-instruction-dataset", "--data-path", prefix, "--seq-length", seq).data.packed

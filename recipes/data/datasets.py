@@ -148,6 +148,31 @@ class InstructionDataset(torch.utils.data.Dataset):
                 "loss_mask": torch.from_numpy(loss_mask)}
 
 
+PACKING_FILE = "{prefix}_packing.json"  # written by recipes.preprocess_data --pack
+
+
+def write_packing(prefix: str, seq_length: int, path: Optional[str] = None) -> str:
+    """Record that the instruction dataset at ``prefix`` trains packed into rows of
+    ``seq_length`` (MindSpeed-LLM's preprocess-time --pack); to ``path`` if given (a file
+    renamed into place later).  Returns the file written."""
+    import json
+
+    out = path or PACKING_FILE.format(prefix=prefix)
+    Path(out).write_text(json.dumps({"pack": True, "seq_length": seq_length}) + "\n")
+    return out
+
+
+def read_packing(prefix: str) -> Optional[dict]:
+    """{"pack": True, "seq_length": N} for a dataset preprocessed with --pack, else None."""
+    import json
+
+    path = Path(PACKING_FILE.format(prefix=prefix))
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("pack") else None
+
+
 def first_fit(lengths: Sequence[int], capacity: int) -> List[List[int]]:
     """Rows of sample indices: each sample, in the given order, goes whole into the first row
     with room for it (a new row if none has).  A pure function of the order and the lengths."""

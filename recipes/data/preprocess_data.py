@@ -4,14 +4,17 @@
         --tokenizer-name-or-path ./llama-2-7b-hf [--tokenizer-type PretrainedFromHF] \\
         --output-prefix ./dataset/alpaca --workers 4 --log-interval 1000 \\
         [--handler-name GeneralPretrainHandler|GeneralInstructionHandler|MOSSInstructionHandler] \\
-        [--append-eod] [--json-keys text] [--seq-length 4096] [--prompt-template alpaca|llama2-chat]
+        [--append-eod] [--json-keys text] [--seq-length 4096] [--prompt-template alpaca|llama2-chat] [--pack]
 
 Megatron-LM's tokenizer flags work too: ``--tokenizer-type Llama2Tokenizer|SentencePieceTokenizer|
 HuggingFaceTokenizer --tokenizer-model PATH``.
 
 Outputs ``{prefix}_{key}_document.bin/.idx`` (pretraining, one per json key) or
 ``{prefix}_packed_input_ids_document`` + ``{prefix}_packed_labels_document`` (instruction
-data; labels are -100 on prompt tokens).  Rows that yield no sample are counted, listed
+data; labels are -100 on prompt tokens).  ``--pack --seq-length N`` (MindSpeed-LLM's pack
+fine-tuning) records in ``{prefix}_packing.json`` that the samples train packed into rows of
+N: recipes.pretrain packs them when the data loads, with or without --reset-position-ids.
+Rows that yield no sample are counted, listed
 with file and row number in ``{prefix}_skipped.jsonl``, and summarised at the end.  A run
 that would write no document is refused; a file that cannot be read is named; a failed run
 leaves no partial output (``.bin.tmp``) or report behind.
@@ -25,10 +28,12 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from recipes import errors
+from recipes.data import datasets
 from recipes.data.handlers import HANDLERS, TEMPLATES, SkipRow, make_handler
 from recipes.data.indexed import IndexedWriter, token_dtype
 from recipes.data.readers import BadRow, input_files, materialize, read_rows
@@ -85,8 +90,9 @@ def build_parser():
     p.add_argument("--chunk-size", type=int, default=256, help="rows sent to a worker at a time (default 256)")
     p.add_argument("--log-interval", type=int, default=1000, help="print progress every N rows (default 1000)")
     p.add_argument("--pack", action="store_true",
-                   help="MindSpeed-LLM's preprocessing-time packing: refused here; packing happens when the data "
-                        "loads (recipes.pretrain --is-instruction-dataset --reset-position-ids)")
+                   help="MindSpeed-LLM's pack fine-tuning: the instruction dataset written trains packed into rows "
+                        "of --seq-length (recorded in {prefix}_packing.json; the rows are cut when the data loads, "
+                        "in the run's seeded order, as --reset-position-ids packs)")
     return p
 
 
@@ -94,8 +100,8 @@ class _Outputs:
     """The datasets being written (to ``.bin.tmp``) and the skipped-rows report: renamed into
     place by ``commit``, removed by ``abort`` (a failed run leaves nothing behind)."""
 
-    def __init__(self, prefix: Path, names, tokens_dtype):
-        self.prefix, self.names = prefix, names
+    def __init__(self, prefix: Path, names, tokens_dtype, packing: Optional[int] = None):
+        self.prefix, self.names, self.packing = prefix, names, packing  # packing: --pack's seq length
         self.builders = {n: IndexedWriter(self._tmp(n), np.int32 if n.endswith("labels_document") else tokens_dtype)
                          for n in names}  # labels hold -100
         self.report_path = f"{prefix}_skipped.jsonl"
@@ -116,6 +122,11 @@ class _Outputs:
         for name, builder in self.builders.items():
             builder.finalize(f"{self.prefix}_{name}.idx")
             os.replace(self._tmp(name), f"{self.prefix}_{name}.bin")
+        packing = datasets.PACKING_FILE.format(prefix=self.prefix)
+        if self.packing:
+            os.replace(datasets.write_packing(str(self.prefix), self.packing, packing + ".tmp"), packing)
+        elif os.path.exists(packing):  # the dataset rewritten without --pack: no longer packed
+            os.remove(packing)
         if any_skipped:
             os.replace(self.report_path + ".tmp", self.report_path)
         else:
@@ -171,18 +182,21 @@ def _consume(results, out: _Outputs, args, counts: Counter, skipped: Counter, t0
 
 
 def preprocess(args) -> dict:
-    if args.pack:
-        raise errors.BadInput("--pack: samples are packed when the data loads, not here; preprocess without --pack "
-                              "and train with recipes.pretrain --is-instruction-dataset --reset-position-ids")
     files = input_files(args.input)  # clear errors before any work
     tokenizer_path = _tokenizer_path(args)
     tokenizer = load_tokenizer(tokenizer_path, args.tokenizer_type)
     names = make_handler(args.handler_name, tokenizer, **_handler_kw(args)).output_names()
+    if args.pack and "packed_input_ids_document" not in names:
+        raise errors.BadInput(f"--pack packs instruction samples (MindSpeed-LLM's pack fine-tuning); "
+                              f"{args.handler_name} writes pretraining documents, which recipes.pretrain splits at EOD "
+                              "with --reset-position-ids --reset-attention-mask: drop --pack")
+    if args.pack and not args.seq_length:
+        raise errors.BadInput("--pack packs samples into rows of --seq-length: give --seq-length")
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     counts, skipped = Counter(), Counter()
     t0 = time.perf_counter()
-    out = _Outputs(prefix, names, token_dtype(tokenizer.vocab_size))
+    out = _Outputs(prefix, names, token_dtype(tokenizer.vocab_size), args.seq_length if args.pack else None)
     pool = None
     try:
         pool, results = _results(files, args, tokenizer_path)
@@ -203,7 +217,8 @@ def preprocess(args) -> dict:
             "rows_skipped": sum(skipped.values()), "skipped_by_reason": dict(skipped),
             "tokens_written": counts["tokens"], "seconds": round(dt, 3),
             "docs_per_s": round(counts["read"] / dt, 1), "tokens_per_s": round(counts["tokens"] / dt, 1),
-            "outputs": [f"{prefix}_{n}" for n in names], "skipped_rows_file": out.report_path if skipped else None}
+            "outputs": [f"{prefix}_{n}" for n in names] + (
+                [datasets.PACKING_FILE.format(prefix=prefix)] if args.pack else []), "skipped_rows_file": out.report_path if skipped else None}
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 import ascend_patches
+from recipes.data import datasets
 from recipes.model import checkpointing, flags, llama2
 from recipes.errors import BadInput, Exists, MissingInput
 
@@ -72,6 +73,7 @@ class Data:
     packed: bool = False
     variable_seq_lengths: bool = False  # instruction data, unpacked: pad to the micro-batch's longest
     eod_mask_loss: bool = False
+    note: Optional[str] = None  # said on rank 0 at the start (a dataset preprocessed with --pack)
 
 
 @dataclass(frozen=True)
@@ -525,7 +527,7 @@ def _refuse_data_flags(args, engine: str, why: str) -> None:
         raise BadInput(f"{', '.join(given)} with {engine}: not built there ({why})")
 
 
-def _data(args, layout) -> Data:
+def _data(args, layout, seq_length: int) -> Data:
     """--reset-position-ids / --reset-attention-mask / --eod-mask-loss / --variable-seq-lengths.
     With instruction data, --reset-position-ids packs samples (MindSpeed-LLM's pack fine-tuning,
     which gives that flag alone); in pretraining, documents are split at EOD, and Megatron-LM's
@@ -533,6 +535,19 @@ def _data(args, layout) -> Data:
     reset_pos, reset_mask = args.reset_position_ids, args.reset_attention_mask
     if args.megatron_lm or os.environ.get("MEGATRON_LM_PATH"):  # passed to Megatron-LM, its meaning (_with_engine)
         return Data(tuple(args.data_path), args.split, args.is_instruction_dataset, args.data_cache_path)
+    note = None
+    packing = datasets.read_packing(args.data_path[0]) if args.is_instruction_dataset and args.data_path else None
+    if packing:  # preprocessed with --pack (MindSpeed-LLM's two steps): it trains packed
+        where = f"--data-path {args.data_path[0]} was preprocessed with --pack --seq-length {packing['seq_length']}"
+        if packing["seq_length"] != seq_length:
+            raise BadInput(f"{where}; this run's --seq-length is {seq_length}: give --seq-length "
+                           f"{packing['seq_length']}, or preprocess again without --pack")
+        if args.variable_seq_lengths:
+            raise BadInput(f"{where}: its samples train packed; --variable-seq-lengths pads unpacked samples, drop it")
+        if not reset_pos:
+            note = (f"{where}: its samples train packed into rows of {seq_length}, each attending to itself "
+                    "(as --reset-position-ids gives)")
+        reset_pos = True
     if reset_mask and not reset_pos:
         raise BadInput("--reset-attention-mask without --reset-position-ids: attention within each sample or "
                        "document restarts its positions too here (RoPE per sequence); add --reset-position-ids")
@@ -550,7 +565,8 @@ def _data(args, layout) -> Data:
         raise BadInput("--eod-mask-loss masks EOD tokens of pretraining documents; instruction data's loss is "
                        "on the responses already (their EOS trains, as in MindSpeed-LLM)")
     return Data(tuple(args.data_path), args.split, args.is_instruction_dataset, args.data_cache_path,
-                packed=reset_pos, variable_seq_lengths=args.variable_seq_lengths, eod_mask_loss=args.eod_mask_loss)
+                packed=reset_pos, variable_seq_lengths=args.variable_seq_lengths, eod_mask_loss=args.eod_mask_loss,
+                note=note)
 
 
 # the optimizer flags' defaults (their flags default to None: given, or stated by a DeepSpeed config)
@@ -572,7 +588,7 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
     return RunSettings(
         model_name=size, shape=shape, vocab_size=vocab, padded_vocab=padded, dtype=dtype, layout=layout,
         batches=batches, optim=optim,
-        data=_data(args, layout),
+        data=_data(args, layout, batches.seq_length),
         resume=resume, logging=logging, train_iters=args.train_iters, stop_at=stop_at, save=args.save,
         save_interval=args.save_interval, seed=args.seed, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,

@@ -233,8 +233,9 @@ class Trainer:
             return
         s = self.s
         print(ascend_patches.report().splitlines()[1], flush=True)
-        if s.resume.note:
-            print(s.resume.note, flush=True)
+        for note in (s.resume.note, s.data.note):
+            if note:
+                print(note, flush=True)
         if self.heap_note:
             print(f"CPU allocator: {self.heap_note}", flush=True)
         print(f"{s.describe()}; gradient accumulation fusion {'on' if s.gradient_accumulation_fusion else 'off'}; "
