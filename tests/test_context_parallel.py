@@ -48,6 +48,32 @@ def test_ring_and_ulysses_attention_equal_whole_sequence_attention(backend, cp):
             assert r["calls"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu", "npu"])
+def test_the_ring_exchange_holds_under_hccl_point_to_point_rules(backend):
+    """On the emulated "hccl" (a send completes only once its receive runs on the peer, a rank's
+    operations run in posting order, tags ignored, a batch_isend_irecv runs together; a wait over
+    3 s fails): the ring's batched exchange delivers, two in flight matched in posting order,
+    while the ungrouped isend-then-irecv the ring used before fails (on hardware it hangs), and so
+    does ring attention with it swapped in; messages match in posting order, not by tag.  On
+    gloo all of it passes and tags match by tag: the CPU forgives what HCCL does not."""
+    from tests.helpers.launch import pythonpath
+
+    env = {"EMULATED_HCCL_P2P_TIMEOUT_S": "3"}
+    if backend == "npu":
+        env.update(ASCEND_PATCHES_BACKEND="npu", PYTHONPATH=pythonpath() + ":" + str(EMULATION))
+    results = {r["rank"]: r for r in _results(run_torchrun("p2p_rules_checks.py", nproc=2, env=env, timeout=120))}
+    assert sorted(results) == [0, 1]
+    hanging = "waited 3 s: on HCCL or NCCL this hangs"
+    for r in results.values():
+        assert r["backend"] == ("hccl" if backend == "npu" else "gloo") and r["ring_exchange"] == "ok", r
+        if backend == "npu":
+            assert hanging in r["ungrouped"] and hanging in r["ring_attention_ungrouped"], r
+        else:
+            assert r["ungrouped"] == "ok" and r["ring_attention_ungrouped"] == "ok", r
+    assert results[1]["tags"] == ("a,b" if backend == "npu" else "b,a")
+
+
 def _config(**kw):
     from megatron.core.transformer.transformer_config import TransformerConfig
 

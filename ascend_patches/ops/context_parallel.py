@@ -142,13 +142,18 @@ def _block_ops(dtype: torch.dtype):
 
 # ---- the ring ---------------------------------------------------------------------------------
 
-def _exchange(send: torch.Tensor, group, ranks, tag: int = 0) -> Tuple[torch.Tensor, list]:
-    """Start sending ``send`` to the next rank of the ring and receiving the previous rank's
-    (``tag`` tells K/V from their gradients where both travel at once)."""
+def _exchange(send: torch.Tensor, group, ranks) -> Tuple[torch.Tensor, list]:
+    """Start sending ``send`` to the next rank of the ring and receiving the previous rank's, as
+    one ``batch_isend_irecv``.  HCCL and NCCL run a rank's point-to-point operations in posting
+    order and a send completes only once its receive runs on the peer: posted ungrouped, a
+    send-then-receive on every rank waits for ever (gloo buffers the send, so a CPU test does not
+    see it); a batch runs its sends and receives together.  They ignore tags too: two exchanges
+    in flight (the backward's K/V and their gradients) match in the order they were posted,
+    the same on every rank."""
     r, n = dist.get_rank(group), len(ranks)
     recv = torch.empty_like(send)
-    reqs = [dist.isend(send, ranks[(r + 1) % n], group=group, tag=tag),
-            dist.irecv(recv, ranks[(r - 1) % n], group=group, tag=tag)]
+    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, ranks[(r + 1) % n], group),
+                                   dist.P2POp(dist.irecv, recv, ranks[(r - 1) % n], group)])
     return recv, reqs
 
 
@@ -220,11 +225,11 @@ class _RingAttention(torch.autograd.Function):
             dkv[0][..., ks, :] += dk_b
             dkv[1][..., ks, :] += dv_b
             if step < n - 1:
-                nxt_d, reqs_d = _exchange(dkv, group, ranks, tag=1)
+                nxt_d, reqs_d = _exchange(dkv, group, ranks)  # posted after K/V's: matched after them
                 _wait(reqs + reqs_d)
                 kv, dkv = nxt, nxt_d
         if n > 1:  # the gradients held now are the next rank's K/V's: send them home
-            dkv, reqs = _exchange(dkv, group, ranks, tag=1)
+            dkv, reqs = _exchange(dkv, group, ranks)
             _wait(reqs)
 
         def back(t, shape):

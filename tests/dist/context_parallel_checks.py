@@ -19,7 +19,7 @@ from ascend_patches.ops import context_parallel, flash_attention  # noqa: E402
 from ascend_patches.ops.context_parallel import ring_attention  # noqa: E402
 from recipes.train.training import split_for_context_parallel  # noqa: E402
 
-dist.init_process_group("gloo")
+dist.init_process_group(ascend_patches.dist_backend())  # "hccl" on the emulated NPU: its point-to-point rules
 rank, world = dist.get_rank(), dist.get_world_size()
 ps.initialize_model_parallel(context_parallel_size=world)
 group, ranks = ps.get_context_parallel_group(), ps.get_context_parallel_global_ranks()

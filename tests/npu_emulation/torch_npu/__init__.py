@@ -23,13 +23,18 @@ calls = _ops.calls
 def _register_hccl():
     """The real torch_npu registers its HCCL process group on import.  The emulated NPU is the
     CPU, so its "hccl" is gloo under that name (torch 2.13's gloo has every collective megatron
-    asks HCCL for: reduce-scatter and a flat all-gather output included)."""
+    asks HCCL for: reduce-scatter and a flat all-gather output included), with HCCL's
+    point-to-point rules on top (``hccl_p2p``: a send waits for its matching receive, posting
+    order, tags ignored, batches run together)."""
     import torch.distributed as dist
+
+    from . import hccl_p2p
 
     if dist.is_available() and "hccl" not in dist.Backend.backend_list:
         dist.Backend.register_backend(
             "hccl", lambda store, rank, size, timeout: dist.ProcessGroupGloo(store, rank, size, timeout),
             devices=["cpu"])
+        hccl_p2p.install()
 
 
 _register_hccl()
