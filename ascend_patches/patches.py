@@ -156,7 +156,8 @@ _(Patch("rope.fusion_thd", "megatron.core.models.common.embeddings.rope_utils:fu
         why="fills the packed (THD) RoPE kernel slot where Transformer Engine is absent: positions restart "
             "at each sequence, one fused call per pack"))
 _(Patch("adamw", "megatron.core.optimizer:Adam", replacement=adamw.FusedAdamW, sweep=False,
-        why="NpuFusedAdamW / torch AdamW(fused=True) where megatron builds its optimizer"))
+        why="torch AdamW(fused=True) where megatron builds its optimizer: one _fused_adamw_ kernel per step "
+            "(CUDA's, the CPU's, torch-npu's NPU kernel)"))
 _(Patch("adamw.select", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER", replacement=False, sweep=False,
         requires=("adamw",), create=True,
         why="makes megatron take its Apex-style Adam slot, which 'adamw' fills (0.15+; 0.14 has no switch and "

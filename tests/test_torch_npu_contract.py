@@ -4,8 +4,9 @@ Where each fact comes from (``tests/helpers/torch_npu_wheel.py`` fetches and cac
 - op schemas: the strings ``libtorch_npu.so`` registers, parsed by ``torch._C.parse_schema``;
 - output shapes and dtypes: the wheel's ``op_plugin/meta/_meta_registrations.py``, run on meta
   tensors;
-- the optimizer, ``is_support_inf_nan``, the RNG calls and ``transfer_to_npu``: the wheel's
-  Python, read with ``ast``.
+- the NPU kernels of aten ops (torch's fused AdamW): their wrappers' names in ``libtorch_npu.so``;
+- ``is_support_inf_nan``, the RNG calls, ``transfer_to_npu`` and why not ``NpuFusedAdamW``: the
+  wheel's Python, read with ``ast``.
 The call sites are found by walking ``ascend_patches/``'s AST, never listed by hand.
 """
 
@@ -28,7 +29,6 @@ OPS_CALLED = ("npu_fusion_attention", "npu_fusion_attention_grad", "npu_rms_norm
 
 # The Python half: what a dotted torch_npu call resolves to in the wheel's source.
 PYTHON_CONTRACT = {
-    "torch_npu.optim.NpuFusedAdamW": ("optim/npu_fused_adamw.py", "NpuFusedAdamW", "__init__"),
     "torch_npu.npu.utils.is_support_inf_nan": ("npu/utils.py", None, "is_support_inf_nan"),
     "torch_npu.npu.get_rng_state": ("npu/random.py", None, "get_rng_state"),
     "torch_npu.npu.set_rng_state": ("npu/random.py", None, "set_rng_state"),
@@ -258,32 +258,34 @@ def test_rope_patch_is_skipped_with_the_schema_when_no_convention_fits(npu_emula
 
 
 # -- the Python half --------------------------------------------------------------------------
-def test_fused_adamw_matches_the_real_npu_optimizer(npu_emulated):
-    """NpuFusedAdamW's real constructor takes (params, lr, betas, eps, weight_decay, amsgrad):
-    no ``maximize``, no ``adam_w_mode``, and it compares ``lr < 0.0`` (so a None rate must never
-    reach it); its step is torch's ``step(closure=None)`` on a ``torch.optim.Optimizer``
-    subclass, so the step pre-hook that refuses an unset rate runs there too."""
+def test_npu_adamw_is_torchs_fused_kernel_which_the_wheel_implements(npu_emulated):
+    """On the NPU backend megatron's Adam slot gets torch.optim.AdamW(fused=True) (Adam for L2
+    decay), whose step calls torch._fused_adamw_ / _fused_adam_ with a float rate: torch-npu
+    2.14.0 registers an NPU kernel for each (their default overloads), and torch counts the
+    PrivateUse1 device among its fused-kernel devices, so on an Ascend host the step is one
+    NPU kernel.  Not NpuFusedAdamW: its first step sizes each gradient by its storage and
+    combines them, and a main_grad view into megatron's bucket reports the whole bucket."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
     from ascend_patches.ops import adamw
 
-    src = wheel.source(CONTRACT, "optim/npu_fused_adamw.py")
-    init = wheel.find_def(src, "__init__", "NpuFusedAdamW")
-    real = wheel.signature_of_def(init)
-    assert inspect.signature(npu_emulated.optim.NpuFusedAdamW) == real
-    assert "maximize" not in real.parameters and "lr < 0.0" in ast.unparse(init)
+    kernels = wheel.npu_kernels(CONTRACT)
+    assert {"wrapper_NPU___fused_adamw_", "wrapper_NPU___fused_adam_"} <= kernels
+    assert "wrapper_NPU_tensor_lr__fused_adamw_" not in kernels  # a tensor rate is not served: megatron's is a float
+    assert torch._C._get_privateuse1_backend_name() in _get_fused_kernels_supported_devices()
     base = wheel.source(CONTRACT, "optim/npu_fused_optim_base.py")
-    tree = ast.parse(base)
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "NpuFusedOptimizerBase")
-    assert [ast.unparse(b) for b in cls.bases] == ["Optimizer"]
-    assert "from torch.optim.optimizer import Optimizer" in base or "from torch.optim import Optimizer" in base
-    step = wheel.signature_of_def(wheel.find_def(base, "step", "NpuFusedOptimizerBase"))
-    step.bind()  # megatron calls optimizer.step() with no arguments
+    assert "p.grad.storage().size()" in base and "npu_combine_tensors" in base
+    bucket = torch.zeros(1000)
+    assert bucket[100:200].untyped_storage().nbytes() == bucket.untyped_storage().nbytes()  # a view's storage
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = adamw.FusedAdamW([p], lr=None)
-    assert isinstance(opt, npu_emulated.optim.NpuFusedAdamW) and opt.param_groups[0]["lr"] is None
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] and opt.param_groups[0]["lr"] is None
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match="no learning rate"):
         opt.step()
+    l2 = adamw.FusedAdamW([p], lr=1e-3, adam_w_mode=False)  # was refused on the NPU: the wheel has _fused_adam_
+    assert type(l2) is torch.optim.Adam and l2.defaults["fused"]
     with pytest.raises(TypeError, match="maximize"):
         adamw.FusedAdamW([p], lr=1e-3, maximize=True)
 

@@ -1,10 +1,20 @@
 """Fused AdamW where Megatron builds its optimizer.
 
 Megatron picks TE's or Apex's FusedAdam when installed, else a plain ``torch.optim.AdamW``
-(one kernel per tensor per step).  We hand it, per backend:
+(one kernel per tensor per step).  We hand it ``torch.optim.AdamW(fused=True)`` (``Adam``
+for L2 decay) on every backend: torch's fused path calls ``torch._fused_adamw_`` /
+``_fused_adam_``, which dispatch by device to CUDA's kernel, the CPU's (torch >= 2.4), and on
+an NPU to the kernel torch-npu registers (2.14.0's ``libtorch_npu.so`` holds
+``wrapper_NPU___fused_adamw_`` and ``wrapper_NPU___fused_adam_``; torch lists the
+PrivateUse1 backend among its fused-kernel devices).  It takes per-tensor lists, so
+megatron's ``main_grad`` views into one DDP bucket stay views, and keeps ``state['step']`` as
+a tensor, which the distributed optimizer reads at save.
 
-- NPU: ``torch_npu.optim.NpuFusedAdamW``;
-- CUDA and CPU: ``torch.optim.AdamW(fused=True)`` (torch has fused CPU AdamW since 2.4).
+Not ``torch_npu.optim.NpuFusedAdamW``: on its first step it sizes each parameter and
+gradient by its *storage* (``p.grad.storage().size()``) and copies them into one combined
+tensor; a ``main_grad`` view reports the whole bucket as its storage, so the combined size is
+N x the bucket, or the bucket is moved out from under DDP (its
+``optim/npu_fused_optim_base.py``).  MindSpeed calls ``npu_apply_adam_w`` per tensor instead.
 
 Megatron calls the class the Apex way (``adam_w_mode=`` selects AdamW vs Adam+L2), and with
 ``lr=None`` where its ``OptimizerConfig.lr`` is unset: its scheduler sets each group's rate
@@ -42,13 +52,6 @@ class FusedAdamW:
 
     @staticmethod
     def _build(params, lr, betas, eps, weight_decay, adam_w_mode, capturable):
-        if _state.backend() == "npu":
-            import torch_npu
-
-            if not adam_w_mode:
-                raise NotImplementedError("torch_npu has no fused Adam with L2 decay here; "
-                                          "use decoupled_weight_decay=True or disable the 'adamw' patch")
-            return torch_npu.optim.NpuFusedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         opt_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
         if capturable:
             return opt_cls(params, fused=True, capturable=True, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -49,8 +49,12 @@ PYTHON_FILES = (
     "contrib/transfer_to_npu.py",
     "_op_plugin_docs.py",
 )
+EXTRACTED = ("schemas.txt", "kernels.txt")  # read from libtorch_npu.so
 # A registered schema as the library stores it: `npu_name[.overload](...) -> ...`, NUL-terminated.
 _SCHEMA = re.compile(rb"(?<=\x00)(npu_\w+(?:\.\w+)?\([^\x00\n]*\) -> [^\x00\n]+)\x00")
+# An NPU kernel as torch's codegen names its wrapper: `wrapper_NPU_[overload_]_<op>` (an aten op the
+# wheel implements on the NPU, e.g. wrapper_NPU___fused_adamw_), NUL-terminated.
+_KERNEL = re.compile(rb"(?<=\x00)(wrapper_NPU_\w+)\x00")
 
 
 def _download(version: str, into: Path) -> Path:
@@ -68,9 +72,9 @@ def _download(version: str, into: Path) -> Path:
 
 def fetch(version: str) -> Path:
     """The folder holding ``schemas.txt`` and the Python files of torch-npu ``version``."""
-    digest = hashlib.sha1("\n".join(PYTHON_FILES).encode()).hexdigest()[:8]  # a new file list: a new folder
+    digest = hashlib.sha1("\n".join(PYTHON_FILES + EXTRACTED).encode()).hexdigest()[:8]  # new files: a new folder
     dest = CACHE / f"{version}-{digest}"
-    if (dest / "schemas.txt").is_file():
+    if all((dest / name).is_file() for name in EXTRACTED):
         return dest
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -88,6 +92,8 @@ def fetch(version: str) -> Path:
         if not found:
             pytest.fail(f"torch-npu {version}: no npu_* schema strings in libtorch_npu.so")
         (staged / "schemas.txt").write_text("\n".join(found) + "\n")
+        (staged / "kernels.txt").write_text("\n".join(sorted({m.group(1).decode() for m in _KERNEL.finditer(lib)}))
+                                            + "\n")
         (staged / "WHEEL").write_text(wheel.name + "\n")
         try:
             staged.rename(dest)  # atomic: a half-extracted folder is never taken for a cached one
@@ -95,6 +101,12 @@ def fetch(version: str) -> Path:
             if not (dest / "schemas.txt").is_file():
                 raise
     return dest
+
+
+def npu_kernels(version: str) -> set:
+    """The aten ops the wheel implements on the NPU, by their kernel wrappers' names
+    (``wrapper_NPU___fused_adamw_``: ``_fused_adamw_``'s default overload)."""
+    return set((fetch(version) / "kernels.txt").read_text().split())
 
 
 def schemas(version: str) -> Dict[str, "torch._C.FunctionSchema"]:

@@ -3,7 +3,7 @@
 It lives under tests/ and is put into ``sys.modules['torch_npu']`` by a test fixture; it is
 never shipped.  Its contract is the real wheel's (torch-npu 2.14.0, read by
 ``tests/helpers/torch_npu_wheel.py``): each op is ``torch.ops.npu.<op>`` under the registered
-schema (``npu_emulated_ops``), the optimizer and ``transfer_to_npu`` follow the wheel's Python.
+schema (``npu_emulated_ops``), ``transfer_to_npu`` follows the wheel's Python.
 The numerics are a stand-in: the emulated "NPU" is the CPU.
 """
 
@@ -13,7 +13,6 @@ import torch
 
 import npu_emulated_ops as _ops
 from . import npu  # noqa: F401  (torch_npu.npu namespace)
-from . import optim  # noqa: F401
 
 __version__ = "2.14.0+emulated"
 EMULATED = True
