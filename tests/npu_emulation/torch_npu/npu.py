@@ -1,6 +1,9 @@
-"""``torch_npu.npu`` for the emulation: one device, whose RNG is the CPU generator."""
+"""``torch_npu.npu`` for the emulation: one device, whose RNG is the CPU generator and whose
+memory is the host's."""
 
 import torch
+
+NAME = "emulated NPU (the CPU)"  # no chip's name: MFU says there is no cited peak for it
 
 
 def is_available():
@@ -21,6 +24,26 @@ def set_device(index):
 
 def synchronize(device=None):
     return None
+
+
+def get_device_name(device=None):
+    return NAME
+
+
+def _host_peak_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def max_memory_allocated(device=None):
+    """The emulated device's memory is the host's: the process's peak resident bytes."""
+    return _host_peak_bytes()
+
+
+def memory_reserved(device=None):
+    return _host_peak_bytes()
 
 
 def get_rng_state(device="npu"):
