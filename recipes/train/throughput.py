@@ -88,9 +88,10 @@ def batch_work(batch: dict, instruction: bool) -> Work:
         cu = batch["cu_seqlens"].long()
         lengths = cu[1:] - cu[:-1]
         real = lengths
-        if instruction:
-            has_loss = torch.stack([mask.view(-1)[a:b].any() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
-            real = lengths[has_loss]
+        if instruction:  # a sequence's loss-bearing positions, summed per sequence
+            sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+            bearing = torch.zeros(len(lengths)).index_add_(0, sequence, (mask.reshape(-1) > 0).float())
+            real = lengths[bearing > 0]
         return Work(int(real.sum()), tokens.numel(), int((lengths * lengths).sum()))
     rows, length = tokens.shape
     if instruction:
