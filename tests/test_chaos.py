@@ -24,6 +24,7 @@ def _chaos(*args):
     assert proc.returncode == 0 and "chaos: passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.full  # CI time: ~110 s; default CI keeps test_pretrain's mid-run and killed-save resumes
 def test_three_kills_resume_exactly_with_the_distributed_optimizer():
     _chaos("--kills", 3, "--seed", 0, "--distributed-optimizer", "--iters", 24)
 

@@ -41,8 +41,9 @@ def _records(save):
     return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, open(save / "metrics.jsonl"))}
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", 2], ["--pipeline-model-parallel-size", 2]],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", 2],
+                                    pytest.param(["--pipeline-model-parallel-size", 2], marks=pytest.mark.full)],
+                         ids=["tp2", "pp2"])  # pp2 in the full tier (CI time); its p2p rules: test_context_parallel
 def test_the_recipe_on_the_emulated_npu_equals_the_cpu(alpaca_pretrain_data, tmp_path, layout):
     cpu = tmp_path / "cpu"
     _run(alpaca_pretrain_data, cpu, "cpu", *layout)

@@ -102,6 +102,7 @@ def test_empty_load_starts_fresh_and_hf_folder_points_at_the_converter(data, tmp
         _resolve(*_flags(data, "--train-iters", 2, "--load", tmp_path / "ckpt", "--finetune"))
 
 
+@pytest.mark.full  # CI time: ~95 s (the refusal itself is checked in settings by test_shared_flags and test_resume_data)
 def test_save_over_another_run_is_refused_and_metrics_keep_each_iteration_once(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     out = run_torchrun("recipes.pretrain", *_flags(data, "--train-iters", 6, "--load", ckpt, "--save", ckpt,
@@ -175,6 +176,7 @@ def test_no_process_outlives_a_killed_rank(data, tmp_path):
 
 # -- data ------------------------------------------------------------------------------------
 
+@pytest.mark.full  # CI time: ~85 s
 def test_split_without_tokens_is_refused_not_hung(tmp_path, fixtures_dir):
     rows = json.loads((fixtures_dir / "alpaca" / "alpaca_data_sample.json").read_text())[:57]
     src = tmp_path / "small.jsonl"

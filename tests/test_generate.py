@@ -91,6 +91,7 @@ def test_batched_prompts_equal_one_at_a_time(stories_ckpt, single_process_group)
 
 
 @pytest.mark.slow  # compiles the decode step
+@pytest.mark.full  # CI time: ~80 s
 def test_fused_decode_step_equals_stock_layers(stories_ckpt, single_process_group):
     """ascend_patches' fused decode step (per layer, and for the whole one-stage GPTModel): the
     same logits as megatron's own modules, bit for bit, over prefill + cached steps, two sequences;

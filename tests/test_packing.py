@@ -147,8 +147,9 @@ def _losses(save):
 @pytest.mark.parametrize("layout", [
     # a full fine-tune's resume is the pretraining resume's (test_pretrain); LoRA's loads its adapters
     pytest.param(["--tensor-model-parallel-size", 2], marks=pytest.mark.full),
-    ["--tensor-model-parallel-size", 2, "--lora-target-modules", "linear_qkv", "linear_proj", "--lora-r", 8,
-     "--lora-alpha", 16]], ids=["tp2_full", "tp2_lora"])
+    pytest.param(["--tensor-model-parallel-size", 2, "--lora-target-modules", "linear_qkv", "linear_proj", "--lora-r",
+                  8, "--lora-alpha", 16], marks=pytest.mark.full)],  # CI time: test_lora resumes LoRA at TP=2
+    ids=["tp2_full", "tp2_lora"])
 def test_packed_finetune_learns_and_resumes_exactly(stories_sft, tmp_path, layout):
     """Packed, dropout 0.1, TP=2: the loss falls; a run stopped at 4 (its save) and resumed
     equals the uninterrupted run bit for bit."""
@@ -329,8 +330,8 @@ def test_mindspeed_two_step_pack_route_gives_the_load_time_packing_losses(storie
     """MindSpeed-LLM's two steps: preprocess_data --pack --seq-length 256, then train with
     --reset-position-ids.  The dataset records the packing and trains packed: its losses equal
     today's route (plain preprocessing, packed when the data loads) exactly, as they must, being
-    the same rows.  Without --reset-position-ids it still trains packed and says so in one
-    line; another --seq-length, --variable-seq-lengths, a pretraining handler or a missing
+    the same rows; run without --reset-position-ids it trains packed and says so in one line
+    (with the flag, the same settings and nothing said); another --seq-length, --variable-seq-lengths, a pretraining handler or a missing
     --seq-length are refused in one line; preprocessing again without --pack unpacks it."""
     from recipes.data import preprocess_data
     from recipes.errors import BadInput
@@ -343,20 +344,25 @@ def test_mindspeed_two_step_pack_route_gives_the_load_time_packing_losses(storie
     assert datasets.read_packing(str(prefix)) == {"pack": True, "seq_length": seq}
     assert f"{prefix}_packing.json" in out["outputs"]
     runs = {}
-    for name, data, extra in (("load_time", stories_sft / "sft", ["--reset-position-ids"]),
-                              ("two_step", prefix, ["--reset-position-ids"]), ("two_step_no_flag", prefix, [])):
+    for name, data, extra in (("load_time", stories_sft / "sft", ["--reset-position-ids"]), ("two_step", prefix, [])):
         save = tmp_path / name
         log = run_torchrun("recipes.pretrain", "--load", stories_sft / "base", "--data-path", data,
                            "--is-instruction-dataset", "--train-iters", 3, "--seq-length", seq, "--micro-batch-size", 2,
                            "--global-batch-size", 4, "--lr", "1e-3", "--save", save, *extra, nproc=1)
         runs[name] = _losses(save)
         said = "was preprocessed with --pack --seq-length 256: its samples train packed into rows of 256"
-        assert (said in log) == (name == "two_step_no_flag"), log[-2000:]
-    assert runs["two_step"] == runs["load_time"] == runs["two_step_no_flag"] and len(runs["two_step"]) == 3
+        assert (said in log) == (name == "two_step"), log[-2000:]  # no --reset-position-ids given: said
+    assert runs["two_step"] == runs["load_time"] and len(runs["two_step"]) == 3
+    flagged = _settings("--is-instruction-dataset", "--data-path", prefix, "--seq-length", seq, "--reset-position-ids")
+    assert flagged.data.packed and flagged.data.note is None  # MindSpeed-LLM's second step, as pasted: nothing to say
     with pytest.raises(BadInput, match=r"preprocessed with --pack --seq-length 256; this run's --seq-length is 512"):
         _settings("--is-instruction-dataset", "--data-path", prefix, "--seq-length", 512)
     with pytest.raises(BadInput, match=r"its samples train packed; --variable-seq-lengths pads unpacked samples"):
         _settings("--is-instruction-dataset", "--data-path", prefix, "--seq-length", seq, "--variable-seq-lengths")
+    with pytest.raises(BadInput, match=r"--reset-position-ids \(implied: the --data-path was preprocessed with "
+                                       r"--pack\) with --context-parallel-size 2: packed or variable-length"):
+        _settings("--is-instruction-dataset", "--data-path", prefix, "--seq-length", seq, "--context-parallel-size", 2,
+                  world=2)
     with pytest.raises(BadInput, match=r"--pack packs instruction samples .* writes pretraining documents"):
         preprocess_data.main(["--input", prep[1], "--tokenizer-name-or-path", prep[3], "--output-prefix",
                               str(tmp_path / "p"), "--pack", "--seq-length", "64"])

@@ -189,5 +189,7 @@ def test_mfu_peak_per_chip_and_dtype(name, dtype, tf32, want):
     assert peak == want, (name, dtype, why)
     if want is None:
         assert "pass --peak-tflops" in why and "docs/mfu_peaks.md" in why
-        meter = throughput.Meter(1e9, peak, 1)
-        assert meter.step(1000)["mfu"] is None
+        from recipes.model import llama2
+
+        meter = throughput.Meter(llama2.shape("llama2-tiny"), 512, peak, 1)
+        assert meter.step(throughput.Work(1000, 1000, 1000 * 64))["mfu"] is None

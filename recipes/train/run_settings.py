@@ -338,6 +338,7 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
         # the file's values for the flags not given (a given flag that contradicts it is an error)
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in deepspeed_config.check_flags_against_config(
             args, ds_config, args.deepspeed_config).items() if getattr(args, k, None) in (None, False)}})
+    args = _with_preprocessed_packing(args)
     dist_backend = _check_pasted(args)
     lora = _lora(args)
     resume = _resume(args, lora is not None)
@@ -514,8 +515,23 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
     return replace(s, engine="megatron-lm", megatron_lm=checkout, passthrough=passthrough)
 
 
+def _with_preprocessed_packing(args):
+    """An instruction dataset preprocessed with --pack (MindSpeed-LLM's first step) trains
+    packed: it is read as if --reset-position-ids were given, so what that flag is refused
+    with, such a dataset is refused with too.  With --megatron-lm the data is Megatron-LM's."""
+    if not (args.is_instruction_dataset and args.data_path) or args.megatron_lm or os.environ.get("MEGATRON_LM_PATH"):
+        return args
+    packing = datasets.read_packing(args.data_path[0])
+    if not packing:
+        return args
+    return argparse.Namespace(**{**vars(args), "reset_position_ids": True, "preprocessed_packing": packing,
+                                 "packing_implied": not args.reset_position_ids})
+
+
 def _given_data_flags(args) -> list:
-    return [f for f, v in (("--reset-position-ids", args.reset_position_ids),
+    reset = ("--reset-position-ids (implied: the --data-path was preprocessed with --pack)"
+             if getattr(args, "packing_implied", False) else "--reset-position-ids")
+    return [f for f, v in ((reset, args.reset_position_ids),
                            ("--reset-attention-mask", args.reset_attention_mask),
                            ("--eod-mask-loss", args.eod_mask_loss),
                            ("--variable-seq-lengths", args.variable_seq_lengths)) if v]
@@ -536,18 +552,17 @@ def _data(args, layout, seq_length: int) -> Data:
     if args.megatron_lm or os.environ.get("MEGATRON_LM_PATH"):  # passed to Megatron-LM, its meaning (_with_engine)
         return Data(tuple(args.data_path), args.split, args.is_instruction_dataset, args.data_cache_path)
     note = None
-    packing = datasets.read_packing(args.data_path[0]) if args.is_instruction_dataset and args.data_path else None
-    if packing:  # preprocessed with --pack (MindSpeed-LLM's two steps): it trains packed
+    packing = getattr(args, "preprocessed_packing", None)  # _with_preprocessed_packing: reset_pos is on
+    if packing:
         where = f"--data-path {args.data_path[0]} was preprocessed with --pack --seq-length {packing['seq_length']}"
         if packing["seq_length"] != seq_length:
             raise BadInput(f"{where}; this run's --seq-length is {seq_length}: give --seq-length "
                            f"{packing['seq_length']}, or preprocess again without --pack")
         if args.variable_seq_lengths:
             raise BadInput(f"{where}: its samples train packed; --variable-seq-lengths pads unpacked samples, drop it")
-        if not reset_pos:
+        if args.packing_implied:
             note = (f"{where}: its samples train packed into rows of {seq_length}, each attending to itself "
                     "(as --reset-position-ids gives)")
-        reset_pos = True
     if reset_mask and not reset_pos:
         raise BadInput("--reset-attention-mask without --reset-position-ids: attention within each sample or "
                        "document restarts its positions too here (RoPE per sequence); add --reset-position-ids")
