@@ -66,10 +66,15 @@ def single_process_group():
 
 
 @pytest.fixture
-def npu_emulated(single_process_group):
-    """Run the NPU code path against the plain-torch emulation of torch_npu's op contract."""
+def npu_emulated(single_process_group, monkeypatch):
+    """Run the NPU code path against the plain-torch emulation of torch_npu's op contract, in
+    this process, in the emulation's older mode (EMULATED_NPU_DEVICE=0: the NPU is the CPU).
+    Not yet moved onto the emulated device: these tests hand the kernels CPU tensors.  The
+    device's tests run in processes of their own (test_emulated_npu_device.py and the torchrun
+    tests with ASCEND_PATCHES_BACKEND=npu)."""
     import ascend_patches
 
+    monkeypatch.setenv("EMULATED_NPU_DEVICE", "0")
     sys.path.insert(0, str(EMULATION))
     import torch_npu  # the emulation
 

@@ -43,6 +43,17 @@ SCHEMAS = {
 }
 calls = {name: 0 for name in SCHEMAS}
 
+
+def _count(op: str, *tensors) -> None:
+    """One call of ``op``; on the emulated device, a CPU tensor is refused as the real kernel
+    (which has no CPU implementation) refuses it."""
+    import sys
+
+    calls[op] += 1
+    device = sys.modules.get("torch_npu.device")
+    if device is not None:
+        device.require_npu(op, *tensors)
+
 _LAYOUTS = ("SBH", "BSH", "BNSD", "BSND", "TND")
 
 
@@ -93,7 +104,7 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
                          next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
                          actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
                          softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0):
-    calls["npu_fusion_attention"] += 1
+    _count("npu_fusion_attention", query, key, value, atten_mask, pse, padding_mask)
     if softmax_layout or sink is not None or dropout_mask is not None:
         raise NotImplementedError("the emulation does not cover softmax_layout / sink / dropout_mask")
     if input_layout not in _LAYOUTS:
@@ -122,12 +133,12 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     b, n, sq, _ = q.shape
     sk = k.shape[2]
 
-    masked = _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens)
+    masked = _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens, query.device)
     out, row_max, row_sum = _attend(q, k, v, masked, scale, keep_prob, inner_precise)
     softmax_max = row_max.expand(b, n, sq, 8).float().detach()
     softmax_sum = row_sum.expand(b, n, sq, 8).float().detach()
     return (_from_bnsd(out.to(query.dtype), input_layout), softmax_max, softmax_sum,
-            torch.empty(0, dtype=query.dtype), 0, 0, 0)
+            torch.empty(0, dtype=query.dtype, device=query.device), 0, 0, 0)
 
 
 def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, pse=None, padding_mask=None,
@@ -139,7 +150,7 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     """The flash-attention backward from the forward's statistics: the probabilities are
     recomputed as exp(scale * QK^T - softmax_max) / softmax_sum, and rowsum(dy * attention_in)
     is the softmax's correction term; dense layouts, sparse_mode 0 and 2, no dropout."""
-    calls["npu_fusion_attention_grad"] += 1
+    _count("npu_fusion_attention_grad", query, key, value, dy, atten_mask)
     if input_layout == "TND" or actual_seq_qlen is not None or actual_seq_kvlen is not None:
         raise NotImplementedError("the emulated grad covers the dense layouts only")
     if pse is not None or padding_mask is not None or prefix is not None or sink is not None or softmax_layout:
@@ -162,7 +173,7 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     if tuple(softmax_max.shape) != (b, n, sq, 8) or tuple(softmax_sum.shape) != (b, n, sq, 8):
         raise RuntimeError(f"npu_fusion_attention_grad: softmax_max / softmax_sum must be [{b}, {n}, {sq}, 8], got "
                            f"{tuple(softmax_max.shape)} / {tuple(softmax_sum.shape)}")
-    masked = _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens)
+    masked = _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens, query.device)
     kf, vf = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scores = ((q @ kf.transpose(-1, -2)) * scale_value).masked_fill(masked, float("-inf"))
     p = torch.exp(scores - softmax_max[..., :1].float()) / softmax_sum[..., :1].float()
@@ -171,19 +182,19 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     dk = ((ds.transpose(-1, -2) @ q) * scale_value).unflatten(1, (n_kv, rep)).sum(2)
     dv = (p.transpose(-1, -2) @ do).unflatten(1, (n_kv, rep)).sum(2)
     return (_from_bnsd(dq.to(query.dtype), input_layout), _from_bnsd(dk.to(query.dtype), input_layout),
-            _from_bnsd(dv.to(query.dtype), input_layout), torch.empty(0, dtype=query.dtype), torch.empty(0))
+            _from_bnsd(dv.to(query.dtype), input_layout), torch.empty(0, dtype=query.dtype, device=query.device), torch.empty(0, device=query.device))
 
 
-def _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens):
+def _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens, device):
     """True = masked out, [.., sq, sk], for the dense layouts: sparse_mode 2 (left-up causal with
     the compressed 2048 x 2048 mask) or 0 (the mask as given, within the token window)."""
-    allowed = torch.ones(sq, sk, dtype=torch.bool)
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
     if sparse_mode == 2:
         if atten_mask is None or tuple(atten_mask.shape) != (2048, 2048):
             raise RuntimeError("npu_fusion_attention: sparse_mode=2 needs the compressed [2048, 2048] mask")
-        if not torch.equal(atten_mask.bool(), torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)):
+        if not torch.equal(atten_mask.bool(), torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=atten_mask.device), 1)):
             raise RuntimeError("npu_fusion_attention: sparse_mode=2 mask must be triu(ones, diagonal=1)")
-        allowed &= torch.ones(sq, sk, dtype=torch.bool).tril()  # left-up causal
+        allowed &= torch.ones(sq, sk, dtype=torch.bool, device=device).tril()  # left-up causal
         full_mask = None
     else:
         full_mask = atten_mask
@@ -194,8 +205,8 @@ def _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens
             ok = {(b, n, sq, sk), (b, 1, sq, sk), (1, 1, sq, sk), (sq, sk)}
             if shape not in ok:
                 raise RuntimeError(f"npu_fusion_attention: atten_mask shape {shape} not one of {sorted(ok)}")
-        i = torch.arange(sq).unsqueeze(1)
-        j = torch.arange(sk).unsqueeze(0)
+        i = torch.arange(sq, device=device).unsqueeze(1)
+        j = torch.arange(sk, device=device).unsqueeze(0)
         allowed &= (j >= i - pre_tockens) & (j <= i + next_tockens)
 
     masked = ~allowed
@@ -248,14 +259,14 @@ def _tnd(query, key, value, head_num, atten_mask, scale, keep_prob, inner_precis
                                f"{total}, got {list(ends)}")
     if sparse_mode not in (2, 3):
         raise NotImplementedError(f"the emulation covers TND with sparse_mode 2 and 3, not {sparse_mode}")
-    if atten_mask is None or not torch.equal(atten_mask.bool(), torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)):
+    if atten_mask is None or not torch.equal(atten_mask.bool(), torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=atten_mask.device), 1)):
         raise RuntimeError(f"npu_fusion_attention: sparse_mode={sparse_mode} needs the compressed triu [2048, 2048] mask")
     outs, maxes, sums = [], [], []
     for qa, qb, ka, kb in zip([0] + list(actual_seq_qlen), actual_seq_qlen, [0] + list(actual_seq_kvlen),
                               actual_seq_kvlen):
         q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query[qa:qb], key[ka:kb], value[ka:kb]))
         sq, sk = qb - qa, kb - ka
-        i, j = torch.arange(sq).unsqueeze(1), torch.arange(sk).unsqueeze(0)
+        i, j = torch.arange(sq, device=query.device).unsqueeze(1), torch.arange(sk, device=query.device).unsqueeze(0)
         masked = j > i + (sk - sq if sparse_mode == 3 else 0)
         out, row_max, row_sum = _attend(q, k, v, masked, scale, keep_prob, inner_precise)
         outs.append(out[0].permute(1, 0, 2))
@@ -266,11 +277,11 @@ def _tnd(query, key, value, head_num, atten_mask, scale, keep_prob, inner_precis
     # the meta function's shapes for TND: softmax_max / softmax_sum [T, N, 8] float32
     softmax_max = torch.cat(maxes).unsqueeze(-1).expand(t, head_num, 8).float().detach()
     softmax_sum = torch.cat(sums).unsqueeze(-1).expand(t, head_num, 8).float().detach()
-    return out, softmax_max, softmax_sum, torch.empty(0, dtype=query.dtype), 0, 0, 0
+    return out, softmax_max, softmax_sum, torch.empty(0, dtype=query.dtype, device=query.device), 0, 0, 0
 
 
 def npu_rms_norm(x, gamma, epsilon=1e-6):
-    calls["npu_rms_norm"] += 1
+    _count("npu_rms_norm", x, gamma)
     if x.dim() < gamma.dim():
         raise RuntimeError(f"npu_rms_norm: gamma has more dims than x {tuple(x.shape)}")
     k = gamma.dim()
@@ -284,7 +295,7 @@ def npu_rms_norm(x, gamma, epsilon=1e-6):
 
 
 def npu_swiglu(x, dim=-1):
-    calls["npu_swiglu"] += 1
+    _count("npu_swiglu", x)
     if x.shape[dim] % 2:
         raise RuntimeError(f"npu_swiglu: size {x.shape[dim]} of dim {dim} is odd")
     a, b = x.chunk(2, dim=dim)
@@ -292,7 +303,7 @@ def npu_swiglu(x, dim=-1):
 
 
 def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
-    calls["npu_rotary_mul"] += 1
+    _count("npu_rotary_mul", x, r1, r2)
     mode = rotary_mode
     if rotate is not None:
         raise NotImplementedError("the emulation does not cover the rotate matrix")

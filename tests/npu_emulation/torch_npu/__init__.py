@@ -1,10 +1,12 @@
 """A strict plain-torch emulation of the torch_npu that ascend_patches calls.  TESTS ONLY.
 
-It lives under tests/ and is put into ``sys.modules['torch_npu']`` by a test fixture; it is
-never shipped.  Its contract is the real wheel's (torch-npu 2.14.0, read by
-``tests/helpers/torch_npu_wheel.py``): each op is ``torch.ops.npu.<op>`` under the registered
-schema (``npu_emulated_ops``), ``transfer_to_npu`` follows the wheel's Python.
-The numerics are a stand-in: the emulated "NPU" is the CPU.
+It lives under tests/ and is put into ``sys.modules['torch_npu']`` by a test fixture, or first
+on ``PYTHONPATH`` for a command; it is never shipped.  Its contract is the real wheel's
+(torch-npu 2.14.0, read by ``tests/helpers/torch_npu_wheel.py``): each op is
+``torch.ops.npu.<op>`` under the registered schema (``npu_emulated_ops``), ``transfer_to_npu``
+follows the wheel's Python.  The device is ``npu``, torch's PrivateUse1 renamed as the wheel
+renames it, with its data in CPU memory (``device``); ``EMULATED_NPU_DEVICE=0`` falls back to
+the older mode in which the NPU is the CPU.  The numerics are plain torch on the CPU.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ from __future__ import annotations
 import torch
 
 import npu_emulated_ops as _ops
-from . import npu  # noqa: F401  (torch_npu.npu namespace)
+from . import device, npu  # noqa: F401  (torch_npu.npu namespace)
 
 __version__ = "2.14.0+emulated"
 EMULATED = True
 calls = _ops.calls
 
+if device.enabled():
+    device.install(npu)
+    npu.default_generators = (device.GENERATOR,)
+
 
 def _register_hccl():
-    """The real torch_npu registers its HCCL process group on import.  The emulated NPU is the
-    CPU, so its "hccl" is gloo under that name (torch 2.13's gloo has every collective megatron
-    asks HCCL for: reduce-scatter and a flat all-gather output included), with HCCL's
-    point-to-point rules on top (``hccl_p2p``: a send waits for its matching receive, posting
-    order, tags ignored, batches run together)."""
+    """The real torch_npu registers its HCCL process group on import.  Here "hccl" is gloo
+    under that name, run on the npu tensors' CPU data (``hccl_p2p.install``: the collectives'
+    tensors unwrapped), with HCCL's point-to-point rules on top (a send waits for its matching
+    receive, posting order, tags ignored, batches run together)."""
     import torch.distributed as dist
 
     from . import hccl_p2p

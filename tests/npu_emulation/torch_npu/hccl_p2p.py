@@ -39,6 +39,10 @@ import threading
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from torch.utils._pytree import tree_map
+
+from . import device
+from .device import data_of
 
 BACKEND = "hccl"
 DATA_TAG, READY_TAG = 0, 0x7EAD  # gloo tags of the two channels; the caller's tag is not used
@@ -142,13 +146,13 @@ def is_emulated_hccl(group) -> bool:
 def _send(self, tensors, dst_rank, tag=0):
     if not is_emulated_hccl(self):
         return _gloo_send(self, tensors, dst_rank, tag)
-    return _queue(self).post([(True, tensors[0], dst_rank)], f"send to rank {dst_rank}")
+    return _queue(self).post([(True, _hccl_data("send", tensors[0]), dst_rank)], f"send to rank {dst_rank}")
 
 
 def _recv(self, tensors, src_rank, tag=0):
     if not is_emulated_hccl(self):
         return _gloo_recv(self, tensors, src_rank, tag)
-    return _queue(self).post([(False, tensors[0], src_rank)], f"receive from rank {src_rank}")
+    return _queue(self).post([(False, _hccl_data("recv", tensors[0]), src_rank)], f"receive from rank {src_rank}")
 
 
 def _batch_isend_irecv(p2p_op_list):
@@ -156,13 +160,75 @@ def _batch_isend_irecv(p2p_op_list):
     if not is_emulated_hccl(group):
         return _gloo_batch(p2p_op_list)
     c10d._check_p2p_op_list(p2p_op_list)
-    ops = [(op.op is c10d.isend, op.tensor, op.group_peer) for op in p2p_op_list]
+    ops = [(op.op is c10d.isend, _hccl_data("batch_isend_irecv", op.tensor), op.group_peer) for op in p2p_op_list]
     work = _queue(group).post(ops, f"batch of {len(ops)} sends and receives")
     return [work] * len(ops)
 
 
+# The collectives megatron, DeepSpeed and torch.distributed's functions call on a ProcessGroup.
+# On an "hccl" group their npu tensors are handed to gloo as the CPU tensors that hold them
+# (results land in place); a gloo group given an npu tensor refuses it, as on hardware.
+COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "_allgather_base", "allgather_coalesced",
+               "allgather_into_tensor_coalesced", "all_gather_single", "all_gather_single_coalesced",
+               "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced", "reduce_scatter_single",
+               "reduce_scatter_single_coalesced", "broadcast", "reduce", "gather", "scatter", "alltoall",
+               "alltoall_base", "all_to_all_single")
+
+
+def _hccl_data(what: str, t):
+    """An npu tensor's CPU data for gloo; on the emulated device, a CPU tensor is refused as
+    ProcessGroupHCCL refuses it."""
+    if isinstance(t, torch.Tensor) and device.installed() and t.device.type != device.NAME \
+            and not getattr(_objects, "inside", False):
+        raise RuntimeError(f"ProcessGroupHCCL {what}: tensors must be on npu, got one on {t.device}")
+    return data_of(t)
+
+
+def _refuse_npu(what: str, t):
+    if isinstance(t, torch.Tensor) and t.device.type == device.NAME:
+        raise RuntimeError(f"ProcessGroupGloo {what}: no backend for device type npu (gloo takes CPU tensors)")
+    return t
+
+
+def _on_cpu_data(original):
+    def collective(self, *args, **kwargs):
+        check = _hccl_data if is_emulated_hccl(self) else _refuse_npu
+        args = tree_map(lambda t: check(original.__name__, t), args)
+        kwargs = tree_map(lambda t: check(original.__name__, t), kwargs)
+        return original(self, *args, **kwargs)
+
+    collective.__wrapped__ = original
+    return collective
+
+
+OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list")
+_objects = threading.local()
+
+
+def _pickled_on_the_host(original):
+    """torch's object collectives pickle into tensors of the device it picks for the group (npu
+    for ProcessGroupHCCL on hardware).  Here that device would be the CPU, so within them a CPU
+    tensor is not the caller's mistake and is let through."""
+    def collective(*args, **kwargs):
+        _objects.inside = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _objects.inside = False
+
+    collective.__wrapped__ = original
+    return collective
+
+
 def install() -> None:
-    """Route "hccl" groups' point-to-point operations through the queues (once)."""
+    """Route "hccl" groups' point-to-point operations through the queues, and their collectives
+    onto the npu tensors' CPU data (once)."""
     if dist.ProcessGroup.send is not _send:
+        for name in OBJECT_COLLECTIVES:
+            setattr(dist, name, _pickled_on_the_host(getattr(c10d, name)))
+            setattr(c10d, name, getattr(dist, name))
         dist.ProcessGroup.send, dist.ProcessGroup.recv = _send, _recv
         dist.batch_isend_irecv = c10d.batch_isend_irecv = _batch_isend_irecv
+        for name in COLLECTIVES:
+            if hasattr(dist.ProcessGroup, name):
+                setattr(dist.ProcessGroup, name, _on_cpu_data(getattr(dist.ProcessGroup, name)))

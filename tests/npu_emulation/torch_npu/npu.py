@@ -1,13 +1,30 @@
-"""``torch_npu.npu`` for the emulation: one device, whose RNG is the CPU generator and whose
-memory is the host's."""
+"""``torch_npu.npu`` (``torch.npu`` once imported) for the emulation: one device, ``npu:0``.
+
+With the emulated device on (``device.enabled()``), its RNG is the device's own generator
+(``device.GENERATOR``), not the CPU's, as on hardware: seeding the CPU leaves the NPU's dropout
+masks alone.  Off, the NPU is the CPU and so is its RNG.  Streams and events are the CPU's
+(work here is synchronous: the CPU device layer's); memory statistics are the host process's peak resident bytes
+(no HBM to count)."""
+
+import contextlib
 
 import torch
+
+from . import device as _device
 
 NAME = "emulated NPU (the CPU)"  # no chip's name: MFU says there is no cited peak for it
 
 
 def is_available():
     return True
+
+
+def is_initialized():
+    return True
+
+
+def _is_in_bad_fork():
+    return False
 
 
 def device_count():
@@ -30,6 +47,46 @@ def get_device_name(device=None):
     return NAME
 
 
+def __getattr__(name):
+    """``Stream`` and ``Event``: the CPU device layer's (work here is synchronous), imported on
+    first use (``ascend_patches`` imports this module while it initialises)."""
+    if name in ("Stream", "Event"):
+        from ascend_patches.device import cpu
+
+        return getattr(cpu, name)
+    raise AttributeError(name)
+
+
+_STREAMS = []
+
+
+def _stream():
+    if not _STREAMS:
+        _STREAMS.append(__getattr__("Stream")())
+    return _STREAMS[0]
+
+
+def current_stream(device=None):
+    return _stream()
+
+
+def default_stream(device=None):
+    return _stream()
+
+
+@contextlib.contextmanager
+def stream(s=None):
+    yield s
+
+
+def set_stream(s):
+    return None
+
+
+def empty_cache():
+    return None
+
+
 def _host_peak_bytes() -> int:
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
@@ -46,16 +103,59 @@ def memory_reserved(device=None):
     return _host_peak_bytes()
 
 
+memory_allocated = max_memory_reserved = max_memory_allocated
+
+
+def reset_peak_memory_stats(device=None):
+    return None
+
+
+def memory_stats(device=None):
+    return {"allocated_bytes.all.peak": _host_peak_bytes()}
+
+
+def _generator():
+    return _device.GENERATOR if _device.installed() else torch.default_generator
+
+
 def get_rng_state(device="npu"):
-    return torch.get_rng_state()
+    return _generator().get_state()
 
 
 def set_rng_state(new_state, device="npu"):
-    torch.set_rng_state(new_state)
+    _generator().set_state(new_state)
 
 
 def manual_seed(seed):
-    torch.default_generator.manual_seed(int(seed))
+    _generator().manual_seed(int(seed))
+
+
+manual_seed_all = manual_seed
+
+
+def initial_seed():
+    return _generator().initial_seed()
+
+
+
+
+class _LegacyType(type):
+    """``torch.npu.FloatTensor`` and kin: ``isinstance`` holds for a tensor on npu of that dtype."""
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, torch.Tensor) and obj.device.type == "npu" and obj.dtype == cls.dtype
+
+
+class FloatTensor(metaclass=_LegacyType):
+    dtype = torch.float32
+
+
+class HalfTensor(metaclass=_LegacyType):
+    dtype = torch.float16
+
+
+class BFloat16Tensor(metaclass=_LegacyType):
+    dtype = torch.bfloat16
 
 
 class utils:

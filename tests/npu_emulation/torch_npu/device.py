@@ -1,0 +1,219 @@
+"""The emulated NPU as a device of its own: torch's PrivateUse1 renamed ``npu``, as torch_npu
+renames it, with tensors whose data lives in CPU memory.  TESTS ONLY.
+
+A tensor on it is an ``NpuTensor``: a wrapper subclass (``_make_wrapper_subclass``) whose
+``device`` is ``npu:0`` and whose data is a CPU tensor it holds.  Every aten op on it reaches
+``__torch_dispatch__``, which runs the op on the CPU data and wraps the results again, so
+autograd, views and in-place ops behave as on any device.  What hardware refuses is refused
+here:
+
+- an op that mixes an ``npu`` tensor with a CPU tensor of one or more dimensions raises (a
+  0-dim CPU tensor is a scalar, which torch lets any device read, as on CUDA and NPU);
+- a torch_npu kernel given a CPU tensor raises (``require_npu``), as the real kernels have no
+  CPU implementation;
+- ``.to("npu")``, ``.npu()``, ``.cpu()`` and ``copy_`` between devices copy.
+
+Factory functions with ``device="npu"`` reach the PrivateUse1 kernels registered below
+(``empty``, ``empty_strided``, the cross-device copies); random ops on it draw from the
+device's own generator (``GENERATOR``; ``torch.npu.manual_seed`` / ``get_rng_state`` /
+``set_rng_state`` act on it, not on the CPU's).  Device guards, the backend module and
+``Tensor.npu()`` / ``Module.npu()`` come from torch's own Python-backend route
+(``torch.utils.backend_registration``).
+
+``EMULATED_NPU_DEVICE=0`` turns it off (the older mode, in which the emulated NPU *is* the
+CPU); tests not yet moved onto the device set it, each saying so.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils._pytree import tree_map
+
+NAME = "npu"
+GENERATOR = torch.Generator()  # the device's own RNG: CPU arithmetic, its own state
+_installed = False
+
+
+def enabled() -> bool:
+    return os.environ.get("EMULATED_NPU_DEVICE", "1") != "0"
+
+
+def installed() -> bool:
+    return _installed
+
+
+class MixedDevices(RuntimeError):
+    pass
+
+
+def _npu(index=0):
+    return torch.device(NAME, index)
+
+
+_TENSOR_DATA = torch._C.TensorBase.data
+
+
+class NpuTensor(torch.Tensor):
+    """A tensor on the emulated NPU: ``device`` is npu:0, ``_data`` the CPU tensor that holds it."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        assert type(data) is torch.Tensor and data.device.type == "cpu", (type(data), data.device)
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, data.size(), strides=data.stride(), storage_offset=data.storage_offset(), dtype=data.dtype,
+            layout=data.layout, device=_npu(), requires_grad=data.requires_grad)
+        r._data = data
+        return r
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"{self._data!r}".replace("tensor(", "npu_tensor(", 1)[:-1] + ", device='npu:0')"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def data(self):
+        return _TENSOR_DATA.__get__(self)
+
+    @data.setter
+    def data(self, new):
+        """``param.data = t`` (megatron points parameters into its buffers this way): the wrapper
+        takes ``t``'s metadata from torch and its CPU data from here, so both name one tensor."""
+        _TENSOR_DATA.__set__(self, new)
+        self._data = new._data
+
+    def tolist(self):  # a device-to-host copy, as on hardware (torch has no tolist for subclasses)
+        return self._data.tolist()
+
+    def __reduce_ex__(self, protocol):
+        """Pickled as torch pickles a tensor of a storage-less device: its CPU copy and the device,
+        which ``torch.load`` (weights_only included) rebuilds on npu."""
+        return (torch._utils._rebuild_device_tensor_from_cpu_tensor,
+                (self._data.detach().clone(), self.dtype, str(self.device), self.requires_grad))
+
+    def numpy(self, *, force=False):
+        raise TypeError("can't convert npu:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
+                        "host memory first.")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return _dispatch(func, args, kwargs or {})
+
+
+def data_of(t):
+    """The CPU tensor behind an npu tensor (what "hccl" hands to gloo); anything else as it is."""
+    return t._data if isinstance(t, NpuTensor) else t
+
+
+def require_npu(op: str, *tensors) -> None:
+    """What a torch_npu kernel does with a CPU tensor: it has no CPU implementation."""
+    if not _installed:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != NAME:
+            raise RuntimeError(f"{op}: expected every tensor on npu, got one on {t.device} (torch_npu's kernels "
+                               "run on the NPU only; move the tensor with .npu())")
+
+
+_COPY_OPS = (torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)
+
+
+def _dispatch(func, args, kwargs):
+    if func is torch.ops.aten._to_copy.default:
+        src, kw = args[0], dict(kwargs)
+        dev = kw.pop("device", None)
+        out = func(data_of(src), **kw)
+        return out if dev is not None and torch.device(dev).type == "cpu" else NpuTensor(out)
+    if func is torch.ops.aten.copy_.default:  # cross-device copies are allowed: this is how data moves
+        data_of(args[0]).copy_(data_of(args[1]), *args[2:], **kwargs)
+        return args[0]
+
+    def unwrap(x):
+        if isinstance(x, NpuTensor):
+            return x._data
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.device.type != NAME:
+            raise MixedDevices(f"{func}: expected all tensors to be on the same device, but found at least two "
+                               f"devices, npu:0 and {x.device} (the emulated NPU refuses what hardware refuses)")
+        if isinstance(x, torch.device) and x.type == NAME:
+            return torch.device("cpu")
+        return x
+
+    uargs, ukwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
+    if "generator" in _argument_names(func) and ukwargs.get("generator") is None:
+        ukwargs["generator"] = GENERATOR
+    out = func(*uargs, **ukwargs)
+    wrapped = tree_map(lambda x: NpuTensor(x) if type(x) is torch.Tensor and x.device.type == "cpu" else x, out)
+    from torch.utils._python_dispatch import return_and_correct_aliasing
+
+    return return_and_correct_aliasing(func, args, kwargs, wrapped)
+
+
+_ARGUMENTS = {}
+
+
+def _argument_names(func):
+    names = _ARGUMENTS.get(func)
+    if names is None:
+        names = _ARGUMENTS[func] = frozenset(a.name for a in func._schema.arguments)
+    return names
+
+
+# -- the PrivateUse1 kernels: what runs before any npu tensor exists ------------------------
+def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return NpuTensor(torch.empty(size, dtype=dtype, layout=layout, memory_format=memory_format))
+
+
+def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memory=None):
+    return NpuTensor(torch.empty_strided(size, stride, dtype=dtype, layout=layout))
+
+
+def _copy_from(self, dst, non_blocking=False):
+    data_of(dst).copy_(data_of(self))
+    return dst
+
+
+def _copy_from_and_resize(self, dst):
+    d = data_of(dst)
+    d.resize_(self.shape)
+    d.copy_(data_of(self))
+    return dst
+
+
+def _keep_parameter_attributes(original):
+    """``Module.to("npu")`` keeps each parameter's Python attributes (megatron's
+    ``tensor_model_parallel``, ``partition_dim``, ``shared`` ...), as on hardware, where the
+    move is ``param.data = moved``.  A wrapper tensor cannot take a CPU tensor's place that way,
+    so torch makes new Parameters here; their attributes are carried over."""
+    def _apply(self, fn, recurse=True):
+        before = dict(self._parameters)
+        out = original(self, fn, recurse)
+        for key, old in before.items():
+            new = self._parameters.get(key)
+            if old is not None and new is not None and new is not old:
+                for attr, value in vars(old).items():
+                    vars(new).setdefault(attr, value)
+        return out
+
+    _apply.__wrapped__ = original
+    return _apply
+
+
+_LIB = None
+
+
+def install(backend_module) -> None:
+    """PrivateUse1 renamed ``npu`` with ``backend_module`` as ``torch.npu``; once per process
+    (torch allows one rename)."""
+    global _installed, _LIB
+    if _installed:
+        return
+    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+    _setup_privateuseone_for_python_backend(rename=NAME, backend_module=backend_module)
+    _LIB = torch.library.Library("aten", "IMPL")
+    for name, fn in (("empty.memory_format", _empty), ("empty_strided", _empty_strided),
+                     ("_copy_from", _copy_from), ("_copy_from_and_resize", _copy_from_and_resize)):
+        _LIB.impl(name, fn, "PrivateUse1")
+    torch.nn.Module._apply = _keep_parameter_attributes(torch.nn.Module._apply)
+    _installed = True
