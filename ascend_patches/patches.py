@@ -10,8 +10,8 @@ from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
 from . import distrib_optimizer, with_deepspeed
-from .device import (checkpoint_writer, cpu, cuda_queries, megatron_lm, megatron_lm_convert, rng, torch_compat,
-                     transformer_engine)
+from .device import (checkpoint_writer, cpu, cuda_queries, megatron_lm, megatron_lm_convert, npu, rng,
+                     torch_compat, transformer_engine)
 from .ops import adamw, context_parallel, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
 from .registry import Patch, Registry
 from .versions import for_megatron_core
@@ -42,6 +42,11 @@ _(Patch("device.rng_fork_cpu", "megatron.core.tensor_parallel.random:CudaRNGStat
         replacement=megatron_lm.cpu_fork, backends=CPU, group="device", sweep=False,
         why="one generator holds the CPU's host and tracker streams: the fork parks the host stream, so it "
             "cannot change inside (megatron's check compared the generator with itself)"))
+for _tuple, _name in (("_FLOAT_TYPES", "FloatTensor"), ("_HALF_TYPES", "HalfTensor"), ("_BF16_TYPES", "BFloat16Tensor")):
+    _(Patch(f"npu.module.{_tuple}", f"megatron.core.transformer.module:{_tuple}",
+            wrapper=npu.with_npu_tensor_type(_name), backends=NPU, group="device", sweep=False,
+            why=f"Float16Module converts its inputs by isinstance against {_tuple}, built at megatron's import: "
+                f"torch.npu.{_name} added, so the import order does not matter"))
 _(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper, backends=NPU,
         group="device", sweep=False,
         why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))

@@ -4,12 +4,14 @@ PYTHONPATH), as a user starts it with torchrun: it stopped at its first log line
 emulated "hccl", whose point-to-point rules are HCCL's (the pipeline's activations at PP=2),
 and its layers take the emulated torch_npu kernels.
 
-Reference: the same run on the CPU backend (gloo, torch's ops).  Every loss and gradient norm
-within 1e-5 relative, fp32: the emulated kernels compute the same sums in another order
-(measured below 1e-6).  A resume with the distributed optimizer (DP=2) equals the
-uninterrupted emulated run bit for bit.
+The emulated NPU is a device of its own (``torch_npu/device.py``): the model, its gradient
+buffers, optimizer state and every batch must be on ``npu``, or an op mixing devices raises.
 
-What this cannot show: device placement.  The emulated NPU is the CPU (tests/npu_emulation/README.md).
+Reference: the same run on the CPU backend (gloo, torch's ops), the NPU run initialised as the
+CPU's (``--use-cpu-initialization``) and moved to the device.  Every loss and gradient norm
+within 1e-5 relative, fp32: the emulated kernels compute the same sums in another order
+(measured below 1e-6).  A resume with the distributed optimizer (DP=2), initialised on the
+device, equals the uninterrupted emulated run bit for bit.
 """
 
 import json
@@ -47,8 +49,10 @@ def _records(save):
 def test_the_recipe_on_the_emulated_npu_equals_the_cpu(alpaca_pretrain_data, tmp_path, layout):
     cpu = tmp_path / "cpu"
     _run(alpaca_pretrain_data, cpu, "cpu", *layout)
-    out = _run(alpaca_pretrain_data, tmp_path / "npu", "npu", *layout)
+    # the CPU's weights (Megatron-LM's --use-cpu-initialization), then moved to the device
+    out = _run(alpaca_pretrain_data, tmp_path / "npu", "npu", *layout, "--use-cpu-initialization")
     assert "backend: npu" in out and "torch.distributed backend: hccl" in out, out[-2000:]
+    assert "shard), on npu:0" in out, out[-2000:]
     assert "MFU n/a (no cited peak for device 'emulated NPU (the CPU)'" in out
     want, got = _records(cpu), _records(tmp_path / "npu")
     assert sorted(got) == list(range(1, 7))
@@ -63,6 +67,6 @@ def test_the_distributed_optimizer_resumes_exactly_on_the_emulated_npu(alpaca_pr
     _run(alpaca_pretrain_data, tmp_path / "full", "npu", *flags)
     _run(alpaca_pretrain_data, tmp_path / "part", "npu", *flags, "--exit-after-iters", 3)
     out = _run(alpaca_pretrain_data, tmp_path / "part", "npu", *flags, "--load", tmp_path / "part")
-    assert "(iteration 3)" in out and "DP=2" in out
+    assert "(iteration 3)" in out and "DP=2" in out and "shard), on npu:0" in out
     full = _records(tmp_path / "full")
     assert _records(tmp_path / "part") == full and sorted(full) == list(range(1, 7))

@@ -4,12 +4,14 @@ accuracies equal.  Log-likelihoods agree to 1e-4 (fp32; two different forward
 implementations, Megatron's and HF's)."""
 
 import json
+import os
 
 import pytest
 
 from converters import hf_to_megatron, megatron_to_hf
 from recipes.infer import evaluate
-from tests.helpers.launch import run_torchrun
+from tests.conftest import EMULATION
+from tests.helpers.launch import pythonpath, run_torchrun
 from tests.helpers import lm_eval_reference as ref  # needs lm-eval: the [test] extra installs it
 
 pytestmark = pytest.mark.slow  # multi-process runs
@@ -88,13 +90,17 @@ def test_evaluate_cli_at_tp2_gives_the_same_predictions(model, fixtures_dir, tmp
     assert tp2["questions"] == 100
 
 
-def test_boolq_branches_at_tp2_give_the_same_scores(model, fixtures_dir, tmp_path, single_process_group):
+def test_boolq_branches_at_tp2_on_the_emulated_npu_give_the_cpus_scores(model, fixtures_dir, tmp_path,
+                                                                        single_process_group):
     """BoolQ's " yes" / " no" diverge at their first token in stories260K's vocabulary, so they
-    run as KV-cached branches: at TP=2 (megatron's cache split by heads) as at TP=1."""
+    run as KV-cached branches: at TP=2 (megatron's cache split by heads) on the emulated NPU
+    device (model, batches, masks and KV cache on npu, or an op mixing devices raises) as at
+    TP=1 on the CPU."""
     data = fixtures_dir / "boolq" / "superglue_BoolQ_val_first200.jsonl"
     out = tmp_path / "tp2.json"
     run_torchrun("recipes.evaluate", "--task", "boolq", "--task-data-path", data, "--load", model / "mg",
-                 "--tokenizer-name-or-path", model / "hf", "--limit", "24", "--output-json", out)
+                 "--tokenizer-name-or-path", model / "hf", "--limit", "24", "--output-json", out,
+                 env={"ASCEND_PATCHES_BACKEND": "npu", "PYTHONPATH": str(EMULATION) + os.pathsep + pythonpath()})
     tp2 = json.loads(out.read_text())["predictions"]
     tp1 = _ours(model, evaluate.boolq_questions(data, 24), single_process_group)
     assert [r["prediction"] for r in tp2] == [r["prediction"] for r in tp1]

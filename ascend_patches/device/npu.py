@@ -16,3 +16,17 @@ def activate_transfer_to_npu() -> str:
     """Import torch_npu's redirect (it acts on import and cannot be undone)."""
     importlib.import_module("torch_npu.contrib.transfer_to_npu")
     return "torch_npu.contrib.transfer_to_npu imported (redirects torch.cuda to the NPU; not revertible)"
+
+
+def with_npu_tensor_type(name: str):
+    """A wrapper for megatron's module-level tuples of legacy tensor types
+    (``_FLOAT_TYPES = (torch.FloatTensor, torch.cuda.FloatTensor)``): ``torch.npu.<name>`` added.
+    transfer_to_npu makes ``torch.cuda.<name>`` the NPU's, but a tuple built when megatron was
+    imported before it still holds CUDA's, and Float16Module would leave NPU inputs in fp32."""
+    def wrap(original: tuple) -> tuple:
+        import torch
+
+        npu_type = getattr(torch.npu, name)
+        return original if npu_type in original else tuple(original) + (npu_type,)
+
+    return wrap

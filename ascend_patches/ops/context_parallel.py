@@ -271,9 +271,11 @@ class _AllToAll(torch.autograd.Function):
         return out, None
 
 
-def _chunk_order(n: int) -> torch.Tensor:
-    """Index of global chunk g among the gathered [rank j: chunks j, 2n-1-j] pairs, for g in 0..2n-1."""
-    return torch.tensor([2 * g for g in range(n)] + [2 * (2 * n - 1 - g) + 1 for g in range(n, 2 * n)])
+def _chunk_order(n: int, device) -> torch.Tensor:
+    """Index of global chunk g among the gathered [rank j: chunks j, 2n-1-j] pairs, for g in 0..2n-1,
+    on ``device`` (the tensor it indexes: no host-to-device copy per call)."""
+    return torch.tensor([2 * g for g in range(n)] + [2 * (2 * n - 1 - g) + 1 for g in range(n, 2 * n)],
+                        device=device)
 
 
 def _gather_sequence(x: torch.Tensor, group, n: int) -> torch.Tensor:
@@ -281,14 +283,14 @@ def _gather_sequence(x: torch.Tensor, group, n: int) -> torch.Tensor:
     order for this rank's share of the heads."""
     t, b, h, d = x.shape
     parts = _AllToAll.apply(x.view(t, b, n, h // n, d).permute(2, 0, 1, 3, 4), group)  # [source, t, b, h/n, d]
-    return parts.reshape(2 * n, t // 2, b, h // n, d)[_chunk_order(n)].reshape(n * t, b, h // n, d)
+    return parts.reshape(2 * n, t // 2, b, h // n, d)[_chunk_order(n, x.device)].reshape(n * t, b, h // n, d)
 
 
 def _scatter_sequence(x: torch.Tensor, group, n: int) -> torch.Tensor:
     """The inverse of ``_gather_sequence``: [n t, b, heads / n, d] -> [t, b, heads, d]."""
     s, b, h, d = x.shape
     t = s // n
-    pairs = x.reshape(2 * n, t // 2, b, h, d)[torch.argsort(_chunk_order(n))].reshape(n, t, b, h, d)
+    pairs = x.reshape(2 * n, t // 2, b, h, d)[torch.argsort(_chunk_order(n, x.device))].reshape(n, t, b, h, d)
     return _AllToAll.apply(pairs, group).permute(1, 2, 0, 3, 4).reshape(t, b, n * h, d)
 
 

@@ -20,6 +20,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+import ascend_patches
+
 from recipes.errors import BadInput
 from recipes.infer import inference
 
@@ -67,7 +69,9 @@ class Session:
         self.stage = inference.stage_info()
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens`` [b, s] to the cache; return next-token logits [b, vocab] (fp32)."""
+        """Append ``tokens`` [b, s] to the cache (on the accelerator, with the model); return
+        next-token logits [b, vocab] (fp32) in host memory, where the decode loop chooses: one
+        device-to-host copy per step."""
         b, s = tokens.shape
         offset = self.ctx.sequence_len_offset
         pos = torch.arange(offset, offset + s).unsqueeze(0).expand(b, s)
@@ -76,10 +80,10 @@ class Session:
             logits = logits[:, -1].contiguous()
         self.ctx.sequence_len_offset += s
         self.ctx.enable_decode_mode()
-        return inference.broadcast_from_last_stage(logits, (b, self.lm.vocab_size), torch.float32, self.stage)
+        return inference.broadcast_from_last_stage(logits, (b, self.lm.vocab_size), torch.float32, self.stage).cpu()
 
     def reorder(self, index: torch.Tensor):
-        self.ctx.swap_key_value_dict(index)
+        self.ctx.swap_key_value_dict(index.to(ascend_patches.device()))  # the KV cache is on the accelerator
 
 
 def generate(lm, prompts: List[List[int]], max_new_tokens: int, params: SamplingParams, eos_id: Optional[int],

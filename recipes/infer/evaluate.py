@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+import ascend_patches
+
 from recipes.errors import ArgumentParser, BadInput, MissingInput
 from recipes.progress import bar as progress_bar
 from recipes.model import parallel
@@ -270,10 +272,10 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
         stage = inference.stage_info()
         pos = torch.arange(width).unsqueeze(0).expand(b, width)
         last = inference.forward(lm, tokens, pos, ctx, stage, attention_mask=mask)
-        last = inference.broadcast_from_last_stage(last, (b, 1, lm.vocab_size), torch.float32, stage)
+        last = inference.broadcast_from_last_stage(last, (b, 1, lm.vocab_size), torch.float32, stage).cpu()
         ctx.sequence_len_offset += width
         owner = torch.tensor([gi for gi, _ in branches])
-        ctx.swap_key_value_dict(owner)  # each branch its context's cache
+        ctx.swap_key_value_dict(owner.to(ascend_patches.device()))  # each branch its context's cache
         btok = torch.zeros(nb, blen, dtype=torch.long)
         for j, (_, k) in enumerate(branches):
             cont = requests[k][1][:-1]
@@ -287,8 +289,8 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
         ctx.materialize_only_last_token_logits = False
         bpos = torch.arange(width, width + blen).unsqueeze(0).expand(nb, blen)
         blog = inference.forward(lm, btok, bpos, ctx, stage, attention_mask=bmask)
-        blog = inference.broadcast_from_last_stage(blog, (nb, blen, lm.vocab_size), torch.float32, stage)
-        # per branch: the context's last logits, then the branch's own
+        blog = inference.broadcast_from_last_stage(blog, (nb, blen, lm.vocab_size), torch.float32, stage).cpu()
+        # per branch (scored on the host: one copy of the logits per batch): the context's last logits, then the branch's own
         logits = torch.cat([last[owner], blog], dim=1)
         conts = [requests[k][1] for _, k in branches]
         for (_, k), v in zip(branches, _gather_scores(logits, list(range(nb)), [0] * nb, conts).tolist()):

@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+import ascend_patches
+
 from recipes.data.tokenizer import add_tokenizer_flags, load_tokenizer
 from recipes.errors import BadInput
 from recipes.model import checkpointing, flags, llama2, parallel
@@ -114,8 +116,12 @@ def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, contex
     replaces the causal mask)."""
     stage = stage or stage_info()
     b, s = tokens.shape
+    device = ascend_patches.device()
+    tokens, position_ids = tokens.to(device), position_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
     if not stage.first:
-        hidden = torch.empty(s, b, lm.shape.hidden_size, dtype=lm.dtype)
+        hidden = torch.empty(s, b, lm.shape.hidden_size, dtype=lm.dtype, device=device)
         dist.recv(hidden, src=stage.prev_rank)
         lm.model.set_input_tensor(hidden)
     out = lm.model(tokens, position_ids, attention_mask=attention_mask, inference_context=context,
@@ -127,20 +133,20 @@ def forward(lm: Loaded, tokens: torch.Tensor, position_ids: torch.Tensor, contex
 
 
 def broadcast_from_last_stage(t: Optional[torch.Tensor], like_shape, dtype, stage=None) -> torch.Tensor:
-    """The last pipeline stage's tensor on every stage."""
+    """The last pipeline stage's tensor on every stage (on the accelerator)."""
     stage = stage or stage_info()
     if dist.get_world_size(stage.group) == 1:
         return t
     if not stage.last:
-        t = torch.empty(like_shape, dtype=dtype)
+        t = torch.empty(like_shape, dtype=dtype, device=ascend_patches.device())
     t = t.contiguous()
     dist.broadcast(t, src=stage.last_rank, group=stage.group)
     return t
 
 
 def full_logits(lm: Loaded, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits for every position of ``tokens`` [b, s] (no KV cache), on every rank."""
+    """Logits for every position of ``tokens`` [b, s] (no KV cache), on every rank, in host memory."""
     b, s = tokens.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
     logits = forward(lm, tokens, pos)
-    return broadcast_from_last_stage(logits, (b, s, lm.vocab_size), torch.float32)
+    return broadcast_from_last_stage(logits, (b, s, lm.vocab_size), torch.float32).cpu()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import ascend_patches
 from recipes.errors import BadInput, MissingInput
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -70,9 +71,15 @@ def what_else_is_there(root) -> Optional[str]:
 
 
 def rng_state() -> dict:
-    """Every RNG a resumed run must continue: python, numpy, torch and megatron's tracker."""
-    return {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
-            "tracker": _tracker_states()}
+    """Every RNG a resumed run must continue: python, numpy, torch's host generator, off the CPU
+    the accelerator's default generator (Megatron-LM's ``cuda_rng_state``: the dropout outside
+    megatron's tracker draws from it; ``torch.cuda`` is the NPU's under transfer_to_npu), and
+    megatron's tracker."""
+    state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": _tracker_states()}
+    if ascend_patches.settings().backend != "cpu":
+        state["device"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _tracker_states():
@@ -87,6 +94,8 @@ def set_rng_state(state) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
+    if "device" in state and ascend_patches.settings().backend != "cpu":  # saved and resumed on an accelerator
+        torch.cuda.set_rng_state(state["device"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+import ascend_patches
+
 from recipes.errors import BadInput
 
 
@@ -174,7 +176,7 @@ def transformer_config(s: LlamaShape, **overrides):
         hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        use_cpu_initialization=True, init_method_std=0.02,
+        use_cpu_initialization=ascend_patches.settings().backend == "cpu", init_method_std=0.02,
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -210,13 +212,14 @@ def build_model(s: LlamaShape, config=None, pre_process=True, post_process=True,
 
     config = config or transformer_config(s, **config_overrides)
     extra = {} if vp_stage is None else {"vp_stage": vp_stage}
-    return GPTModel(
+    model = GPTModel(
         config=config, transformer_layer_spec=layer_spec(),
         vocab_size=vocab_size or s.vocab_size, max_sequence_length=seq_length or s.seq_length,
         pre_process=pre_process, post_process=post_process,
         share_embeddings_and_output_weights=False, position_embedding_type="rope",
         rotary_base=int(s.rope_theta) if float(s.rope_theta).is_integer() else s.rope_theta, **extra,
     )
+    return model.to(ascend_patches.device())  # as Megatron-LM's get_model: on the accelerator, however initialised
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -112,6 +112,10 @@ def _training_flags(p):
                         "where the accelerator has the kernel: Apex on CUDA, ascend_patches on the CPU; never "
                         "with LoRA, whose frozen weights have no main_grad)")
     g.add_argument("--seed", type=int, default=1234, help="default 1234")
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="initialise the weights on the host, then move the model to the accelerator (Megatron-LM's "
+                        "flag: the same weights at any TP size); the default on the CPU backend. Elsewhere each "
+                        "rank initialises its own shard on its device")
 
 
 def _data_flags(p):

@@ -151,6 +151,7 @@ class RunSettings:
     attention_dropout: float
     gradient_accumulation_fusion: bool
     compile_fused_ops: bool
+    use_cpu_initialization: bool  # --use-cpu-initialization, or the CPU backend
     tokenizer_path: Optional[str]
     tokenizer_type: Optional[str]
     make_vocab_size_divisible_by: int
@@ -608,5 +609,8 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
         save_interval=args.save_interval, seed=args.seed, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         gradient_accumulation_fusion=args.gradient_accumulation_fusion and lora is None and ascend_patches.gradient_accumulation_fusion_available(),
-        compile_fused_ops=args.compile_fused_ops, tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
+        compile_fused_ops=args.compile_fused_ops,
+        use_cpu_initialization=getattr(args, "use_cpu_initialization", False)
+        or ascend_patches.settings().backend == "cpu",
+        tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer)

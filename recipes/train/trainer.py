@@ -79,7 +79,8 @@ def _duration(seconds: float) -> str:
 
 
 def dp_sum(values, group) -> list:
-    t = torch.tensor(values, dtype=torch.float64)
+    """Sums over ``group``, reduced on the accelerator (HCCL and NCCL reduce device tensors only)."""
+    t = torch.tensor(values, dtype=torch.float64, device=ascend_patches.device())
     dist.all_reduce(t, group=group)
     return t.tolist()
 
@@ -133,7 +134,7 @@ class Trainer:
             context_parallel_size=L.cp, cp_comm_type=L.cp_comm_type if L.cp > 1 else None,
             pipeline_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16, params_dtype=s.dtype,
             hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
-            gradient_accumulation_fusion=s.gradient_accumulation_fusion,
+            gradient_accumulation_fusion=s.gradient_accumulation_fusion, use_cpu_initialization=s.use_cpu_initialization,
             **llama2.pipeline_split(s.shape.num_layers, L.pp))
         chunks = []
         for v in range(L.vpp or 1):
@@ -241,7 +242,9 @@ class Trainer:
         print(f"{s.describe()}; gradient accumulation fusion {'on' if s.gradient_accumulation_fusion else 'off'}; "
               f"compiled CPU ops {'on' if s.compile_fused_ops else 'off'}", flush=True)
         on_rank = sum(llama2.count_parameters(checkpointing.unwrap(m)) for m in self.models)
-        print(f"parameters: {on_rank:,} on rank 0 (its tensor and pipeline parallel shard)", flush=True)
+        where = sorted({str(p.device) for m in self.models for p in m.parameters()})
+        print(f"parameters: {on_rank:,} on rank 0 (its tensor and pipeline parallel shard), on {', '.join(where)}",
+              flush=True)
 
     def _log(self, record: dict, log: MetricsLog) -> None:
         if self.rank != self.last_rank:

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
+import ascend_patches
 from recipes.errors import BadInput
 
 
@@ -108,6 +109,12 @@ def with_defaults(batch: dict) -> dict:
     return batch
 
 
+def on_device(batch: dict, device: torch.device) -> dict:
+    """A micro-batch's tensors (tokens, labels, masks, positions, packed-sequence offsets) on the
+    accelerator the model is on."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def forward(model, batch: dict) -> torch.Tensor:
     """The model's per-token losses on a micro-batch (``with_defaults`` applied); a packed one
     (datasets.to_thd) reaches it with megatron's PackedSeqParams, so each sequence attends to
@@ -128,8 +135,10 @@ def make_forward_step() -> Callable:
     cp_group = parallel_state.get_context_parallel_group() if parallel_state.get_context_parallel_world_size() > 1 \
         else None
 
+    device = ascend_patches.device()
+
     def forward_step(data_iterator: Iterator, model):
-        batch = with_defaults(next(data_iterator))
+        batch = on_device(with_defaults(next(data_iterator)), device)
         if cp_group is not None:
             batch = split_for_context_parallel(batch)
         loss_mask = batch["loss_mask"]

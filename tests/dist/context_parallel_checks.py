@@ -55,11 +55,12 @@ def check(attention, s, b, n, ng, d):
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = reference(*full, scale)
     ref.backward(dout)
-    mine = [local(t).requires_grad_() for t in (q, k, v)]
+    device = ascend_patches.device()  # the reference on the host, the attention on the backend's device
+    mine = [local(t).to(device).requires_grad_() for t in (q, k, v)]
     out = attention(*mine, scale)
-    out.backward(local(dout).reshape(out.shape))
-    return {"out": rel(out, local(ref).reshape(out.shape)),
-            **{f"d{x}": rel(m.grad, local(f.grad)) for x, m, f in zip("qkv", mine, full)}}
+    out.backward(local(dout).reshape(out.shape).to(device))
+    return {"out": rel(out.cpu(), local(ref).reshape(out.shape)),
+            **{f"d{x}": rel(m.grad.cpu(), local(f.grad)) for x, m, f in zip("qkv", mine, full)}}
 
 
 def npu_calls():

@@ -25,6 +25,7 @@ from ascend_patches.ops import context_parallel  # noqa: E402
 
 dist.init_process_group(ascend_patches.dist_backend())
 rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_default_device(ascend_patches.device())  # HCCL's tensors are on the NPU (the emulated one refuses others)
 assert world == 2
 peer = 1 - rank
 

@@ -1,0 +1,60 @@
+"""The emulated NPU as a device of its own (tests/npu_emulation/torch_npu/device.py), checked
+against torch's device rules, and the recipes on it.
+
+- What it refuses and allows (tests/dist/emulated_device_checks.py, 2 ranks on its "hccl"):
+  each rule is torch's own for a CUDA tensor, or torch_npu's for an NPU one.
+- The built-in engine after a step: every parameter, main_grad and optimizer state on npu
+  (bench/placement_check.py).  On the recipes before the fix (the model built with
+  use_cpu_initialization and left on the host) this run stops at the first layer: a torch_npu
+  kernel handed a CPU tensor.
+- TP=2 greedy generation on it gives the CPU backend's tokens, token for token.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import EMULATION
+from tests.helpers.launch import ROOT, env_for_ranks, pythonpath, run_torchrun
+
+pytestmark = pytest.mark.slow
+
+NPU = {"ASCEND_PATCHES_BACKEND": "npu", "EMULATED_HCCL_P2P_TIMEOUT_S": "60"}
+
+
+def _npu_env():
+    return {**NPU, "PYTHONPATH": str(EMULATION) + os.pathsep + pythonpath()}
+
+
+def test_the_emulated_npu_refuses_what_hardware_refuses():
+    out = run_torchrun("emulated_device_checks.py", env=_npu_env())
+    results = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    assert results == {name: "ok" for name in results} and len(results) == 10, results
+
+
+def test_every_parameter_gradient_and_optimizer_state_is_on_the_npu(alpaca_pretrain_data):
+    prefix, tok = alpaca_pretrain_data
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "placement_check.py"), "--data-path", prefix,
+                           "--tokenizer-name-or-path", tok], capture_output=True, text=True, timeout=300,
+                          env=env_for_ranks(_npu_env()), cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "placement: every tensor on npu" in out, out[-3000:]
+    assert "parameter: {'npu': 15}" in out and "main_grad: {'npu': 15}" in out, out[-3000:]
+    assert "optimizer state: {'npu': 45}" in out, out[-3000:]  # exp_avg, exp_avg_sq, step per parameter
+
+
+def test_tp2_greedy_generation_on_the_npu_gives_the_cpus_tokens(stories_sft, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe cat sat\nLily and Ben went to the park. They\n")
+    outs = {}
+    for backend, env in (("cpu", None), ("npu", _npu_env())):
+        run_torchrun("recipes.generate", "--load", stories_sft / "base", "--tensor-model-parallel-size", 2,
+                     "--prompt-file", prompts, "--greedy", "--max-new-tokens", 24, "--output-json",
+                     tmp_path / f"{backend}.json", env=env)
+        outs[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
+    assert [r["tokens"] for r in outs["npu"]] == [r["tokens"] for r in outs["cpu"]]
+    assert all(len(r["tokens"]) == 24 for r in outs["cpu"])
