@@ -99,8 +99,8 @@ class LoraParallelLinear(nn.Module):
         bound = 1 / math.sqrt(full_in) * math.sqrt(3) * math.sqrt(2 / (1 + 5))  # kaiming_uniform_(a=sqrt(5))
         full_a = torch.empty(r, full_in).uniform_(-bound, bound, generator=gen)
         a = full_a if self.column else full_a.chunk(tp, dim=1)[ps.get_tensor_model_parallel_rank()].clone()
-        self.lora_A = nn.Parameter(a.to(w.dtype))
-        self.lora_B = nn.Parameter(b.to(w.dtype))
+        self.lora_A = nn.Parameter(a.to(w.device, w.dtype))  # drawn on the host (the same on every rank), kept
+        self.lora_B = nn.Parameter(b.to(w.device, w.dtype))  # beside the weight it adapts
         if self.column:
             set_tensor_model_parallel_attributes(self.lora_B, is_parallel=True, dim=0, stride=1)
         else:

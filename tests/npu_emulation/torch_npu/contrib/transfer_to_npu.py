@@ -90,6 +90,8 @@ def _npu_patches():
                          backends=npu, group="device", sweep=False, why="torch.cuda.* is torch.npu.*"))
 
     n = torch_npu.npu
+    # is_available / device_count stay CUDA's (False / 0), unlike the wheel's: with them True, torch.compile's
+    # triton checks ask CUDA for device properties, and the emulation has no compiler for npu tensors
     for attr in ("current_device", "set_device", "synchronize", "current_stream", "default_stream", "Stream",
                  "stream", "set_stream", "Event", "manual_seed", "manual_seed_all", "get_rng_state", "set_rng_state",
                  "empty_cache", "memory_allocated", "max_memory_allocated", "memory_reserved",
