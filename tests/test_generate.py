@@ -61,6 +61,7 @@ def _generate(ckpt, *flags, stdin=None, timeout=300):
     return proc.stdout
 
 
+@pytest.mark.full  # CI time: ~50 s; the warps: test_top_k_top_p_warping_matches_hf
 def test_sampling_is_reproducible_and_seeded(stories_ckpt, tmp_path):
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):

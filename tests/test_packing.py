@@ -168,7 +168,7 @@ def test_packed_finetune_learns_and_resumes_exactly(stories_sft, tmp_path, layou
 
 @pytest.mark.parametrize("layout", [
     pytest.param(["--tensor-model-parallel-size", 2, "--sequence-parallel"], marks=pytest.mark.full),
-    ["--pipeline-model-parallel-size", 2],
+    pytest.param(["--pipeline-model-parallel-size", 2], marks=pytest.mark.full),  # CI time: ~50 s
     pytest.param(["--use-distributed-optimizer"], marks=pytest.mark.full)], ids=["tp2_sp", "pp2", "dp2_distopt"])
 def test_packed_layouts_equal_one_process(stories_sft, tmp_path, layout):
     """The same packed run (dropout off) at another layout: the losses of one process, to 1e-5
@@ -326,6 +326,7 @@ def test_throughput_counts_real_tokens_and_the_sequences_attended(stories_sft, f
     assert expect["variable"][1] < expect["padded"][1] and expect["packed"][2] < expect["padded"][2]
 
 
+@pytest.mark.full  # CI time: ~65 s; packing at load time: test_packed_finetune_learns_and_resumes_exactly
 def test_mindspeed_two_step_pack_route_gives_the_load_time_packing_losses(stories_sft, fixtures_dir, tmp_path):
     """MindSpeed-LLM's two steps: preprocess_data --pack --seq-length 256, then train with
     --reset-position-ids.  The dataset records the packing and trains packed: its losses equal
