@@ -63,5 +63,10 @@ def dist_backend(backend: str) -> str:
 def device(backend: str) -> torch.device:
     if backend == "cpu":
         return torch.device("cpu")
+    if backend == "npu" and torch._C._get_privateuse1_backend_name() != "npu":
+        if getattr(torch_npu_module(), "EMULATED", False):
+            return torch.device("cpu")  # the test emulation's older mode (EMULATED_NPU_DEVICE=0): its NPU is the CPU
+        raise ConfigurationError("torch_npu is imported but torch has no 'npu' device (PrivateUse1 was not renamed): "
+                                 "check that torch and torch_npu are matching releases")
     mod = torch.npu if backend == "npu" else torch.cuda  # torch.npu exists once torch_npu imports
     return torch.device(backend, mod.current_device())
