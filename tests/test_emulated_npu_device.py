@@ -58,3 +58,32 @@ def test_tp2_greedy_generation_on_the_npu_gives_the_cpus_tokens(stories_sft, tmp
         outs[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
     assert [r["tokens"] for r in outs["npu"]] == [r["tokens"] for r in outs["cpu"]]
     assert all(len(r["tokens"]) == 24 for r in outs["cpu"])
+
+
+def _deepspeed_losses(data, tmp_path, name, env, *flags):
+    prefix, tok = data
+    config = tmp_path / "ds.json"  # the stage, dtype and batches come from the flags
+    config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    metrics = tmp_path / f"{name}.jsonl"
+    out = run_torchrun("recipes.pretrain", "--model", "llama2-tiny", "--data-path", prefix, "--tokenizer-name-or-path",
+                       tok, "--train-iters", 6, "--seq-length", 64, "--log-interval", 3, "--deepspeed",
+                       "--deepspeed_config", config, "--use-cpu-initialization", "--metrics-file", metrics, *flags,
+                       env={"TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), **(env or {})})
+    return out, [json.loads(line)["loss"] for line in open(metrics)]
+
+
+@pytest.mark.parametrize("flags", [pytest.param(["--zero-stage", 1], marks=pytest.mark.full), ["--zero-stage", 3],
+                                   pytest.param(["--zero-stage", 2, "--tensor-model-parallel-size", 2],
+                                                marks=pytest.mark.full)],  # CI time: ~1 min each
+                         ids=["zero1_dp2", "zero3_dp2", "zero2_tp2"])
+def test_deepspeed_through_its_npu_accelerator_gives_the_cpus_losses(alpaca_pretrain_data, tmp_path, flags):
+    """DeepSpeed picks its own NPU accelerator (it imports torch_npu) and runs ZeRO on npu
+    tensors over "hccl"; its losses are the CPU backend's, 1e-5 relative (fp32; the emulated
+    kernels sum in another order).  ASCEND_HOME_PATH is what CANN's set_env.sh exports: DeepSpeed's
+    NPU op builders read it (an empty folder: no op is built, DS_BUILD_OPS=0)."""
+    _, cpu = _deepspeed_losses(alpaca_pretrain_data, tmp_path, "cpu", None, *flags)
+    out, npu = _deepspeed_losses(alpaca_pretrain_data, tmp_path, "npu", {**_npu_env(), "ASCEND_HOME_PATH": str(tmp_path)},
+                                 *flags)
+    assert "DeepSpeed accelerator: npu (NPU_Accelerator), communication backend hccl" in out, out[-3000:]
+    assert "shard), on npu:0" in out
+    assert len(npu) == 6 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(npu, cpu)), (npu, cpu)

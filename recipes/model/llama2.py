@@ -182,6 +182,13 @@ def transformer_config(s: LlamaShape, **overrides):
     return TransformerConfig(**kw)
 
 
+def initialisation(on_the_host: bool) -> dict:
+    """TransformerConfig's ``use_cpu_initialization`` for Megatron-LM's flag: the host's
+    initialisation when asked; otherwise ``transformer_config``'s default (the host on the CPU
+    backend, each rank's shard on its accelerator elsewhere)."""
+    return {"use_cpu_initialization": True} if on_the_host else {}
+
+
 def layer_spec():
     """Megatron-core's local (non-Transformer-Engine) GPT layer spec, stock."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

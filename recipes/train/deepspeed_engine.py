@@ -125,6 +125,7 @@ class DeepSpeedEngine(Trainer):
         return llama2.transformer_config(
             s.shape, tensor_model_parallel_size=L.tp, params_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16,
             hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
+            **llama2.initialisation(s.use_cpu_initialization),
             **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
                if s.deepspeed.activation_checkpointing else {}))
 
@@ -229,7 +230,7 @@ class DeepSpeedEngine(Trainer):
 def _loss(engine, batch) -> torch.Tensor:
     """The micro-batch's mean loss through the engine, as the built-in loop computes it (its
     positions, and a packed batch's PackedSeqParams)."""
-    batch = training.with_defaults(batch)
+    batch = training.on_device(training.with_defaults(batch), ascend_patches.device())
     return training.lm_loss(training.forward(engine, batch), batch["loss_mask"])[0]
 
 

@@ -116,6 +116,8 @@ def _training_flags(s: RunSettings) -> List[str]:
         out += ["--fp16", "--initial-loss-scale", o.initial_loss_scale]
     if not s.gradient_accumulation_fusion:
         out.append("--no-gradient-accumulation-fusion")
+    if s.use_cpu_initialization:
+        out.append("--use-cpu-initialization")
     if s.stop_at < s.train_iters:
         out += ["--exit-interval", s.stop_at]
     return out

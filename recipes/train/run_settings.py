@@ -151,7 +151,7 @@ class RunSettings:
     attention_dropout: float
     gradient_accumulation_fusion: bool
     compile_fused_ops: bool
-    use_cpu_initialization: bool  # --use-cpu-initialization, or the CPU backend
+    use_cpu_initialization: bool  # --use-cpu-initialization (the CPU backend initialises on the host anyway)
     tokenizer_path: Optional[str]
     tokenizer_type: Optional[str]
     make_vocab_size_divisible_by: int
@@ -610,7 +610,6 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
         attention_dropout=args.attention_dropout,
         gradient_accumulation_fusion=args.gradient_accumulation_fusion and lora is None and ascend_patches.gradient_accumulation_fusion_available(),
         compile_fused_ops=args.compile_fused_ops,
-        use_cpu_initialization=getattr(args, "use_cpu_initialization", False)
-        or ascend_patches.settings().backend == "cpu",
+        use_cpu_initialization=getattr(args, "use_cpu_initialization", False),
         tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer)

@@ -134,7 +134,7 @@ class Trainer:
             context_parallel_size=L.cp, cp_comm_type=L.cp_comm_type if L.cp > 1 else None,
             pipeline_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16, params_dtype=s.dtype,
             hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
-            gradient_accumulation_fusion=s.gradient_accumulation_fusion, use_cpu_initialization=s.use_cpu_initialization,
+            gradient_accumulation_fusion=s.gradient_accumulation_fusion, **llama2.initialisation(s.use_cpu_initialization),
             **llama2.pipeline_split(s.shape.num_layers, L.pp))
         chunks = []
         for v in range(L.vpp or 1):

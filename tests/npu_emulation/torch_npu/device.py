@@ -83,6 +83,9 @@ class NpuTensor(torch.Tensor):
         _TENSOR_DATA.__set__(self, new)
         self._data = new._data
 
+    def record_stream(self, stream):  # one synchronous queue: nothing to keep alive past a stream
+        return None
+
     def tolist(self):  # a device-to-host copy, as on hardware (torch has no tolist for subclasses)
         return self._data.tolist()
 
@@ -160,12 +163,18 @@ def _argument_names(func):
 
 
 # -- the PrivateUse1 kernels: what runs before any npu tensor exists ------------------------
+# aten's ops, not torch.empty: libraries wrap torch's Python factories (DeepSpeed's zero.Init does), and
+# a wrapper that sends them to npu would come back here
+_CPU = torch.device("cpu")
+
+
 def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
-    return NpuTensor(torch.empty(size, dtype=dtype, layout=layout, memory_format=memory_format))
+    return NpuTensor(torch.ops.aten.empty.memory_format(size, dtype=dtype, layout=layout, device=_CPU,
+                                                        memory_format=memory_format))
 
 
 def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memory=None):
-    return NpuTensor(torch.empty_strided(size, stride, dtype=dtype, layout=layout))
+    return NpuTensor(torch.ops.aten.empty_strided.default(size, stride, dtype=dtype, layout=layout, device=_CPU))
 
 
 def _copy_from(self, dst, non_blocking=False):

@@ -114,6 +114,33 @@ def memory_stats(device=None):
     return {"allocated_bytes.all.peak": _host_peak_bytes()}
 
 
+def _host_total_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Properties:
+    """What ``get_device_properties`` reports: the name, and the host's memory as the device's."""
+
+    def __init__(self):
+        self.name, self.total_memory = NAME, _host_total_bytes()
+
+
+def get_device_properties(device=None):
+    return _Properties()
+
+
+def mem_get_info(device=None):
+    total = _host_total_bytes()
+    return total - _host_peak_bytes(), total
+
+
+def is_bf16_supported():
+    return True
+
+
 def _generator():
     return _device.GENERATOR if _device.installed() else torch.default_generator
 
