@@ -226,6 +226,8 @@ def build_model(s: LlamaShape, config=None, pre_process=True, post_process=True,
         share_embeddings_and_output_weights=False, position_embedding_type="rope",
         rotary_base=int(s.rope_theta) if float(s.rope_theta).is_integer() else s.rope_theta, **extra,
     )
+    if any(p.is_meta for p in model.parameters()):
+        return model  # built under torch.device("meta") to count or plan: no data to move
     return model.to(ascend_patches.device())  # as Megatron-LM's get_model: on the accelerator, however initialised
 
 
