@@ -8,9 +8,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.helpers.launch import FIXTURES, free_port  # noqa: E402
+from tests.helpers.launch import FIXTURES, free_port, pythonpath  # noqa: E402
 
 EMULATION = Path(__file__).resolve().parent / "npu_emulation"
+
+
+def emulated_npu_env(**extra) -> dict:
+    """A command's environment on the emulated NPU device (tests/npu_emulation/README.md): the
+    emulation first on PYTHONPATH, the NPU backend selected; ``extra`` on top."""
+    return {"ASCEND_PATCHES_BACKEND": "npu", "PYTHONPATH": str(EMULATION) + os.pathsep + pythonpath(), **extra}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import EMULATION
+from tests.conftest import emulated_npu_env
 from tests.helpers.launch import run_torchrun
 
 TOL = 2e-6
@@ -30,11 +30,7 @@ def _results(out: str) -> list:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,cp", [("cpu", 2), ("cpu", 4), ("npu", 2)])
 def test_ring_and_ulysses_attention_equal_whole_sequence_attention(backend, cp):
-    env = {"ASCEND_PATCHES_BACKEND": "npu", "PYTHONPATH": f"{EMULATION}"} if backend == "npu" else None
-    if env:
-        from tests.helpers.launch import pythonpath
-
-        env["PYTHONPATH"] = pythonpath() + ":" + str(EMULATION)
+    env = emulated_npu_env() if backend == "npu" else None
     results = _results(run_torchrun("context_parallel_checks.py", nproc=cp, env=env))
     assert sorted(r["rank"] for r in results) == list(range(cp))
     for r in results:
@@ -57,11 +53,9 @@ def test_the_ring_exchange_holds_under_hccl_point_to_point_rules(backend):
     while the ungrouped isend-then-irecv the ring used before fails (on hardware it hangs), and so
     does ring attention with it swapped in; messages match in posting order, not by tag.  On
     gloo all of it passes and tags match by tag: the CPU forgives what HCCL does not."""
-    from tests.helpers.launch import pythonpath
-
     env = {"EMULATED_HCCL_P2P_TIMEOUT_S": "3"}
     if backend == "npu":
-        env.update(ASCEND_PATCHES_BACKEND="npu", PYTHONPATH=pythonpath() + ":" + str(EMULATION))
+        env.update(emulated_npu_env())
     results = {r["rank"]: r for r in _results(run_torchrun("p2p_rules_checks.py", nproc=2, env=env, timeout=120))}
     assert sorted(results) == [0, 1]
     hanging = "waited 3 s: on HCCL or NCCL this hangs"

@@ -1,13 +1,12 @@
 """The README's main job: preprocess the shipped sample, pretrain TP=2 over 2 CPU
 processes, loss falls, patch report printed, checkpoint written."""
 
-import os
 import re
 
 import pytest
 
-from tests.conftest import EMULATION
-from tests.helpers.launch import pythonpath, run_torchrun
+from tests.conftest import emulated_npu_env
+from tests.helpers.launch import run_torchrun
 
 pytestmark = pytest.mark.slow  # multi-process runs
 
@@ -16,8 +15,7 @@ pytestmark = pytest.mark.slow  # multi-process runs
 def test_demo_preprocesses_and_pretrains_with_tp2(tmp_path, backend):
     """On the emulated NPU device too: every step of the demo (pretrain, generation, LoRA and
     its merge) with the model and batches on npu, or an op mixing devices raises."""
-    env = None if backend == "cpu" else {"ASCEND_PATCHES_BACKEND": "npu",
-                                         "PYTHONPATH": str(EMULATION) + os.pathsep + pythonpath()}
+    env = None if backend == "cpu" else emulated_npu_env()
     text = run_torchrun("recipes.demo", "--train-iters", "30", "--out", tmp_path, timeout=600, env=env)
     assert re.search(r"patches: \d+ applied", text) and "TP=2 PP=1" in text
     assert re.search(r"rows read 1727, written 1724, skipped 3", text)

@@ -11,22 +11,18 @@ against torch's device rules, and the recipes on it.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import EMULATION
-from tests.helpers.launch import ROOT, env_for_ranks, pythonpath, run_torchrun
+from tests.conftest import emulated_npu_env
+from tests.helpers.launch import ROOT, run_torchrun
 
 pytestmark = pytest.mark.slow
 
-NPU = {"ASCEND_PATCHES_BACKEND": "npu", "EMULATED_HCCL_P2P_TIMEOUT_S": "60"}
 
 
 def _npu_env():
-    return {**NPU, "PYTHONPATH": str(EMULATION) + os.pathsep + pythonpath()}
+    return emulated_npu_env(EMULATED_HCCL_P2P_TIMEOUT_S="60")
 
 
 def test_the_emulated_npu_refuses_what_hardware_refuses():
@@ -37,11 +33,9 @@ def test_the_emulated_npu_refuses_what_hardware_refuses():
 
 def test_every_parameter_gradient_and_optimizer_state_is_on_the_npu(alpaca_pretrain_data):
     prefix, tok = alpaca_pretrain_data
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "placement_check.py"), "--data-path", prefix,
-                           "--tokenizer-name-or-path", tok], capture_output=True, text=True, timeout=300,
-                          env=env_for_ranks(_npu_env()), cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    # under torchrun, as one rank: its own rendezvous, not the test session's process group
+    out = run_torchrun(str(ROOT / "bench" / "placement_check.py"), "--data-path", prefix, "--tokenizer-name-or-path",
+                       tok, nproc=1, env=_npu_env())
     assert "placement: every tensor on npu" in out, out[-3000:]
     assert "parameter: {'npu': 15}" in out and "main_grad: {'npu': 15}" in out, out[-3000:]
     assert "optimizer state: {'npu': 45}" in out, out[-3000:]  # exp_avg, exp_avg_sq, step per parameter

@@ -15,12 +15,11 @@ device, equals the uninterrupted emulated run bit for bit.
 """
 
 import json
-import os
 
 import pytest
 
-from tests.conftest import EMULATION
-from tests.helpers.launch import pythonpath, run_torchrun
+from tests.conftest import emulated_npu_env
+from tests.helpers.launch import run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +27,7 @@ pytestmark = pytest.mark.slow
 def _env(backend: str) -> dict:
     if backend == "cpu":
         return {}
-    return {"ASCEND_PATCHES_BACKEND": "npu", "PYTHONPATH": pythonpath() + os.pathsep + str(EMULATION),
-            "EMULATED_HCCL_P2P_TIMEOUT_S": "60"}
+    return emulated_npu_env(EMULATED_HCCL_P2P_TIMEOUT_S="60")
 
 
 def _run(data, save, backend, *flags, iters=6):

@@ -4,14 +4,13 @@ accuracies equal.  Log-likelihoods agree to 1e-4 (fp32; two different forward
 implementations, Megatron's and HF's)."""
 
 import json
-import os
 
 import pytest
 
 from converters import hf_to_megatron, megatron_to_hf
 from recipes.infer import evaluate
-from tests.conftest import EMULATION
-from tests.helpers.launch import pythonpath, run_torchrun
+from tests.conftest import emulated_npu_env
+from tests.helpers.launch import run_torchrun
 from tests.helpers import lm_eval_reference as ref  # needs lm-eval: the [test] extra installs it
 
 pytestmark = pytest.mark.slow  # multi-process runs
@@ -100,7 +99,7 @@ def test_boolq_branches_at_tp2_on_the_emulated_npu_give_the_cpus_scores(model, f
     out = tmp_path / "tp2.json"
     run_torchrun("recipes.evaluate", "--task", "boolq", "--task-data-path", data, "--load", model / "mg",
                  "--tokenizer-name-or-path", model / "hf", "--limit", "24", "--output-json", out,
-                 env={"ASCEND_PATCHES_BACKEND": "npu", "PYTHONPATH": str(EMULATION) + os.pathsep + pythonpath()})
+                 env=emulated_npu_env())
     tp2 = json.loads(out.read_text())["predictions"]
     tp1 = _ours(model, evaluate.boolq_questions(data, 24), single_process_group)
     assert [r["prediction"] for r in tp2] == [r["prediction"] for r in tp1]
