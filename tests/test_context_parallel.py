@@ -249,7 +249,7 @@ def _mismatches(got, want, rtol=1e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,reference", [("cp2", "cp1"), ("cp2_ulysses", "cp1"),
                                               pytest.param("tp2_cp2", "tp2", marks=pytest.mark.full),  # CI time: ~90 s
-                                              ("cp2_eod", "cp1_eod")])
+                                              pytest.param("cp2_eod", "cp1_eod", marks=pytest.mark.full)])  # ~50 s
 def test_recipe_context_parallel_equals_cp1(recipe_runs, layout, reference):
     """The same global batches at CP=2 (DP=1; ring and Ulysses) and CP=1 (DP=2), and TP2 x CP2
     (4 ranks) against TP=2: every loss and gradient norm within 1e-5 relative, fp32 (measured ~1e-7: the order of

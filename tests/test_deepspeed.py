@@ -119,6 +119,7 @@ def test_recompute_through_deepspeed_gives_the_same_gradients(data, tmp_path):
     assert not all(torch.equal(plain[n], unrouted[n]) for n in plain)
 
 
+@pytest.mark.full  # CI time: ~65 s
 def test_pipeline_two_stages_equals_one_stage(data, tmp_path):
     one = _ds(data, tmp_path, "one", "--zero-stage", 1, "--no-pipeline-parallel")
     two = _ds(data, tmp_path, "two", "--zero-stage", 1, "--pipeline-model-parallel-size", 2)

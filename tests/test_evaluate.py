@@ -61,6 +61,7 @@ def test_mmlu_agrees_with_lm_eval(model, fixtures_dir, tmp_path, single_process_
               f"max |loglik diff| {worst:.2e}")
 
 
+@pytest.mark.full  # CI time: ~55 s; MMLU against lm-eval stays, and BoolQ's TP=2 branches against TP=1
 def test_boolq_agrees_with_lm_eval_in_both_schemas(model, fixtures_dir, tmp_path, single_process_group):
     sg = fixtures_dir / "boolq" / "superglue_BoolQ_val_first200.jsonl"
     orig = fixtures_dir / "boolq" / "DERIVED_boolq_dev_format_first200.jsonl"

@@ -64,6 +64,7 @@ def _merged_check(setup, lora_dir, tp, tmp):
     return merged
 
 
+@pytest.mark.full  # CI time: ~100 s; the demo trains and merges a LoRA by default, test_lora_tp2_* resumes one
 def test_lora_tp1_trains_adapters_only_and_merges(setup, tmp_path):
     save = tmp_path / "lora"
     (res,) = _train(setup, save, 1)

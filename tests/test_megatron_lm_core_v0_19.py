@@ -220,6 +220,7 @@ def test_no_python_version_file_in_copies(tmp_path):
 
 
 @needs_312
+@pytest.mark.full  # CI time: ~90 s in the 3.12 job; the recipe's document masking: test_packing
 def test_inter_document_masking_runs_thd_and_equals_megatrons_document_masks(checkout, alpaca):
     """``--dataloader-inter-document-masking`` with the local layer spec: the dataset returns
     cu_seqlens at document boundaries and the batch reaches the model as THD, which stock
