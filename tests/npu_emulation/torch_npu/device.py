@@ -26,12 +26,15 @@ CPU); tests not yet moved onto the device set it, each saying so.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from torch.utils._pytree import tree_map
+from torch.utils._python_dispatch import return_and_correct_aliasing
 
 NAME = "npu"
+_CPU = torch.device("cpu")
 GENERATOR = torch.Generator()  # the device's own RNG: CPU arithmetic, its own state
 _installed = False
 
@@ -119,8 +122,6 @@ def require_npu(op: str, *tensors) -> None:
                                "run on the NPU only; move the tensor with .npu())")
 
 
-_COPY_OPS = (torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)
-
 
 def _dispatch(func, args, kwargs):
     if func is torch.ops.aten._to_copy.default:
@@ -139,7 +140,7 @@ def _dispatch(func, args, kwargs):
             raise MixedDevices(f"{func}: expected all tensors to be on the same device, but found at least two "
                                f"devices, npu:0 and {x.device} (the emulated NPU refuses what hardware refuses)")
         if isinstance(x, torch.device) and x.type == NAME:
-            return torch.device("cpu")
+            return _CPU
         return x
 
     uargs, ukwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
@@ -147,25 +148,17 @@ def _dispatch(func, args, kwargs):
         ukwargs["generator"] = GENERATOR
     out = func(*uargs, **ukwargs)
     wrapped = tree_map(lambda x: NpuTensor(x) if type(x) is torch.Tensor and x.device.type == "cpu" else x, out)
-    from torch.utils._python_dispatch import return_and_correct_aliasing
-
     return return_and_correct_aliasing(func, args, kwargs, wrapped)
 
 
-_ARGUMENTS = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _argument_names(func):
-    names = _ARGUMENTS.get(func)
-    if names is None:
-        names = _ARGUMENTS[func] = frozenset(a.name for a in func._schema.arguments)
-    return names
+    return frozenset(a.name for a in func._schema.arguments)
 
 
 # -- the PrivateUse1 kernels: what runs before any npu tensor exists ------------------------
 # aten's ops, not torch.empty: libraries wrap torch's Python factories (DeepSpeed's zero.Init does), and
 # a wrapper that sends them to npu would come back here
-_CPU = torch.device("cpu")
 
 
 def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):

@@ -1,12 +1,13 @@
 """``torch_npu.npu`` (``torch.npu`` once imported) for the emulation: one device, ``npu:0``.
 
 With the emulated device on (``device.enabled()``), its RNG is the device's own generator
-(``device.GENERATOR``), not the CPU's, as on hardware: seeding the CPU leaves the NPU's dropout
-masks alone.  Off, the NPU is the CPU and so is its RNG.  Streams and events are the CPU's
+(``device.GENERATOR``), not the CPU's, as on hardware: a draw on the CPU does not move it
+(``torch.manual_seed`` seeds both, as it seeds every registered device).  Off, the NPU is the CPU and so is its RNG.  Streams and events are the CPU's
 (work here is synchronous: the CPU device layer's); memory statistics are the host process's peak resident bytes
 (no HBM to count)."""
 
 import contextlib
+import functools
 
 import torch
 
@@ -57,13 +58,9 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-_STREAMS = []
-
-
+@functools.lru_cache(maxsize=None)
 def _stream():
-    if not _STREAMS:
-        _STREAMS.append(__getattr__("Stream")())
-    return _STREAMS[0]
+    return __getattr__("Stream")()
 
 
 def current_stream(device=None):

@@ -73,8 +73,7 @@ def _tensor_to(original):
 
 
 def _tensor_cuda(self, device=None, non_blocking=False, **kwargs):
-    return self.to(torch.device("npu", 0 if device is None or isinstance(device, (str, torch.device)) else device),
-                   non_blocking=non_blocking)
+    return self.to(to_npu(0 if device is None else device), non_blocking=non_blocking)
 
 
 def _module_cuda(self, device=None):
