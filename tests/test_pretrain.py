@@ -6,6 +6,7 @@ run naming iteration and rank."""
 
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -56,17 +57,20 @@ def test_tp2_learns_and_logs_throughput(tp2_run):
                                                                                  "split": "949,50,1"}
 
 
+# DP=2 with the distributed optimizer learns in test_distributed_optimizer_saves_and_resumes_exactly
 @pytest.mark.parametrize("layout", [
-    ["--use-distributed-optimizer"],  # DP=2
     ["--pipeline-model-parallel-size", 2],
     ["--pipeline-model-parallel-size", 2, "--num-layers", 4, "--num-layers-per-virtual-pipeline-stage", 1],
-], ids=["dp2_distopt", "pp2", "pp2_interleaved"])
+], ids=["pp2", "pp2_interleaved"])
 def test_other_layouts_learn(data, tmp_path, layout):
     run_torchrun("recipes.pretrain", *common(data), *layout, "--metrics-file", tmp_path / "m.jsonl")
     l = losses(tmp_path / "m.jsonl")
     assert len(l) == 20 and l[20] < l[1] - 1.0, l
 
 
+# on Python 3.11 in the full tier (CI time): test_mid_run_checkpoint_with_dropout_resumes_exactly resumes the same
+# TP=2 run with dropout on from a mid-run save; the 3.12 job runs this one
+@(pytest.mark.full if sys.version_info < (3, 12) else pytest.mark.slow)
 def test_resume_equals_uninterrupted(data, tp2_run, tmp_path):
     save, _ = tp2_run
     run_torchrun("recipes.pretrain", *common(data), "--tensor-model-parallel-size", 2, "--save", tmp_path,

@@ -269,10 +269,12 @@ def compare(results: dict, expected: dict) -> tuple:
     return newly_failing, newly_passing
 
 
-def check(results: dict, mode: str, files) -> tuple:
+def check(results: dict, mode: str, files, which: str = "all") -> tuple:
     """(newly failing, newly passing) of ``results`` against what expected.json holds for
-    ``mode`` over ``files``."""
-    want = {k: v for k, v in load_expected()["modes"].get(mode, {}).items() if k.split("::")[0] in files}
+    ``mode`` over ``files``, of the tests ``which`` ran (see ``run``)."""
+    wide = set(wide_tests(files, load_expected()["files"]))
+    want = {k: v for k, v in load_expected()["modes"].get(mode, {}).items()
+            if k.split("::")[0] in files and which in ("all", "wide" if k.split("[")[0] in wide else "narrow")}
     return compare(results, want)
 
 
@@ -306,6 +308,11 @@ def files_in(tier: str) -> list:
     return [f for f, s in spec.items() if tier == "all" or s.get("tier", "ci") == tier]
 
 
+def wide_tests(files, spec) -> list:
+    """The node ids (unparametrized) of the files' tests that need more ranks than their file."""
+    return [f"{f}::{t}" for f in files for t in spec.get(f, {}).get("wide_tests", ())]
+
+
 def sessions(files, spec) -> list:
     """(world size, targets, deselected) per torchrun session: the files at the world size they
     were written for, the tests of a file that need more ranks (``wide_tests``) at theirs; the
@@ -326,8 +333,11 @@ def sessions(files, spec) -> list:
     return out
 
 
-def run(mode: str, files=None, timeout_s: int = 900, tier: str = "ci", tree: str = "core_v0.16.1") -> tuple:
-    """(results, harness edits made) for ``mode`` over ``files`` (default: the tier's files)."""
+def run(mode: str, files=None, timeout_s: int = 900, tier: str = "ci", tree: str = "core_v0.16.1",
+        which: str = "all") -> tuple:
+    """(results, harness edits made) for ``mode`` over ``files`` (default: the tier's files):
+    ``which`` is "all" the sessions, "narrow" (the files at their world size, without their
+    wide tests) or "wide" (only the wide tests' sessions, at 4 or 8 ranks)."""
     use_tree(tree)
     spec = load_expected()["files"]
     files = files or files_in(tier)
@@ -335,7 +345,10 @@ def run(mode: str, files=None, timeout_s: int = 900, tier: str = "ci", tree: str
         work = Path(d)
         edits = copy_tests(work, mode) + PLUGIN_EDITS + ([TYPING_OVERRIDE_EDIT] if _needs_typing_override() else [])
         results = {}
+        wide = set(wide_tests(files, spec))
         for world, targets, deselect in sessions(files, spec):
+            if which != "all" and (set(targets) <= wide) != (which == "wide"):
+                continue
             # a file whose tests alone outlast the default says so (session_timeout_s)
             limit = max([timeout_s] + [spec.get(t.split("::")[0], {}).get("session_timeout_s", 0) for t in targets])
             results.update(run_group(targets, world, mode, work, limit, deselect))
