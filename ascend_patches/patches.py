@@ -47,6 +47,10 @@ for _tuple, _name in (("_FLOAT_TYPES", "FloatTensor"), ("_HALF_TYPES", "HalfTens
             wrapper=npu.with_npu_tensor_type(_name), backends=NPU, group="device", sweep=False,
             why=f"Float16Module converts its inputs by isinstance against {_tuple}, built at megatron's import: "
                 f"torch.npu.{_name} added, so the import order does not matter"))
+_(Patch("npu.jit_fuser", "megatron.core.jit:jit_fuser", wrapper=npu.eager_jit_fuser, backends=NPU, group="device",
+        sweep=False,  # its own sweep, over megatron's modules only: torch.compile is bound everywhere
+        why="torch.compile has no NPU code generator without triton-ascend: megatron's fused functions run as "
+            "written (those compiled before the import too), as MindSpeed's adaptor does"))
 _(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper, backends=NPU,
         group="device", sweep=False,
         why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from converters import hf_to_megatron, megatron_to_hf
+from tests.conftest import emulated_npu_env
 from tests.helpers import megatron_lm as mlm
 from tests.helpers.launch import env_for_ranks, run_torchrun
 
@@ -98,8 +99,26 @@ def test_distributed_optimizer_resume_equals_uninterrupted(checkout, alpaca, tra
 
 
 @pytest.fixture(scope="module")
-def tp2_reference(checkout, alpaca):
-    return mlm.iterations(_pretrain_gpt(checkout, alpaca, *LAYOUTS["tp2"]).stdout)
+def tp2_reference(trained):
+    return mlm.iterations(trained("tp2"))
+
+
+def test_pretrain_gpt_on_the_emulated_npu_gives_the_cpus_losses(checkout, alpaca, tmp_path):
+    """Stock pretrain_gpt.py on the emulated NPU device at TP=2, with what an Ascend user's script
+    sets: CUDA_DEVICE_MAX_CONNECTIONS=1 (MindSpeed-LLM's scripts export it) and
+    --no-gradient-accumulation-fusion (stock refuses the flag without Apex's CUDA kernel).  Dropout
+    off, so the device's own generator does not enter: every loss and grad norm equals the CPU
+    backend's (1e-5 relative: Megatron-LM logs 7 digits).  Each rank's emulated kernels ran, and
+    they take npu tensors only: the model and its batches were on the device."""
+    flags = [*LAYOUTS["tp2"], "--no-gradient-accumulation-fusion", "--hidden-dropout", 0, "--attention-dropout", 0]
+    cpu = mlm.iterations(_pretrain_gpt(checkout, alpaca, *flags, iters=6).stdout)
+    report = tmp_path / "kernels.jsonl"
+    env = emulated_npu_env(CUDA_DEVICE_MAX_CONNECTIONS="1", EMULATED_NPU_REPORT=str(report))
+    npu = mlm.iterations(_pretrain_gpt(checkout, alpaca, *flags, iters=6, env=env).stdout)
+    assert sorted(npu) == list(range(1, 7)) and mlm.loss_mismatches(npu, cpu, rtol=1e-5) == [], (npu, cpu)
+    ranks = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["device"] for r in ranks), ranks
+    assert all(r["calls"]["npu_rms_norm"] > 0 and r["calls"]["npu_fusion_attention"] > 0 for r in ranks), ranks
 
 
 @pytest.mark.parametrize("recompute", [["--recompute-granularity", "full", "--recompute-method", "uniform",

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 
+from tests.conftest import emulated_npu_env
 from tests.helpers import megatron_lm as mlm
 from tests.helpers.launch import env_for_ranks, run_torchrun
 
@@ -84,6 +85,27 @@ def uninterrupted(checkout, alpaca, tmp_path_factory):
             runs[layout] = _run(checkout, alpaca, layout, "--save", save, "--save-interval", 5)
         return runs[layout]
     return get
+
+
+@needs_312
+def test_pretrain_gpt_on_the_emulated_npu_gives_the_cpus_losses(checkout, alpaca, tmp_path):
+    """core_v0.19.0's pretrain_gpt.py on the emulated NPU device at TP=2 with the distributed
+    optimizer, as tests/test_megatron_lm.py runs core_v0.16.1's (an Ascend user's
+    CUDA_DEVICE_MAX_CONNECTIONS=1 and --no-gradient-accumulation-fusion; dropout off): the CPU
+    backend's losses and grad norms (1e-5 relative), and every rank's kernels ran on npu tensors."""
+    flags = [*LAYOUTS["tp2_distopt"], "--no-gradient-accumulation-fusion", "--hidden-dropout", 0,
+             "--attention-dropout", 0]
+    report = tmp_path / "kernels.jsonl"
+    cpu, npu = ({}, {})
+    for env, out in ((None, cpu), (emulated_npu_env(CUDA_DEVICE_MAX_CONNECTIONS="1", EMULATED_NPU_REPORT=str(report)),
+                                   npu)):
+        proc = mlm.pretrain_gpt(checkout, alpaca, *flags, iters=6, env=env)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        out.update(mlm.iterations(proc.stdout + proc.stderr))
+    assert sorted(npu) == list(range(1, 7)) and mlm.loss_mismatches(npu, cpu, rtol=1e-5) == [], (npu, cpu)
+    ranks = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["device"] for r in ranks), ranks
+    assert all(r["calls"]["npu_rms_norm"] > 0 and r["calls"]["npu_fusion_attention"] > 0 for r in ranks), ranks
 
 
 @needs_312

@@ -30,3 +30,35 @@ def with_npu_tensor_type(name: str):
         return original if npu_type in original else tuple(original) + (npu_type,)
 
     return wrap
+
+
+def _eager(func):
+    """A function as written: no decorator at all (``jit_fuser``'s replacement)."""
+    return func
+
+
+def eager_jit_fuser(original):
+    """megatron's ``jit_fuser`` (``torch.compile`` on torch >= 2.2) as a no-op, and the megatron
+    functions it already compiled (megatron imported first) back to the functions as written.
+
+    torch.compile has no code generator for NPU tensors here (torch_npu's own inductor backend
+    needs triton-ascend), and dynamo's tracing asks CUDA questions the wheel answers with None
+    (``get_device_capability``), so Megatron-LM's first call of a fused function (its JIT warm-up)
+    fails.  MindSpeed does the same (its adaptor replaces the JIT decorators).  What was compiled
+    and what runs eagerly compute the same thing; only speed differs.  Reverting restores
+    ``jit_fuser`` for later decorations, not the functions already unwrapped here."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("megatron."):
+            continue
+        if vars(module).get("jit_fuser") is original:  # `from megatron.core.jit import jit_fuser`, used later
+            module.jit_fuser = _eager
+        owners = [module] + [v for v in vars(module).values()
+                             if isinstance(v, type) and v.__module__ == name]
+        for owner in owners:
+            for key, value in list(vars(owner).items()):
+                plain = getattr(value, "_torchdynamo_orig_callable", None)
+                if plain is not None:
+                    setattr(owner, key, plain)
+    return _eager

@@ -11,6 +11,8 @@ the older mode in which the NPU is the CPU.  The numerics are plain torch on the
 
 from __future__ import annotations
 
+import os as _os
+
 import torch
 
 import npu_emulated_ops as _ops
@@ -49,3 +51,23 @@ npu_fusion_attention_grad = torch.ops.npu.npu_fusion_attention_grad
 npu_rms_norm = torch.ops.npu.npu_rms_norm
 npu_swiglu = torch.ops.npu.npu_swiglu
 npu_rotary_mul = torch.ops.npu.npu_rotary_mul
+
+
+def _report_at_exit(path: str) -> None:
+    """``EMULATED_NPU_REPORT=FILE``: at exit, each process appends one JSON line, its rank and
+    how often each emulated kernel ran.  The kernels take npu tensors only, so a count above
+    zero shows that work ran on the device (how a test sees it for a script it does not own,
+    such as stock Megatron-LM's pretrain_gpt.py)."""
+    import atexit
+    import json
+
+    def write():
+        with open(path, "a") as f:
+            f.write(json.dumps({"rank": int(_os.environ.get("RANK", "0")), "device": device.enabled(),
+                                "calls": dict(calls)}) + "\n")
+
+    atexit.register(write)
+
+
+if _os.environ.get("EMULATED_NPU_REPORT"):
+    _report_at_exit(_os.environ["EMULATED_NPU_REPORT"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 from torch.utils._pytree import tree_map
@@ -202,6 +203,30 @@ def _keep_parameter_attributes(original):
 
 
 _LIB = None
+_PINNED = set()  # the data pointers of host storages pinned for the NPU (_pin_memory)
+
+
+def _pinned_for(device) -> None:
+    if device is not None and torch.device(device).type != NAME:
+        raise RuntimeError(f"pin_memory: the emulation pins host memory for {NAME} only, not {device}")
+
+
+def _is_pinned(self, device=None):
+    _pinned_for(device)
+    return self.untyped_storage().data_ptr() in _PINNED
+
+
+def _pin_memory(self, device=None):
+    """Host memory pinned for the NPU, as the wheel's host allocator gives (what a DataLoader's
+    pin_memory=True asks of the accelerator in use): here ordinary host memory, a copy with the
+    same sizes and strides, marked pinned until it is freed."""
+    _pinned_for(device)
+    out = torch.empty_strided(self.size(), self.stride(), dtype=self.dtype)
+    out.copy_(self)
+    ptr = out.untyped_storage().data_ptr()
+    _PINNED.add(ptr)
+    weakref.finalize(out, _PINNED.discard, ptr)
+    return out
 
 
 def install(backend_module) -> None:
@@ -217,5 +242,7 @@ def install(backend_module) -> None:
     for name, fn in (("empty.memory_format", _empty), ("empty_strided", _empty_strided),
                      ("_copy_from", _copy_from), ("_copy_from_and_resize", _copy_from_and_resize)):
         _LIB.impl(name, fn, "PrivateUse1")
+    for name, fn in (("is_pinned", _is_pinned), ("_pin_memory", _pin_memory)):  # host tensors, pinned for npu
+        _LIB.impl(name, fn, "CPU")
     torch.nn.Module._apply = _keep_parameter_attributes(torch.nn.Module._apply)
     _installed = True

@@ -48,6 +48,18 @@ def get_device_name(device=None):
     return NAME
 
 
+def get_device_capability(device=None):
+    """As the wheel's: ``TORCH_NPU_DEVICE_CAPABILITY`` ("major.minor") when set, else None (a
+    CUDA notion the NPU does not have; the wheel warns and answers None)."""
+    import os
+
+    value = os.environ.get("TORCH_NPU_DEVICE_CAPABILITY")
+    if not value:
+        return None
+    major, minor = value.split(".")
+    return int(major), int(minor)
+
+
 def __getattr__(name):
     """``Stream`` and ``Event``: the CPU device layer's (work here is synchronous), imported on
     first use (``ascend_patches`` imports this module while it initialises)."""

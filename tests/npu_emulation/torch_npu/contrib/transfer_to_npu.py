@@ -80,6 +80,10 @@ def _module_cuda(self, device=None):
     return self.to(torch.device("npu", 0))
 
 
+def _no_triton(**kwargs):
+    return False
+
+
 def _npu_patches():
     npu = frozenset({"cpu"})  # the registry's backend here: this registry is applied under "cpu" below
     out = []
@@ -89,15 +93,22 @@ def _npu_patches():
                          backends=npu, group="device", sweep=False, why="torch.cuda.* is torch.npu.*"))
 
     n = torch_npu.npu
-    # is_available / device_count stay CUDA's (False / 0), unlike the wheel's: with them True, torch.compile's
-    # triton checks ask CUDA for device properties, and the emulation has no compiler for npu tensors
-    for attr in ("current_device", "set_device", "synchronize", "current_stream", "default_stream", "Stream",
+    # as the wheel's _patch_cuda, which copies torch.npu's names onto torch.cuda: is_available() is True
+    # (stock Megatron-LM asserts it), the device's count, name, properties and capability (None unless
+    # TORCH_NPU_DEVICE_CAPABILITY says); and as its _init, triton is reported absent (_patch_has_triton)
+    for attr in ("is_available", "device_count", "get_device_name", "get_device_properties",
+                 "get_device_capability", "mem_get_info", "is_bf16_supported",
+                 "current_device", "set_device", "synchronize", "current_stream", "default_stream", "Stream",
                  "stream", "set_stream", "Event", "manual_seed", "manual_seed_all", "get_rng_state", "set_rng_state",
                  "empty_cache", "memory_allocated", "max_memory_allocated", "memory_reserved",
                  "max_memory_reserved", "reset_peak_memory_stats", "memory_stats"):
         cuda(attr, getattr(n, attr))
     for attr in ("FloatTensor", "HalfTensor", "BFloat16Tensor"):  # _patch_cuda copies torch.npu's onto torch.cuda
         cuda(attr, getattr(n, attr))
+    for module in ("torch.utils._triton", "torch._dynamo.utils", "torch._inductor.runtime.autotune_cache",
+                   "torch._inductor.compile_fx"):
+        out.append(Patch(f"transfer_to_npu.{module}.has_triton", f"{module}:has_triton", replacement=_no_triton,
+                         backends=npu, group="device", sweep=False, why="the wheel's _patch_has_triton"))
     cuda("get_rng_state", n.get_rng_state, module="torch.cuda.random")
     cuda("set_rng_state", n.set_rng_state, module="torch.cuda.random")
     for p in cpu.patches():  # nvtx ranges: no-ops, as the wheel leaves them with no CUDA
