@@ -55,6 +55,10 @@ _(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper,
         group="device", sweep=False,
         why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))
 
+_(Patch("device.checkpoint_without_output_fp8", "megatron.core.tensor_parallel.random:CheckpointWithoutOutput.__init__",
+        wrapper=transformer_engine.checkpoint_without_output_init_wrapper, group="device", sweep=False,
+        why="fp8=False reads as FP8 (`fp8 is not None`), and the FP8 path calls TE's FP8GlobalStateManager, absent "
+            "without TE: --recompute-modules layernorm failed with NameError"))
 _(Patch("device.fs_writer_metadata_path", "torch.distributed.checkpoint.filesystem:FileSystemWriter.metadata_path",
         replacement=torch_compat.MetadataPath(), create=True, sweep=False, group="device",
         after="megatron.core.dist_checkpointing",

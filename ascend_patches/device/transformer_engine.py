@@ -19,3 +19,16 @@ def is_te_min_version_wrapper(original):
 
     is_te_min_version.__wrapped__ = original
     return is_te_min_version
+
+
+def checkpoint_without_output_init_wrapper(original):
+    """``tensor_parallel.CheckpointWithoutOutput(fp8=False)`` (how megatron-core's TransformerLayer
+    builds the checkpoint of ``--recompute-modules layernorm``) sets ``self.fp8 = fp8 is not None``,
+    True for False; its forward then calls TE's ``FP8GlobalStateManager``, which is not imported
+    without TE (NameError, megatron-core 0.16 to 0.19).  False and None mean no FP8."""
+    def __init__(self, fp8=False):
+        original(self, fp8)
+        self.fp8 = fp8 is not None and fp8 is not False
+
+    __init__.__wrapped__ = original
+    return __init__

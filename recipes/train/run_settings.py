@@ -21,6 +21,8 @@ import torch
 import ascend_patches
 from recipes.data import datasets
 from recipes.model import checkpointing, flags, llama2
+from recipes.train import recompute
+from recipes.train.recompute import Recompute
 from recipes.errors import BadInput, Exists, MissingInput
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -156,6 +158,7 @@ class RunSettings:
     tokenizer_type: Optional[str]
     make_vocab_size_divisible_by: int
     lora: Optional[Lora] = None
+    recompute: Recompute = Recompute()  # activation recomputation (recipes.train.recompute)
     engine: str = "builtin"      # "builtin" | "megatron-lm" | "deepspeed"
     megatron_lm: Optional[str] = None  # the Megatron-LM checkout the megatron-lm engine runs
     deepspeed: Optional[DeepSpeed] = None
@@ -193,8 +196,9 @@ class RunSettings:
         L, b = self.layout, self.batches
         vpp = f" VPP={L.vpp}" if L.vpp else ""
         cp = f" CP={L.cp}" if L.cp > 1 else ""
+        rc = f"; recompute {self.recompute.describe()}" if self.recompute.granularity else ""
         return (f"{self.model_name or 'custom'} {self.shape}; TP={L.tp} PP={L.pp}{vpp}{cp} DP={L.dp}; "
-                f"{b.num_microbatches} micro-batches of {b.micro} x {b.seq_length}; {llama2.dtype_name(self.dtype)}")
+                f"{b.num_microbatches} micro-batches of {b.micro} x {b.seq_length}; {llama2.dtype_name(self.dtype)}{rc}")
 
 
 def _resume(args, lora: bool) -> Resume:
@@ -476,6 +480,9 @@ def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
     if s.layout.cp > 1:
         raise BadInput(f"--context-parallel-size {s.layout.cp} with --deepspeed: context parallelism is built in "
                        "the built-in engine (and with --megatron-lm) only")
+    if s.recompute.granularity:
+        raise BadInput(f"--recompute-granularity {s.recompute.granularity} with --deepspeed: DeepSpeed's engine "
+                       "recomputes through its own checkpointing; use --deepspeed-activation-checkpointing")
     if stages > 1:
         _refuse_data_flags(args, "DeepSpeed's pipeline", "its stages exchange activations of one fixed shape, "
                            "without the packed sequences' boundaries; use --no-pipeline-parallel")
@@ -612,4 +619,5 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
         compile_fused_ops=args.compile_fused_ops,
         use_cpu_initialization=getattr(args, "use_cpu_initialization", False),
         tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer)
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer,
+        recompute=recompute.resolve(args))

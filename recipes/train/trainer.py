@@ -135,6 +135,7 @@ class Trainer:
             pipeline_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16, params_dtype=s.dtype,
             hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
             gradient_accumulation_fusion=s.gradient_accumulation_fusion, **llama2.initialisation(s.use_cpu_initialization),
+            **s.recompute.config(),
             **llama2.pipeline_split(s.shape.num_layers, L.pp))
         chunks = []
         for v in range(L.vpp or 1):
