@@ -86,3 +86,71 @@ def test_recomputation_repeats_the_losses_and_gradient_norms(alpaca_pretrain_dat
         else:
             assert [l for l, _ in got] == [l for l, _ in plain], (flags, got, plain)
             assert all(abs(g - p) <= 1e-7 * p for (_, g), (_, p) in zip(got, plain)), (flags, got, plain)
+
+
+# one layer's shape for the saved-bytes arithmetic: GQA with K and V at half Q's width
+S, B, H, F, A, G = 128, 2, 256, 704, 8, 4
+
+
+def _saved_bytes(num_layers: int, **recompute) -> int:
+    """The bytes of the non-parameter tensors autograd holds once a TransformerBlock's forward is
+    done (each storage once, at its size then: CheckpointWithoutOutput frees an output it will
+    recompute)."""
+    import dataclasses
+
+    import torch
+
+    from recipes.model import llama2
+
+    shape = dataclasses.replace(llama2.shape("llama2-tiny"), num_layers=num_layers, hidden_size=H,
+                                ffn_hidden_size=F, num_attention_heads=A, num_query_groups=G)
+    torch.manual_seed(0)
+    model = llama2.build_model(shape, vocab_size=512, seq_length=S, **recompute)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept = {}  # by the storage itself (held here, so no other takes its place), not its address: a freed
+    # output's memory is reused by the next allocation
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            kept.setdefault(storage._cdata, storage)
+        return t
+
+    x = torch.randn(S, B, H, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model.decoder(x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(S))
+    held = sum(s.nbytes() for s in kept.values())
+    y.sum().backward()  # the recomputation runs
+    return held
+
+
+def test_saved_bytes_per_layer_fall_as_the_arithmetic_says(single_process_group):
+    """Per layer (a 2-layer block less a 1-layer one: the RoPE table and the final norm cancel),
+    fp32, TP=1, in units of s*b*h floats, with kv = G/A (K's and V's width against Q's) and
+    f = F/H (docs/memory.md):
+      none:      9 + 3kv + 3f + (2 + A)/H   each RMSNorm keeps its input, x*rstd and its output
+                 (3, + rstd 1/H); attention the QKV GEMM's output (1 + 2kv), Q and K after RoPE
+                 (1 + kv), the flash kernel's output (1; linear_proj reads a view of it) and its
+                 log-sum-exp (A/H); the MLP fc1's output (2f) and SwiGLU's (f)
+      full:      1                          the layer's input, all the checkpoint keeps
+      mlp:       none - 3f                  fc1's and SwiGLU's outputs
+      layernorm: none - (4 + 2/H)           each norm's x*rstd, output and rstd
+      core_attn: none - A/H + 4 bytes       only the log-sum-exp (and the checkpoint keeps the
+                                            mask type as a one-int tensor): flash attention keeps
+                                            no [s, s] scores, which is what Megatron-LM's default
+                                            selective module was made to drop
+    Exact: the bytes are counted, not sampled."""
+    unit = S * B * H * 4
+    kv, f = G / A, F / H
+    none = 9 + 3 * kv + 3 * f + (2 + A) / H
+    want = {
+        "none": ({}, none),
+        "full": ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}, 1),
+        "mlp": ({"recompute_granularity": "selective", "recompute_modules": ["mlp"]}, none - 3 * f),
+        "layernorm": ({"recompute_granularity": "selective", "recompute_modules": ["layernorm"]}, none - 4 - 2 / H),
+        "core_attn": ({"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+                      none - A / H + 4 / unit),
+    }
+    got = {name: (_saved_bytes(2, **kw) - _saved_bytes(1, **kw)) / unit for name, (kw, _) in want.items()}
+    print({name: round(v, 4) for name, v in got.items()})
+    assert got == {name: units for name, (_, units) in want.items()}, got
