@@ -128,6 +128,15 @@ def test_distributed_optimizer_saves_and_resumes_exactly(data, distopt_run, tmp_
     assert _resume_from(data, tmp_path, ["--use-distributed-optimizer", "--save-interval", 10], stop=10) == full
 
 
+def test_overlapped_reduction_and_gather_give_the_same_losses_and_resume_exactly(data, distopt_run, tmp_path):
+    """--overlap-grad-reduce and --overlap-param-gather (DP=2, distributed optimizer): stopped at
+    10 and resumed, with both on throughout; all 20 losses equal the plain run's bit for bit: the
+    first 10 show the overlap changes nothing, the last 10 that its resume is exact (the save
+    forces the gather the next forward would have waited for)."""
+    flags = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--save-interval", 10]
+    assert _resume_from(data, tmp_path, flags, stop=10) == losses(distopt_run / "metrics.jsonl")
+
+
 @pytest.mark.full  # three more runs per layout; DP=2 above is the default tier's
 @pytest.mark.parametrize("layout, nproc", [(["--tensor-model-parallel-size", 2], 2),
                                            (["--pipeline-model-parallel-size", 2], 2),

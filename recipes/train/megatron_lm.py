@@ -103,6 +103,7 @@ def _training_flags(s: RunSettings) -> List[str]:
     if L.layers_per_virtual_stage:
         out += ["--num-layers-per-virtual-pipeline-stage", L.layers_per_virtual_stage]
     out += ["--sequence-parallel"] * L.sequence_parallel + ["--use-distributed-optimizer"] * L.distributed_optimizer
+    out += ["--overlap-grad-reduce"] * L.overlap_grad_reduce + ["--overlap-param-gather"] * L.overlap_param_gather
     out += ["--micro-batch-size", b.micro, "--global-batch-size", b.global_batch, "--seq-length", b.seq_length,
             "--train-iters", s.train_iters, "--lr", o.lr, "--min-lr", o.min_lr, "--lr-decay-style", o.decay_style,
             "--lr-warmup-iters", o.warmup_iters, "--lr-decay-iters", o.decay_iters, "--weight-decay", o.weight_decay,

@@ -78,6 +78,12 @@ def _parallel_flags(p):
                         "ulysses_cp_algo (all-to-all over heads); hybrid_cp_algo is refused")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over data-parallel ranks (ZeRO-1, Megatron's)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce data-parallel gradients bucket by bucket during the backward (Megatron-LM's flag; "
+                        "buckets of max(40M, 1M x DP) elements, its default)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated "
+                        "parameters during the next forward, bucket by bucket")
 
 
 def _training_flags(p):

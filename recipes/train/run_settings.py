@@ -40,6 +40,8 @@ class Layout:
     distributed_optimizer: bool = False
     cp: int = 1  # context parallel: each sequence split over this many ranks
     cp_comm_type: str = "p2p"  # megatron's name for the CP algorithm: p2p (ring attention) or a2a (Ulysses)
+    overlap_grad_reduce: bool = False  # DDP's gradient reduction bucket by bucket during the backward
+    overlap_param_gather: bool = False  # the distributed optimizer's all-gather during the next forward
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,12 @@ class RunSettings:
         vpp = f" VPP={L.vpp}" if L.vpp else ""
         cp = f" CP={L.cp}" if L.cp > 1 else ""
         rc = f"; recompute {self.recompute.describe()}" if self.recompute.granularity else ""
+        overlap = [name for name, on in (("grad reduce", L.overlap_grad_reduce), ("param gather", L.overlap_param_gather))
+                   if on]
+        ov = f"; overlapped {' and '.join(overlap)}" if overlap else ""
         return (f"{self.model_name or 'custom'} {self.shape}; TP={L.tp} PP={L.pp}{vpp}{cp} DP={L.dp}; "
-                f"{b.num_microbatches} micro-batches of {b.micro} x {b.seq_length}; {llama2.dtype_name(self.dtype)}{rc}")
+                f"{b.num_microbatches} micro-batches of {b.micro} x {b.seq_length}; {llama2.dtype_name(self.dtype)}"
+                f"{rc}{ov}")
 
 
 def _resume(args, lora: bool) -> Resume:
@@ -303,6 +309,16 @@ def _check_pasted(args) -> str:
     return own
 
 
+def _overlap(args) -> Tuple[bool, bool]:
+    """(--overlap-grad-reduce, --overlap-param-gather), with Megatron-LM's rules for the second."""
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise BadInput("--overlap-param-gather overlaps the distributed optimizer's all-gather: add "
+                       "--use-distributed-optimizer (Megatron-LM's rule)")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise BadInput("--overlap-param-gather needs --overlap-grad-reduce (Megatron-LM's rule)")
+    return args.overlap_grad_reduce, args.overlap_param_gather
+
+
 def _train_iters(args, global_batch: int) -> int:
     samples = getattr(args, "train_samples", None)
     if samples is not None and args.train_iters is not None:
@@ -377,7 +393,7 @@ def resolve(args, world: Optional[int] = None, passthrough=()) -> RunSettings:
                                  "tokenizer_type": tokenizer_kind(args.tokenizer_type)})
     settings = _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, resume, lora,
                          Layout(tp, pp, dp, world, vpp, per_stage, args.sequence_parallel,
-                                args.use_distributed_optimizer, cp, cp_comm_type),
+                                args.use_distributed_optimizer, cp, cp_comm_type, *_overlap(args)),
                          Batches(micro, global_batch, seq_length, global_batch // (micro * dp)))
     settings = replace(_with_engine(args, settings, tuple(passthrough)), dist_backend=dist_backend)
     settings = _with_deepspeed(args, settings, ds_config) if ds_config is not None else settings
@@ -480,6 +496,9 @@ def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
     if s.layout.cp > 1:
         raise BadInput(f"--context-parallel-size {s.layout.cp} with --deepspeed: context parallelism is built in "
                        "the built-in engine (and with --megatron-lm) only")
+    if s.layout.overlap_grad_reduce:
+        raise BadInput("--overlap-grad-reduce with --deepspeed: DeepSpeed overlaps its own reduction "
+                       "(zero_optimization.overlap_comm in the config)")
     if s.recompute.granularity:
         raise BadInput(f"--recompute-granularity {s.recompute.granularity} with --deepspeed: DeepSpeed's engine "
                        "recomputes through its own checkpointing; use --deepspeed-activation-checkpointing")

@@ -114,7 +114,9 @@ class Trainer:
         self.on_cpu = ascend_patches.settings().backend == "cpu"
         self.heap_note = ascend_patches.keep_freed_memory() if self.on_cpu else None
         chunks = self.weights.prepare(self._model_chunks())
-        self.models = [training.wrap_ddp(m, use_distributed_optimizer=L.distributed_optimizer) for m in chunks]
+        self.models = [training.wrap_ddp(m, use_distributed_optimizer=L.distributed_optimizer, chunk=i,
+                                         overlap_grad_reduce=L.overlap_grad_reduce,
+                                         overlap_param_gather=L.overlap_param_gather) for i, m in enumerate(chunks)]
         o = s.optim
         self.optimizer = training.build_optimizer(
             self.models, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad, bf16=s.bf16, fp16=s.fp16,
@@ -174,15 +176,18 @@ class Trainer:
         peak, self.peak_src = throughput.peak_tflops(ascend_patches.settings().backend, s.dtype, s.logging.peak_tflops)
         self.meter = throughput.Meter(s.shape, s.padded_vocab, peak, dist.get_world_size())
         self.started, self.first_iteration, self.records = time.perf_counter(), self.progress["iteration"], []
+        self.param_gather = training.ParamGatherOverlap(self.models)  # --overlap-param-gather's hooks
         with MetricsLog(s.logging.metrics_file, self.rank == self.last_rank, start=self.first_iteration) as log:
             while self.progress["iteration"] < s.stop_at:
                 record = self.step()
+                self.param_gather.after_step()
                 if s.logging.tensor_memory:
                     record["tensor_memory_gib"] = throughput.tensor_memory_gib()
                 record.update(self.evaluate())
                 self._log(record, log)
                 self.save()
                 self.meter.reset()  # evaluation and saving are not training throughput
+        self.param_gather.end()
         self._summary()
 
     def step(self) -> dict:
@@ -217,7 +222,8 @@ class Trainer:
         s, it = self.s, self.progress["iteration"]
         if not (s.logging.eval_interval and it % s.logging.eval_interval == 0):
             return {}
-        val = training.evaluate(self.s, self.models, self.valid, self.dp_rank, self.dp_size)
+        with self.param_gather.gathered():
+            val = training.evaluate(self.s, self.models, self.valid, self.dp_rank, self.dp_size)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and val is not None:
             return {"val_loss": dp_mean(val, ps.get_data_parallel_group())}
         return {}
@@ -225,6 +231,7 @@ class Trainer:
     def save(self) -> None:
         s, it = self.s, self.progress["iteration"]
         if s.save and ((s.save_interval and it % s.save_interval == 0) or it == s.stop_at):
+            self.param_gather.before_save()
             self.weights.save(it, self.models, self.optimizer, self.scheduler, self.progress)
             if self.rank == 0:
                 print(f"saved {checkpointing.iter_dir(s.save, it)}", flush=True)

@@ -13,14 +13,23 @@ import ascend_patches
 from recipes.errors import BadInput
 
 
-def wrap_ddp(model, use_distributed_optimizer: bool = False, bucket_size: Optional[int] = None):
+def wrap_ddp(model, use_distributed_optimizer: bool = False, bucket_size: Optional[int] = None,
+             overlap_grad_reduce: bool = False, overlap_param_gather: bool = False, chunk: int = 0):
+    """Megatron's DDP as Megatron-LM builds it: with overlap, buckets of max(40M, 1M x DP)
+    elements unless ``bucket_size`` says, and no bucketing past the first virtual-pipeline
+    chunk (``chunk``), whose reduction overlaps the other chunks' compute anyway."""
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    if overlap_grad_reduce and bucket_size is None:
+        bucket_size = max(40_000_000, 1_000_000 * ps.get_data_parallel_world_size(with_context_parallel=True))
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather, align_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                   disable_bucketing=chunk > 0)
 
 
 def wrap_float16(model):
@@ -42,9 +51,73 @@ def attach_grad_sync(models: List, optimizer=None) -> None:
 
     config = models[0].config
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [m.no_sync for m in models] if len(models) > 1 else models[0].no_sync
+    config.no_sync_func = _per_chunk(models, "no_sync")
+    if models[0].ddp_config.overlap_grad_reduce:  # Megatron-LM's default --align-grad-reduce
+        config.grad_sync_func = _per_chunk(models, "start_grad_sync")
+    if models[0].ddp_config.overlap_param_gather:  # and --align-param-gather
+        config.param_sync_func = _per_chunk(models, "start_param_sync")
     if optimizer is not None:
         config.grad_scale_func = optimizer.scale_loss
+
+
+def _per_chunk(models: List, method: str):
+    return [getattr(m, method) for m in models] if len(models) > 1 else getattr(models[0], method)
+
+
+class ParamGatherOverlap:
+    """--overlap-param-gather's life cycle, as Megatron-LM's training loop runs it: the forward
+    pre-hooks (which wait for each bucket's all-gather) off until a first step has run from the
+    loaded or initialised weights, off with a synchronous gather around evaluation and at the
+    end, and a forced gather before a save, whose weights must be the updated ones.  Without
+    the flag every method does nothing."""
+
+    def __init__(self, models: List):
+        self.models = models
+        self.on = bool(getattr(models[0], "ddp_config", None) and models[0].ddp_config.overlap_param_gather)
+        self.hooks, self.param_sync_func = False, None
+        if self.on:
+            for m in models:
+                m.disable_forward_pre_hook(param_sync=False)
+            config = models[0].config
+            self.param_sync_func, config.param_sync_func = config.param_sync_func, None
+
+    def after_step(self) -> None:
+        if self.on and not self.hooks:
+            for m in self.models:
+                m.enable_forward_pre_hook()
+            self.models[0].config.param_sync_func = self.param_sync_func
+            self.hooks = True
+
+    def gathered(self):
+        """A context in which the weights are whole (evaluation, the end of training)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            was = self.hooks
+            if was:
+                for m in self.models:
+                    m.disable_forward_pre_hook(param_sync=True)
+                self.hooks = False
+            try:
+                yield
+            finally:
+                if was:
+                    for m in self.models:
+                        m.enable_forward_pre_hook()
+                    self.hooks = True
+        return scope()
+
+    def before_save(self) -> None:
+        if self.hooks:
+            for m in self.models:
+                m.start_param_sync(force_sync=True)
+
+    def end(self) -> None:
+        if self.hooks:
+            for m in self.models:
+                m.disable_forward_pre_hook(param_sync=True)
+            self.hooks = False
 
 
 def build_optimizer(models: List, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad: float = 1.0,
