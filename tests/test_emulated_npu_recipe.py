@@ -61,7 +61,10 @@ def test_the_recipe_on_the_emulated_npu_equals_the_cpu(alpaca_pretrain_data, tmp
 def test_the_distributed_optimizer_resumes_exactly_on_the_emulated_npu(alpaca_pretrain_data, tmp_path):
     """DP=2, megatron's distributed optimizer over torch's fused AdamW, dropout 0.1, initialised
     on the device: it learns (the held-out validation loss at 6 below its value at 3); stopped at
-    3 (its save) and resumed, every iteration equals the uninterrupted run, validation included."""
+    3 (its save) and resumed, every iteration equals the uninterrupted run, validation included.
+    With overlapped gradient reduction and parameter gather and full recomputation (whose
+    recomputed forward draws dropout from the restored device generator) the run is the same
+    too, bit for bit."""
     flags = ["--use-distributed-optimizer", "--save-interval", 3, "--eval-interval", 3]
     _run(alpaca_pretrain_data, tmp_path / "full", "npu", *flags)
     _run(alpaca_pretrain_data, tmp_path / "part", "npu", *flags, "--exit-after-iters", 3)
@@ -74,3 +77,6 @@ def test_the_distributed_optimizer_resumes_exactly_on_the_emulated_npu(alpaca_pr
     resumed = {r["iteration"]: r["val_loss"] for r in map(json.loads, open(tmp_path / "part" / "metrics.jsonl"))
                if "val_loss" in r}
     assert sorted(val) == [3, 6] and val[6] < val[3] - 0.05 and resumed == val, (val, resumed)
+    _run(alpaca_pretrain_data, tmp_path / "memory", "npu", *flags, "--overlap-grad-reduce", "--overlap-param-gather",
+         "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", 1)
+    assert _records(tmp_path / "memory") == full
