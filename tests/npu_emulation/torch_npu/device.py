@@ -59,6 +59,70 @@ def _npu(index=0):
 _TENSOR_DATA = torch._C.TensorBase.data
 
 
+class OutOfMemory(RuntimeError):
+    """What the device's allocator raises past its memory (torch_npu's message starts the same way)."""
+
+
+class Allocator:
+    """The device's memory statistics: the bytes of the CPU storages that live npu tensors hold,
+    each storage once (views share their base's), at its size when first wrapped; the peak since
+    ``reset_peak``.  No caching: reserved is allocated.  With ``EMULATED_NPU_MEMORY_GB`` set, a
+    new storage that would take the total past it raises ``OutOfMemory``, as the device's
+    allocator does past its HBM; unset, the limit is the host's memory and nothing is refused.
+    A storage resized in place (``untyped_storage().resize_``) keeps the size it was counted at."""
+
+    def __init__(self):
+        self.live = {}  # storage key -> [wrappers holding it, bytes]
+        self.allocated = self.peak = 0
+        gb = os.environ.get("EMULATED_NPU_MEMORY_GB")
+        self.limit = int(float(gb) * 2 ** 30) if gb else None
+
+    def acquire(self, data: torch.Tensor) -> int:
+        storage = data.untyped_storage()
+        key = storage._cdata
+        entry = self.live.get(key)
+        if entry is None:
+            nbytes = storage.nbytes()
+            if self.limit is not None and self.allocated + nbytes > self.limit:
+                raise OutOfMemory(f"NPU out of memory. Tried to allocate {nbytes / 2 ** 20:.2f} MiB (NPU 0; "
+                                  f"{self.limit / 2 ** 30:.2f} GiB total capacity; {self.allocated / 2 ** 30:.2f} GiB "
+                                  "already allocated) [emulated: EMULATED_NPU_MEMORY_GB]")
+            self.live[key] = [1, nbytes]
+            self.allocated += nbytes
+            self.peak = max(self.peak, self.allocated)
+        else:
+            entry[0] += 1
+        return key
+
+    def release(self, key) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self.live[key]
+            self.allocated -= entry[1]
+
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
+
+
+ALLOCATOR = Allocator()
+
+
+def _held(wrapper, data) -> None:
+    """``wrapper`` now holds ``data``'s storage: counted, and released when it dies (its cell
+    names the storage it holds at that time: ``param.data =`` moves it)."""
+    cell = getattr(wrapper, "_storage_cell", None)
+    if cell is None:
+        wrapper._storage_cell = cell = [ALLOCATOR.acquire(data)]
+        weakref.finalize(wrapper, lambda c: ALLOCATOR.release(c[0]), cell)
+    else:
+        key = ALLOCATOR.acquire(data)
+        ALLOCATOR.release(cell[0])
+        cell[0] = key
+
+
 class NpuTensor(torch.Tensor):
     """A tensor on the emulated NPU: ``device`` is npu:0, ``_data`` the CPU tensor that holds it."""
 
@@ -69,6 +133,7 @@ class NpuTensor(torch.Tensor):
             cls, data.size(), strides=data.stride(), storage_offset=data.storage_offset(), dtype=data.dtype,
             layout=data.layout, device=_npu(), requires_grad=data.requires_grad)
         r._data = data
+        _held(r, data)
         return r
 
     def __repr__(self, *, tensor_contents=None):
@@ -86,6 +151,7 @@ class NpuTensor(torch.Tensor):
         takes ``t``'s metadata from torch and its CPU data from here, so both name one tensor."""
         _TENSOR_DATA.__set__(self, new)
         self._data = new._data
+        _held(self, new._data)
 
     def record_stream(self, stream):  # one synchronous queue: nothing to keep alive past a stream
         return None

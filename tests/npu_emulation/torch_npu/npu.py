@@ -3,8 +3,8 @@
 With the emulated device on (``device.enabled()``), its RNG is the device's own generator
 (``device.GENERATOR``), not the CPU's, as on hardware: a draw on the CPU does not move it
 (``torch.manual_seed`` seeds both, as it seeds every registered device).  Off, the NPU is the CPU and so is its RNG.  Streams and events are the CPU's
-(work here is synchronous: the CPU device layer's); memory statistics are the host process's peak resident bytes
-(no HBM to count)."""
+(work here is synchronous: the CPU device layer's); memory statistics are the device allocator's
+(``device.Allocator``: the bytes live npu tensors hold, and ``EMULATED_NPU_MEMORY_GB`` as the HBM)."""
 
 import contextlib
 import functools
@@ -96,31 +96,30 @@ def empty_cache():
     return None
 
 
-def _host_peak_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _allocator():
+    return _device.ALLOCATOR
+
+
+def memory_allocated(device=None):
+    """The bytes the device's live tensors hold (``device.Allocator``)."""
+    return _allocator().allocated
 
 
 def max_memory_allocated(device=None):
-    """The emulated device's memory is the host's: the process's peak resident bytes."""
-    return _host_peak_bytes()
+    return _allocator().peak
 
 
-def memory_reserved(device=None):
-    return _host_peak_bytes()
-
-
-memory_allocated = max_memory_reserved = max_memory_allocated
+memory_reserved, max_memory_reserved = memory_allocated, max_memory_allocated  # no caching allocator
 
 
 def reset_peak_memory_stats(device=None):
-    return None
+    _allocator().reset_peak()
 
 
 def memory_stats(device=None):
-    return {"allocated_bytes.all.peak": _host_peak_bytes()}
+    a = _allocator()
+    return {"allocated_bytes.all.current": a.allocated, "allocated_bytes.all.peak": a.peak,
+            "reserved_bytes.all.current": a.allocated, "reserved_bytes.all.peak": a.peak}
 
 
 def _host_total_bytes() -> int:
@@ -130,11 +129,16 @@ def _host_total_bytes() -> int:
     return 0
 
 
+def _total_bytes() -> int:
+    """The device's memory: ``EMULATED_NPU_MEMORY_GB`` when set, else the host's."""
+    return _allocator().limit or _host_total_bytes()
+
+
 class _Properties:
-    """What ``get_device_properties`` reports: the name, and the host's memory as the device's."""
+    """What ``get_device_properties`` reports: the name, and the device's memory."""
 
     def __init__(self):
-        self.name, self.total_memory = NAME, _host_total_bytes()
+        self.name, self.total_memory = NAME, _total_bytes()
 
 
 def get_device_properties(device=None):
@@ -142,8 +146,8 @@ def get_device_properties(device=None):
 
 
 def mem_get_info(device=None):
-    total = _host_total_bytes()
-    return total - _host_peak_bytes(), total
+    total = _total_bytes()
+    return total - _allocator().allocated, total
 
 
 def is_bf16_supported():
