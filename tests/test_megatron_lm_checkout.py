@@ -40,12 +40,14 @@ def test_other_core_release_warns_naming_both(tmp_path):
 
 
 def test_unknown_flags_pass_through_only_to_megatron_lm(tmp_path):
-    base = ["--model", "llama2-tiny", "--data-path", "x", "--train-iters", "1", "--recompute-granularity", "full"]
+    base = ["--model", "llama2-tiny", "--data-path", "x", "--train-iters", "1", "--manual-gc-interval", "100"]
     args, unknown = pretrain.build_parser().parse_known_args(base)
-    with pytest.raises(ValueError, match="unrecognized arguments: --recompute-granularity full"):
+    with pytest.raises(ValueError, match="unrecognized arguments: --manual-gc-interval 100"):
         run_settings.resolve(args, passthrough=unknown)
-    args, unknown = pretrain.build_parser().parse_known_args(base + ["--megatron-lm", str(tmp_path)])
+    known = ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"]
+    args, unknown = pretrain.build_parser().parse_known_args(base + known + ["--megatron-lm", str(tmp_path)])
     s = run_settings.resolve(args, passthrough=unknown)
     flags = megatron_lm.argv(s)
-    assert flags[-2:] == ["--recompute-granularity", "full"]
+    assert flags[-2:] == ["--manual-gc-interval", "100"]
+    assert flags[flags.index("--recompute-granularity"):][:6] == known  # the recipe's own flags, passed on
     assert "--num-query-groups" in flags and flags[flags.index("--num-query-groups") + 1] == "4"

@@ -23,7 +23,7 @@ from recipes.errors import ArgumentParser
 
 from recipes.data.tokenizer import add_tokenizer_flags
 from recipes.model import flags, llama2
-from recipes.train import recompute, run_settings
+from recipes.train import memory_plan, recompute, run_settings
 from recipes.train.megatron_lm import MegatronLMEngine
 from recipes.train.trainer import Trainer
 
@@ -173,6 +173,11 @@ def _checkpoint_flags(p):
                         "flat buffers; untimed): on a CPU the resident size also counts heap the allocator keeps "
                         "after freeing, so it cannot compare what each optimizer holds")
     g.add_argument("--exit-after-iters", type=int, default=None, help="stop after N iterations (to test resume)")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="start even where recipes.memory_plan says the layout does not fit the device")
+    g.add_argument("--device-memory-gb", type=float, default=None,
+                   help="each device's memory for the memory check, in GB (default: the accelerator's; on the CPU "
+                        "backend the host's available memory)")
 
 
 def _lora_flags(p):
@@ -236,6 +241,8 @@ def build_parser():
 def main(argv=None):
     args, unknown = build_parser().parse_known_args(argv)
     settings = run_settings.resolve(args, passthrough=unknown)
+    if not args.skip_memory_check and settings.engine != "deepspeed":  # ZeRO's memory is not the plan's model
+        memory_plan.refuse_if_it_does_not_fit(settings, args.device_memory_gb)
     return ENGINES[settings.engine](settings).run()
 
 

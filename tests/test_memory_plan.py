@@ -1,0 +1,105 @@
+"""recipes.memory_plan: what a layout holds per device, before a run.
+
+- Weights, gradients and optimizer states equal Megatron-LM's own ``report_theoretical_memory``
+  arithmetic (core_v0.16.1's ``compute_weight_and_optimizer_memory``, called from the
+  third-party checkout) within 0.1 % for the four LLaMA-2 sizes: both count 18 bytes a
+  parameter (bf16 weight, fp32 gradient, fp32 master and two Adam moments), 6 + 12 / DP with the
+  distributed optimizer; they differ in the RMSNorm weights, which Megatron-LM divides by TP and
+  which every TP rank holds whole.
+- The activations per layer are the bytes counted after a forward (the arithmetic of
+  ``docs/memory.md``, checked against the count in tests/test_recompute.py), here at TP=1 for
+  every recompute setting, against the same count.
+- The command's last line and exit code; recipes.pretrain's refusal names the cheapest change.
+"""
+
+import argparse
+import dataclasses
+import sys
+
+import pytest
+
+from recipes.errors import BadInput
+from recipes.model import llama2
+from recipes.train import memory_plan
+from recipes.train.recompute import Recompute
+from tests.helpers.launch import ROOT
+
+
+def _layout(model, tp=8, pp=1, dp=1, distopt=False, **kw):
+    shape = llama2.shape(model)
+    return memory_plan.Layout(shape, llama2.padded_vocab_size(shape.vocab_size, 128, tp), tp=tp, pp=pp, dp=dp,
+                              distributed_optimizer=distopt, **kw)
+
+
+@pytest.mark.parametrize("model, tp, pp, dp, distopt", [
+    ("llama2-7b", 8, 1, 1, False), ("llama2-13b", 8, 1, 4, True), ("llama2-34b", 8, 2, 1, False),
+    ("llama2-70b", 8, 4, 2, True), ("llama2-70b", 8, 8, 1, False)])
+def test_weights_and_optimizer_equal_megatron_lms_report(model, tp, pp, dp, distopt):
+    checkout = ROOT.parent / "shared" / "third_party" / "Megatron-LM"
+    if not (checkout / "megatron" / "training" / "theoretical_memory_usage.py").is_file():
+        pytest.skip("the third-party Megatron-LM checkout is not beside the repository")
+    sys.path.insert(0, str(checkout))
+    try:
+        from megatron.training.theoretical_memory_usage import compute_weight_and_optimizer_memory
+    finally:
+        sys.path.remove(str(checkout))
+    x = _layout(model, tp, pp, dp, distopt)
+    sh = x.shape
+    args = argparse.Namespace(
+        kv_channels=sh.kv_channels, num_attention_heads=sh.num_attention_heads, hidden_size=sh.hidden_size,
+        group_query_attention=sh.num_query_groups != sh.num_attention_heads, num_query_groups=sh.num_query_groups,
+        num_experts=None, swiglu=True, ffn_hidden_size=sh.ffn_hidden_size, moe_shared_expert_intermediate_size=None,
+        mtp_num_layers=None, normalization="RMSNorm", multi_latent_attention=False, padded_vocab_size=x.padded_vocab,
+        untie_embeddings_and_output_weights=True, num_layers=sh.num_layers, pipeline_model_parallel_size=pp,
+        tensor_model_parallel_size=tp, use_distributed_optimizer=distopt, data_parallel_size=dp)
+    theirs = compute_weight_and_optimizer_memory(args)
+    p = memory_plan.plan(x)
+    ours = p.weights + p.gradients + p.optimizer
+    print(f"{model} TP{tp} PP{pp} DP{dp}{' distopt' if distopt else ''}: ours {ours / 1e9:.3f} GB, "
+          f"Megatron-LM's {theirs / 1e9:.3f} GB")
+    assert abs(ours - theirs) <= 1e-3 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("recompute", [Recompute(), Recompute("full", "uniform", 1), Recompute("selective"),
+                                       Recompute("selective", modules=("mlp",)),
+                                       Recompute("selective", modules=("layernorm",))],
+                         ids=["none", "full_uniform", "core_attn", "mlp", "layernorm"])
+def test_activations_per_layer_are_what_a_forward_keeps(single_process_group, recompute):
+    from tests.test_recompute import A, B, F, G, H, S, _saved_bytes
+
+    shape = dataclasses.replace(llama2.shape("llama2-tiny"), num_layers=2, hidden_size=H, ffn_hidden_size=F,
+                                num_attention_heads=A, num_query_groups=G)
+    counted = _saved_bytes(2, **recompute.config()) - _saved_bytes(1, **recompute.config())
+    x = memory_plan.Layout(shape, 512, micro_batch=B, seq_length=S, half=False, recompute=recompute)
+    planned = memory_plan.layer_units(shape, 1, False, recompute) * S * B * H * 4
+    if recompute.granularity == "full":
+        planned = S * B * H * 4  # a checkpointed layer keeps its input
+    assert abs(planned - counted) <= 4, (planned, counted)  # core_attn's checkpoint keeps one int more
+    assert memory_plan.plan(x).per_layer == int(memory_plan.layer_units(shape, 1, False, recompute) * S * B * H * 4)
+
+
+def test_the_command_says_whether_it_fits_and_exits_accordingly(capsys):
+    from recipes.train import plan_command as cli
+
+    base = ["--model", "llama2-70b", "--tensor-model-parallel-size", 8, "--pipeline-model-parallel-size", 4,
+            "--seq-length", 4096, "--micro-batch-size", 1, "--device-memory-gb", 64]
+    assert cli.main([str(a) for a in base]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("does not fit:") and "cheapest change that fits: add --recompute-granularity selective" \
+        in last, last
+    assert cli.main([str(a) for a in base] + ["--sequence-parallel", "--recompute-granularity", "full",
+                                              "--recompute-method", "uniform", "--recompute-num-layers", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("fits:")
+
+
+def test_pretrain_refuses_a_layout_the_device_cannot_hold(alpaca_pretrain_data):
+    from recipes.train import pretrain, run_settings
+
+    prefix, tok = alpaca_pretrain_data
+    args = pretrain.build_parser().parse_args(["--model", "llama2-tiny", "--data-path", prefix,
+                                               "--tokenizer-name-or-path", tok, "--train-iters", "1"])
+    s = run_settings.resolve(args, world=1)
+    need = memory_plan.plan(memory_plan.Layout.of(s)).total
+    memory_plan.refuse_if_it_does_not_fit(s, given_gb=need / memory_plan.USABLE / 1e9 * 1.01)
+    with pytest.raises(BadInput, match=r"does not fit: .* --skip-memory-check runs it anyway"):
+        memory_plan.refuse_if_it_does_not_fit(s, given_gb=need / 1e9 * 0.5)
