@@ -4,6 +4,7 @@ and the tests all step through here."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Iterator, List, Optional
 
@@ -88,25 +89,21 @@ class ParamGatherOverlap:
             self.models[0].config.param_sync_func = self.param_sync_func
             self.hooks = True
 
+    @contextlib.contextmanager
     def gathered(self):
-        """A context in which the weights are whole (evaluation, the end of training)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def scope():
-            was = self.hooks
+        """A context in which the weights are whole (evaluation)."""
+        was = self.hooks
+        if was:
+            for m in self.models:
+                m.disable_forward_pre_hook(param_sync=True)
+            self.hooks = False
+        try:
+            yield
+        finally:
             if was:
                 for m in self.models:
-                    m.disable_forward_pre_hook(param_sync=True)
-                self.hooks = False
-            try:
-                yield
-            finally:
-                if was:
-                    for m in self.models:
-                        m.enable_forward_pre_hook()
-                    self.hooks = True
-        return scope()
+                    m.enable_forward_pre_hook()
+                self.hooks = True
 
     def before_save(self) -> None:
         if self.hooks:
