@@ -177,11 +177,10 @@ def cheapest_fix(x: Layout, limit: int) -> Optional[str]:
     if x.micro_batch > 1:
         tries.append(("use --micro-batch-size 1", {"micro_batch": 1}))
     changes = {}
-    for text, change in tries:  # cumulative: each step keeps the ones before it
+    for i, (_, change) in enumerate(tries):  # cumulative: each step keeps the ones before it
         changes.update(change)
         if plan(dataclasses.replace(x, **changes)).total <= limit:
-            steps = [t for t, _ in tries[:tries.index((text, change)) + 1]]
-            return "; ".join(steps)
+            return "; ".join(text for text, _ in tries[:i + 1])
     return None
 
 
@@ -213,6 +212,7 @@ def refuse_if_it_does_not_fit(s, given_gb: Optional[float] = None) -> None:
     """recipes.pretrain's check before it builds anything: the plan's table on rank 0, then one
     line naming the cheapest change that fits (``--skip-memory-check`` runs it anyway)."""
     import os
+    import sys
 
     from recipes.errors import BadInput
 
@@ -221,5 +221,5 @@ def refuse_if_it_does_not_fit(s, given_gb: Optional[float] = None) -> None:
     if fits:
         return
     if int(os.environ.get("RANK", "0")) == 0:
-        print(text, file=__import__("sys").stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
     raise BadInput(text.splitlines()[-1] + " (recipes.memory_plan; --skip-memory-check runs it anyway)")

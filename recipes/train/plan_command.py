@@ -14,6 +14,7 @@ exit code is 0 when it does and 1 when it does not.
 from __future__ import annotations
 
 from recipes.errors import BadInput
+from recipes.model import llama2
 from recipes.train import memory_plan, pretrain, run_settings
 
 
@@ -34,15 +35,10 @@ def main(argv=None):
     if unknown:
         raise BadInput(f"unrecognized arguments: {' '.join(unknown)}")
     world = args.world_size
-    if world is None:
-        world = (args.tensor_model_parallel_size or 1) * (args.pipeline_model_parallel_size or 1) * \
-            args.context_parallel_size
-        if args.model and not (args.tensor_model_parallel_size and args.pipeline_model_parallel_size):
-            from recipes.model import llama2
-
-            d = llama2.RECIPE_DEFAULTS[args.model]
-            world = (args.tensor_model_parallel_size or d["tensor_model_parallel_size"]) * \
-                (args.pipeline_model_parallel_size or d["pipeline_model_parallel_size"]) * args.context_parallel_size
+    if world is None:  # one data-parallel replica of the layout the flags (or the size's defaults) give
+        d = llama2.RECIPE_DEFAULTS[args.model] if args.model else llama2.CUSTOM_DEFAULTS
+        world = (args.tensor_model_parallel_size or d["tensor_model_parallel_size"]) * \
+            (args.pipeline_model_parallel_size or d["pipeline_model_parallel_size"]) * args.context_parallel_size
     if args.train_iters is None and args.train_samples is None:
         args.train_iters = 1  # a plan trains nothing
     if args.data_path is None:
