@@ -12,10 +12,24 @@ from __future__ import annotations
 import importlib
 
 
+# What torch.cuda.get_device_capability answers on the NPU when the user has not said.
+# transfer_to_npu makes Tensor.is_cuda the NPU's and get_device_capability torch_npu's, which
+# is None unless TORCH_NPU_DEVICE_CAPABILITY is set; torch's own c10d broadcast (2.12+) then
+# evaluates ``tensor.is_cuda and torch.cuda.get_device_capability(tensor.device)[0] >= 9`` and
+# raises TypeError on every NPU tensor it broadcasts (a checkpoint save, a DDP parameter sync).
+# "8.0" claims no Hopper feature (no FP8, no TMA); torch_npu documents the value as
+# compatibility only.  A value the user exported wins.
+DEFAULT_CAPABILITY = "8.0"
+
+
 def activate_transfer_to_npu() -> str:
     """Import torch_npu's redirect (it acts on import and cannot be undone)."""
+    import os
+
+    capability = os.environ.setdefault("TORCH_NPU_DEVICE_CAPABILITY", DEFAULT_CAPABILITY)
     importlib.import_module("torch_npu.contrib.transfer_to_npu")
-    return "torch_npu.contrib.transfer_to_npu imported (redirects torch.cuda to the NPU; not revertible)"
+    return ("torch_npu.contrib.transfer_to_npu imported (redirects torch.cuda to the NPU; not revertible); "
+            f"TORCH_NPU_DEVICE_CAPABILITY={capability} (torch's broadcast needs a capability)")
 
 
 def with_npu_tensor_type(name: str):

@@ -328,13 +328,126 @@ IMPLEMENTATIONS = {"npu_fusion_attention": npu_fusion_attention,
                    "npu_swiglu": npu_swiglu, "npu_rotary_mul": npu_rotary_mul}
 
 
+# -- autograd as the wheel's: what each op saves for its backward --------------------------------
+# The real kernels are autograd nodes of their own: npu_fusion_attention keeps query, key, value,
+# its output and the two [B, N, S, 8] softmax statistics (no [S, S] scores) and its backward is
+# npu_fusion_attention_grad; npu_rms_norm keeps its input, gamma and rstd; npu_swiglu its input.
+# Autograd through the plain math would keep every intermediate instead (the scores, the
+# probabilities, x*rstd, silu(a)), which the device never holds: the emulated device's memory
+# statistics would be the CPU math's, not the NPU's.
+
+class _FusionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, atten_mask, head_num, input_layout, scale, pre_tockens, next_tockens,
+                inner_precise, sparse_mode):
+        out, smax, ssum, sin, *_ = npu_fusion_attention(
+            query, key, value, head_num, input_layout, atten_mask=atten_mask, scale=scale,
+            pre_tockens=pre_tockens, next_tockens=next_tockens, inner_precise=inner_precise, sparse_mode=sparse_mode)
+        smax, ssum = smax.contiguous(), ssum.contiguous()
+        ctx.save_for_backward(query, key, value, out, smax, ssum, atten_mask)
+        ctx.args = (head_num, input_layout, scale, pre_tockens, next_tockens, inner_precise, sparse_mode)
+        ctx.mark_non_differentiable(smax, ssum, sin)
+        return out, smax, ssum, sin
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        query, key, value, out, smax, ssum, atten_mask = ctx.saved_tensors
+        head_num, layout, scale, pre, nxt, inner_precise, sparse_mode = ctx.args
+        dq, dk, dv, *_ = torch.ops.npu.npu_fusion_attention_grad(
+            query, key, value, dy, head_num, layout, atten_mask=atten_mask, softmax_max=smax, softmax_sum=ssum,
+            attention_in=out, scale_value=scale, pre_tockens=pre, next_tockens=nxt, inner_precise=inner_precise,
+            sparse_mode=sparse_mode)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _fusion_attention_autograd(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
+                               atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=2147483647,
+                               next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
+                               actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
+                               softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0):
+    kwargs = dict(pse=pse, padding_mask=padding_mask, atten_mask=atten_mask, scale=scale, keep_prob=keep_prob,
+                  pre_tockens=pre_tockens, next_tockens=next_tockens, inner_precise=inner_precise, prefix=prefix,
+                  actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen, sparse_mode=sparse_mode,
+                  gen_mask_parallel=gen_mask_parallel, sync=sync, softmax_layout=softmax_layout, sink=sink,
+                  dropout_mask=dropout_mask, seed=seed, offset=offset)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    # what the emulated grad kernel covers (dense layouts, no dropout); else autograd through the math
+    wheel_like = (grad and input_layout != "TND" and keep_prob == 1.0 and actual_seq_qlen is None
+                  and pse is None and padding_mask is None and prefix is None and not softmax_layout
+                  and sink is None and dropout_mask is None and sparse_mode in (0, 2))
+    if not wheel_like:
+        return npu_fusion_attention(query, key, value, head_num, input_layout, **kwargs)
+    out, smax, ssum, sin = _FusionAttention.apply(query, key, value, atten_mask, head_num, input_layout, scale,
+                                                  pre_tockens, next_tockens, inner_precise, sparse_mode)
+    return out, smax, ssum, sin, 0, 0, 0
+
+
+class _RmsNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, epsilon):
+        y, rstd = npu_rms_norm(x, gamma, epsilon)
+        ctx.save_for_backward(x, gamma, rstd)
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        x, gamma, rstd = ctx.saved_tensors
+        dims = tuple(range(x.dim() - gamma.dim(), x.dim()))
+        xhat = x.float() * rstd
+        g = dy.float() * gamma.float()
+        dx = rstd * (g - xhat * (g * xhat).mean(dim=dims, keepdim=True))
+        dgamma = (dy.float() * xhat).sum(dim=tuple(range(x.dim() - gamma.dim())))
+        return dx.to(x.dtype), dgamma.to(gamma.dtype), None
+
+
+def _rms_norm_autograd(x, gamma, epsilon=1e-6):
+    if not (torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad)):
+        return npu_rms_norm(x, gamma, epsilon)
+    return _RmsNorm.apply(x, gamma, epsilon)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.save_for_backward(x)
+        ctx.dim = dim
+        return npu_swiglu(x, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        a, b = x.float().chunk(2, dim=ctx.dim)
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        da = dy.float() * b * (sig + silu * (1 - sig))
+        db = dy.float() * silu
+        return torch.cat((da, db), dim=ctx.dim).to(x.dtype), None
+
+
+def _swiglu_autograd(x, dim=-1):
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return npu_swiglu(x, dim)
+    return _SwiGLU.apply(x, dim)
+
+
+# the kernels called with autograd on: the wheel's saved tensors and backward (above)
+AUTOGRAD = {"npu_fusion_attention": _fusion_attention_autograd, "npu_rms_norm": _rms_norm_autograd,
+            "npu_swiglu": _swiglu_autograd}
+
+
 def define(lib: "torch.library.Library", schemas=None, implementations=None) -> None:
-    """Define each op in ``lib`` under its schema with the emulated numerics (autograd runs
-    through the plain torch math: CompositeImplicitAutograd)."""
+    """Define each op in ``lib`` under its schema with the emulated numerics.  Autograd runs as
+    the wheel's where ``AUTOGRAD`` has the op (its own node, its saved tensors), else through
+    the plain torch math (CompositeImplicitAutograd)."""
     for name, schema in (schemas or SCHEMAS).items():
         lib.define(schema)
         op = schema.split("(", 1)[0]
-        lib.impl(op, (implementations or IMPLEMENTATIONS)[name], "CompositeImplicitAutograd")
+        if implementations is None and name in AUTOGRAD:
+            lib.impl(op, AUTOGRAD[name], "Autograd")
+            lib.impl(op, IMPLEMENTATIONS[name], "CompositeExplicitAutograd")
+        else:
+            lib.impl(op, (implementations or IMPLEMENTATIONS)[name], "CompositeImplicitAutograd")
 
 
 def _define_once():

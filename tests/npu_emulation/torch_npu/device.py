@@ -69,7 +69,8 @@ class Allocator:
     ``reset_peak``.  No caching: reserved is allocated.  With ``EMULATED_NPU_MEMORY_GB`` set, a
     new storage that would take the total past it raises ``OutOfMemory``, as the device's
     allocator does past its HBM; unset, the limit is the host's memory and nothing is refused.
-    A storage resized in place (``untyped_storage().resize_``) keeps the size it was counted at."""
+    A storage resized in place through an npu tensor's ``untyped_storage().resize_`` is counted
+    at its new size."""
 
     def __init__(self):
         self.live = {}  # storage key -> [wrappers holding it, bytes]
@@ -93,6 +94,21 @@ class Allocator:
         else:
             entry[0] += 1
         return key
+
+    def resize(self, key, nbytes: int) -> None:
+        """A storage resized in place (``untyped_storage().resize_(n)``: 0 frees its memory, as
+        megatron's offload and recomputation do, n reallocates it)."""
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        grow = nbytes - entry[1]
+        if grow > 0 and self.limit is not None and self.allocated + grow > self.limit:
+            raise OutOfMemory(f"NPU out of memory. Tried to allocate {grow / 2 ** 20:.2f} MiB (NPU 0; "
+                              f"{self.limit / 2 ** 30:.2f} GiB total capacity; {self.allocated / 2 ** 30:.2f} GiB "
+                              "already allocated) [emulated: EMULATED_NPU_MEMORY_GB]")
+        entry[1] = nbytes
+        self.allocated += grow
+        self.peak = max(self.peak, self.allocated)
 
     def release(self, key) -> None:
         entry = self.live.get(key)
@@ -156,6 +172,12 @@ class NpuTensor(torch.Tensor):
     def record_stream(self, stream):  # one synchronous queue: nothing to keep alive past a stream
         return None
 
+    def untyped_storage(self):
+        """The device storage: its bytes are the host storage behind ``_data``; resizing it
+        (megatron frees offloaded and recomputed activations with ``resize_(0)``) frees or
+        reallocates them and the allocator counts it."""
+        return NpuStorage(self._data.untyped_storage())
+
     def tolist(self):  # a device-to-host copy, as on hardware (torch has no tolist for subclasses)
         return self._data.tolist()
 
@@ -172,6 +194,30 @@ class NpuTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
+
+
+class NpuStorage:
+    """An npu tensor's untyped storage: the host storage that holds it, on device npu:0."""
+
+    def __init__(self, host):
+        self._host = host
+
+    device = property(lambda self: _npu())
+
+    def __getattr__(self, name):  # size, nbytes, data_ptr, element_size, ... of the host storage
+        return getattr(self._host, name)
+
+    def __len__(self):
+        return len(self._host)
+
+    def resize_(self, nbytes: int):
+        ALLOCATOR.resize(self._host._cdata, nbytes)
+        self._host.resize_(nbytes)
+        return self
+
+    def copy_(self, src, non_blocking=False):
+        self._host.copy_(src._host if isinstance(src, NpuStorage) else src, non_blocking)
+        return self
 
 
 def data_of(t):
@@ -282,6 +328,13 @@ def _is_pinned(self, device=None):
     return self.untyped_storage().data_ptr() in _PINNED
 
 
+def _mark_pinned(out: torch.Tensor) -> torch.Tensor:
+    ptr = out.untyped_storage().data_ptr()
+    _PINNED.add(ptr)
+    weakref.finalize(out, _PINNED.discard, ptr)
+    return out
+
+
 def _pin_memory(self, device=None):
     """Host memory pinned for the NPU, as the wheel's host allocator gives (what a DataLoader's
     pin_memory=True asks of the accelerator in use): here ordinary host memory, a copy with the
@@ -289,10 +342,26 @@ def _pin_memory(self, device=None):
     _pinned_for(device)
     out = torch.empty_strided(self.size(), self.stride(), dtype=self.dtype)
     out.copy_(self)
-    ptr = out.untyped_storage().data_ptr()
-    _PINNED.add(ptr)
-    weakref.finalize(out, _PINNED.discard, ptr)
-    return out
+    return _mark_pinned(out)
+
+
+# the factories that take pin_memory=True; torch asks the PrivateUse1 hooks for a pinned
+# allocator there, which a Python backend cannot register: the wheel's C++ hooks give one
+PINNED_FACTORIES = ("empty", "empty_strided", "empty_like", "zeros", "zeros_like", "ones", "full")
+
+
+def _pinned_factory(original):
+    def factory(*args, pin_memory=False, **kwargs):
+        if not pin_memory:
+            return original(*args, **kwargs)
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type != "cpu":
+            raise RuntimeError(f"pin_memory=True is for host tensors, not {device}")
+        return _mark_pinned(original(*args, **kwargs))
+
+    factory.__wrapped__ = original
+    factory.__name__ = getattr(original, "__name__", "factory")
+    return factory
 
 
 def install(backend_module) -> None:
@@ -311,4 +380,6 @@ def install(backend_module) -> None:
     for name, fn in (("is_pinned", _is_pinned), ("_pin_memory", _pin_memory)):  # host tensors, pinned for npu
         _LIB.impl(name, fn, "CPU")
     torch.nn.Module._apply = _keep_parameter_attributes(torch.nn.Module._apply)
+    for name in PINNED_FACTORIES:
+        setattr(torch, name, _pinned_factory(getattr(torch, name)))
     _installed = True

@@ -129,6 +129,8 @@ def _npu_patches():
               sweep=False, why='Tensor.to("cuda") goes to the NPU'),
         Patch("transfer_to_npu.Tensor.cuda", "torch:Tensor.cuda", replacement=_tensor_cuda, backends=npu,
               group="device", sweep=False, why="Tensor.cuda() is Tensor.npu()"),
+        Patch("transfer_to_npu.Tensor.is_cuda", "torch:Tensor.is_cuda", replacement=torch.Tensor.is_npu,
+              backends=npu, group="device", sweep=False, why="the wheel sets Tensor.is_cuda = Tensor.is_npu"),
         Patch("transfer_to_npu.Module.cuda", "torch.nn:Module.cuda", replacement=_module_cuda, backends=npu,
               group="device", sweep=False, why="Module.cuda() is Module.npu()"),
     ]
