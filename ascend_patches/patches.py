@@ -55,6 +55,16 @@ _(Patch("npu.Tensor.type", "torch:Tensor.type", wrapper=cpu.tensor_type_wrapper,
         group="device", sweep=False,
         why="megatron compares type strings with 'torch.cuda.FloatTensor' (megatron callers only)"))
 
+_(Patch("device.te_cpu_offload_flag", "megatron.core.extensions.transformer_engine:cpu_offload",
+        wrapper=transformer_engine.te_cpu_offload_flag, group="device", sweep=False,
+        after="megatron.core.pipeline_parallel.fine_grained_activation_offload",  # the releases that offload
+        why="fine-grained activation offloading (0.16+) flips TE's CPUOffloadEnabled and raises without TE, "
+            "though the local layers never read it"))
+_(Patch("device.offload_no_parameters",
+        "megatron.core.pipeline_parallel.fine_grained_activation_offload:ChunkOffloadHandler"
+        ".tensor_need_offloading_checker", wrapper=transformer_engine.parameters_not_offloaded, group="device",
+        why="the local layers save their weights for the backward; copying a parameter to the host and back "
+            "frees nothing (TE marks its weights not offloadable)"))
 _(Patch("device.checkpoint_without_output_fp8", "megatron.core.tensor_parallel.random:CheckpointWithoutOutput.__init__",
         wrapper=transformer_engine.checkpoint_without_output_init_wrapper, group="device", sweep=False,
         why="fp8=False reads as FP8 (`fp8 is not None`), and the FP8 path calls TE's FP8GlobalStateManager, absent "

@@ -32,3 +32,39 @@ def checkpoint_without_output_init_wrapper(original):
 
     __init__.__wrapped__ = original
     return __init__
+
+
+class _OffloadFlag:
+    """The one thing megatron-core's fine-grained activation offloading asks of TE's
+    ``cpu_offload`` module: a ``CPUOffloadEnabled`` switch, which TE's layers read to keep their
+    weights out of the offload.  Without TE there are no such layers: the weights' turn is
+    ``parameters_not_offloaded`` below."""
+
+    CPUOffloadEnabled = False
+
+
+def te_cpu_offload_flag(original):
+    """``megatron.core.extensions.transformer_engine.cpu_offload``: None without TE, and then
+    ``PipelineOffloadManager.__enter__`` raises "TE CPU offload is not available" even for the
+    local (non-TE) layers.  Where TE's module is there it is kept."""
+    from .. import registry
+
+    if original is not None:
+        raise registry.PatchNotApplicable("Transformer Engine's cpu_offload is installed")
+    return _OffloadFlag
+
+
+def parameters_not_offloaded(original):
+    """``ChunkOffloadHandler.tensor_need_offloading_checker``: megatron's non-TE linear layers save
+    their weight for the backward, and the offload hook would copy it to the host and back each
+    micro-batch (the weight stays on the device anyway; nothing is saved).  TE marks its weights
+    ``offloading_activation = False``; here a parameter is never offloaded."""
+    import torch
+
+    def tensor_need_offloading_checker(self, tensor):
+        if isinstance(tensor, torch.nn.Parameter):
+            return False
+        return original(self, tensor)
+
+    tensor_need_offloading_checker.__wrapped__ = original
+    return tensor_need_offloading_checker

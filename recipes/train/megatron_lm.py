@@ -119,7 +119,7 @@ def _training_flags(s: RunSettings) -> List[str]:
         out.append("--no-gradient-accumulation-fusion")
     if s.use_cpu_initialization:
         out.append("--use-cpu-initialization")
-    out += s.recompute.argv()
+    out += s.recompute.argv() + s.offload.argv()
     if s.stop_at < s.train_iters:
         out += ["--exit-interval", s.stop_at]
     return out

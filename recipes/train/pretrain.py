@@ -23,7 +23,7 @@ from recipes.errors import ArgumentParser
 
 from recipes.data.tokenizer import add_tokenizer_flags
 from recipes.model import flags, llama2
-from recipes.train import memory_plan, recompute, run_settings
+from recipes.train import memory_plan, offload, recompute, run_settings
 from recipes.train.megatron_lm import MegatronLMEngine
 from recipes.train.trainer import Trainer
 
@@ -232,7 +232,7 @@ def _pasted_flags(p):
 
 def build_parser():
     p = ArgumentParser(description="LLaMA-2 pretraining / fine-tuning on stock Megatron-Core", allow_abbrev=False)
-    for group in (_model_flags, _parallel_flags, _training_flags, recompute.add_flags, _data_flags,
+    for group in (_model_flags, _parallel_flags, _training_flags, recompute.add_flags, offload.add_flags, _data_flags,
                   _checkpoint_flags, _lora_flags, _engine_flags, _pasted_flags):
         group(p)
     return p

@@ -21,7 +21,8 @@ import torch
 import ascend_patches
 from recipes.data import datasets
 from recipes.model import checkpointing, flags, llama2
-from recipes.train import recompute
+from recipes.train import offload, recompute
+from recipes.train.offload import Offload
 from recipes.train.recompute import Recompute
 from recipes.errors import BadInput, Exists, MissingInput
 
@@ -161,6 +162,7 @@ class RunSettings:
     make_vocab_size_divisible_by: int
     lora: Optional[Lora] = None
     recompute: Recompute = Recompute()  # activation recomputation (recipes.train.recompute)
+    offload: Offload = Offload()  # activations and optimizer on the host (recipes.train.offload)
     engine: str = "builtin"      # "builtin" | "megatron-lm" | "deepspeed"
     megatron_lm: Optional[str] = None  # the Megatron-LM checkout the megatron-lm engine runs
     deepspeed: Optional[DeepSpeed] = None
@@ -202,6 +204,7 @@ class RunSettings:
         overlap = [name for name, on in (("grad reduce", L.overlap_grad_reduce), ("param gather", L.overlap_param_gather))
                    if on]
         ov = f"; overlapped {' and '.join(overlap)}" if overlap else ""
+        ov += f"; offloaded {self.offload.describe()}" if self.offload.any else ""
         return (f"{self.model_name or 'custom'} {self.shape}; TP={L.tp} PP={L.pp}{vpp}{cp} DP={L.dp}; "
                 f"{b.num_microbatches} micro-batches of {b.micro} x {b.seq_length}; {llama2.dtype_name(self.dtype)}"
                 f"{rc}{ov}")
@@ -499,6 +502,9 @@ def _with_deepspeed(args, s: RunSettings, config: dict) -> RunSettings:
     if s.layout.overlap_grad_reduce:
         raise BadInput("--overlap-grad-reduce with --deepspeed: DeepSpeed overlaps its own reduction "
                        "(zero_optimization.overlap_comm in the config)")
+    if s.offload.any:
+        raise BadInput("megatron-core's offload with --deepspeed: DeepSpeed offloads through its config "
+                       "(zero_optimization.offload_optimizer / offload_param)")
     if s.recompute.granularity:
         raise BadInput(f"--recompute-granularity {s.recompute.granularity} with --deepspeed: DeepSpeed's engine "
                        "recomputes through its own checkpointing; use --deepspeed-activation-checkpointing")
@@ -537,6 +543,9 @@ def _with_engine(args, s: RunSettings, passthrough: Tuple[str, ...]) -> RunSetti
         raise BadInput(f"--load {args.load} holds {s.padded_vocab} embedding rows; stock Megatron-LM pads the "
                        f"vocabulary {s.vocab_size} to {stock_rows} with --make-vocab-size-divisible-by "
                        f"{s.make_vocab_size_divisible_by} at TP={s.layout.tp}: pass the divisor it was written with")
+    if s.offload.modules:
+        raise BadInput("--fine-grained-activation-offloading with --megatron-lm: Megatron-LM allows it with "
+                       "--transformer-impl transformer_engine only (its arguments.py); it runs in the built-in engine")
     # Megatron-LM's own data flags reach it, with its meaning (its GPTDataset builds the masks)
     passthrough = tuple(passthrough) + tuple(_given_data_flags(args))
     return replace(s, engine="megatron-lm", megatron_lm=checkout, passthrough=passthrough)
@@ -639,4 +648,6 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
         use_cpu_initialization=getattr(args, "use_cpu_initialization", False),
         tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer,
-        recompute=recompute.resolve(args))
+        recompute=recompute.resolve(args),
+        offload=offload.resolve(args, ascend_patches.settings().backend, layout.distributed_optimizer,
+                                half=dtype != torch.float32))

@@ -121,7 +121,7 @@ class Trainer:
         self.optimizer = training.build_optimizer(
             self.models, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.clip_grad, bf16=s.bf16, fp16=s.fp16,
             betas=o.betas, eps=o.eps, use_distributed_optimizer=L.distributed_optimizer,
-            initial_loss_scale=o.initial_loss_scale, min_lr=o.min_lr)
+            initial_loss_scale=o.initial_loss_scale, min_lr=o.min_lr, **s.offload.optimizer_config())
         training.attach_grad_sync(self.models, self.optimizer)
         self.scheduler = training.build_scheduler(self.optimizer, o, s.train_iters, s.batches.global_batch)
 
@@ -137,7 +137,7 @@ class Trainer:
             pipeline_dtype=s.dtype, bf16=s.bf16, fp16=s.fp16, params_dtype=s.dtype,
             hidden_dropout=s.hidden_dropout, attention_dropout=s.attention_dropout,
             gradient_accumulation_fusion=s.gradient_accumulation_fusion, **llama2.initialisation(s.use_cpu_initialization),
-            **s.recompute.config(),
+            **s.recompute.config(), **s.offload.transformer_config(),
             **llama2.pipeline_split(s.shape.num_layers, L.pp))
         chunks = []
         for v in range(L.vpp or 1):

@@ -120,14 +120,15 @@ class ParamGatherOverlap:
 def build_optimizer(models: List, lr: float = 1e-3, weight_decay: float = 0.0, clip_grad: float = 1.0,
                     bf16: bool = False, fp16: bool = False, use_distributed_optimizer: bool = False,
                     betas=(0.9, 0.95), eps: float = 1e-8, initial_loss_scale: float = 2.0 ** 16,
-                    min_lr: float = 0.0):
+                    min_lr: float = 0.0, **offload):
+    """Megatron's optimizer for ``models``; ``offload``: recipes.train.offload's OptimizerConfig fields."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     cfg = OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=betas[0], adam_beta2=betas[1],
         adam_eps=eps, clip_grad=clip_grad, bf16=bf16, fp16=fp16,
         use_distributed_optimizer=use_distributed_optimizer,
-        initial_loss_scale=initial_loss_scale if fp16 else None,
+        initial_loss_scale=initial_loss_scale if fp16 else None, **offload,
     )
     return get_megatron_optimizer(cfg, models)
 
