@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from recipes.model import llama2
+from recipes.train.offload import Offload
 from recipes.train.recompute import Recompute
 
 GB = 1e9  # device memory in GB, as vendors quote it (a 910B's 64 GB); the table also prints GiB
@@ -39,6 +40,7 @@ class Layout:
     half: bool = True              # bf16 / fp16 weights and activations (else fp32)
     dropout: bool = False          # hidden dropout keeps a one-byte mask per element
     recompute: Recompute = Recompute()
+    offload: Offload = Offload()
 
     @classmethod
     def of(cls, s) -> "Layout":
@@ -46,7 +48,7 @@ class Layout:
         L, b = s.layout, s.batches
         return cls(s.shape, s.padded_vocab, L.tp, L.pp, L.dp, L.cp, L.vpp, L.sequence_parallel,
                    L.distributed_optimizer, b.micro, b.seq_length, b.num_microbatches, s.bf16 or s.fp16,
-                   s.hidden_dropout > 0, s.recompute)
+                   s.hidden_dropout > 0, s.recompute, s.offload)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Plan:
     activations: int
     in_flight: float      # micro-batches whose activations the stage holds at once
     per_layer: int        # one layer's activations for one micro-batch
+    offloaded: Tuple[str, ...] = ()  # modules whose activations are offloaded (counted as kept)
+    on_host: float = 0.0  # the share of the optimizer's main parameters and states on the host
 
     @property
     def total(self) -> int:
@@ -66,8 +70,9 @@ class Plan:
 
     def rows(self) -> List[Tuple[str, int]]:
         return [("weights", self.weights), ("gradients (fp32 main_grad)", self.gradients),
-                ("optimizer states", self.optimizer), (f"activations ({self.in_flight:g} micro-batches in flight)",
-                                                       self.activations), ("total", self.total)]
+                ("optimizer states" + (" (on the device)" if self.on_host else ""), self.optimizer),
+                (f"activations ({self.in_flight:g} micro-batches in flight)", self.activations),
+                ("total", self.total)]
 
 
 def layer_parameters(shape: llama2.LlamaShape, tp: int) -> int:
@@ -133,9 +138,11 @@ def plan(x: Layout) -> Plan:
         optimizer = (8 + master) * params
         if x.distributed_optimizer:
             optimizer //= x.dp * x.cp
+        on_host = x.offload.fraction if x.offload.optimizer else 0.0
+        optimizer = int(optimizer * (1 - on_host))  # --optimizer-cpu-offload: that share lives on the host
         name = "only" if first and last else "first" if first else "last"
         return Plan(name, params, w * params, 4 * params, optimizer, int(acts), in_flight,
-                    int(layer_bytes))
+                    int(layer_bytes), x.offload.modules, on_host)
 
     if x.pp == 1:
         return stage(sh.num_layers, True, True)
@@ -189,6 +196,9 @@ def table(p: Plan, limit: int, where: str) -> str:
     for name, value in p.rows():
         lines.append(f"  {name:<48} {value / GB:9.2f} GB {value / 2 ** 30:9.2f} GiB")
     lines.append(f"  {'device memory (' + where + ')':<48} {limit / GB:9.2f} GB {limit / 2 ** 30:9.2f} GiB")
+    if p.offloaded:
+        lines.append(f"  activation offload ({', '.join(p.offloaded)}) is not counted: the activations are those kept "
+                     "without it, an upper bound")
     return "\n".join(lines)
 
 

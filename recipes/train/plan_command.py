@@ -43,6 +43,7 @@ def main(argv=None):
         args.train_iters = 1  # a plan trains nothing
     if args.data_path is None:
         args.data_path = []  # a plan reads no data
+    args.plan_only = True  # plans for an accelerator from any host: offload flags are not refused here
     s = run_settings.resolve(args, world=world)
     limit, where = memory_plan.device_memory_bytes(args.device_memory_gb)
     fits, text = memory_plan.check(s, limit, where)
