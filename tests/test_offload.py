@@ -135,3 +135,48 @@ def test_optimizer_offload_keeps_the_losses_and_moves_the_states_to_the_host(alp
     params = 4 * (256 * 768 + 256 * 256 + 3 * 688 * 256 + 2 * 256) + 2 * 512 * 256 + 256
     assert abs((plain_peak - off_peak) - 12 * params) < 0.02 * 12 * params, ((plain_peak - off_peak) / MiB,
                                                                              12 * params / MiB)
+
+
+def test_offload_with_full_recomputation_is_refused():
+    with pytest.raises(BadInput, match="a fully recomputed layer saves nothing inside it"):
+        offload.check_with_recompute(_resolve("--swap-attention"), "full")
+    offload.check_with_recompute(_resolve("--swap-attention"), "selective")
+    offload.check_with_recompute(_resolve("--swap-optimizer"), "full")
+
+
+def _layout_run(data, save, *flags):
+    prefix, tok = data
+    run_torchrun("recipes.pretrain", "--model", "llama2-tiny", "--data-path", prefix, "--tokenizer-name-or-path", tok,
+                 "--train-iters", 6, "--log-interval", 3, "--seq-length", 64, "--save", save, "--hidden-dropout", 0.1,
+                 "--use-distributed-optimizer", *flags, env=emulated_npu_env(EMULATED_HCCL_P2P_TIMEOUT_S="60"))
+    return [(r["loss"], r["grad_norm"]) for r in map(json.loads, open(save / "metrics.jsonl"))]
+
+
+OVERLAP = ["--overlap-grad-reduce", "--overlap-param-gather"]
+EVERY_MODULE = ["--fine-grained-activation-offloading", "--offload-modules", *offload.MODULES,
+                "--min-offloaded-tensor-size", 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, runs", [
+    # fp32 at TP=2: selective recomputation with the attention swapped, both overlaps
+    (["--tensor-model-parallel-size", 2],
+     [["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp", "--swap-attention",
+       "--min-offloaded-tensor-size", 0, *OVERLAP]]),
+    # bf16 at PP=2 (the optimizer offload needs 16-bit weights): full block recomputation with the optimizer
+    # on the host and both overlaps; selective norms and MLP with every module's activations offloaded
+    (["--pipeline-model-parallel-size", 2, "--bf16"],
+     [["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", 1,
+       "--swap-optimizer", *OVERLAP],
+      ["--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp", *EVERY_MODULE]]),
+], ids=["tp2_fp32", "pp2_bf16"])
+def test_recomputation_overlap_and_offload_repeat_the_plain_run_on_the_emulated_npu(alpaca_pretrain_data,
+                                                                                       tmp_path, layout, runs):
+    """Two ranks on the emulated NPU (its hccl's point-to-point rules at PP=2), dropout 0.1, the
+    distributed optimizer, 6 iterations: every loss and gradient norm equals the plain run's bit
+    for bit (recomputation redraws dropout from the restored device generator; offload moves
+    bytes; the host AdamW computes the device's)."""
+    plain = _layout_run(alpaca_pretrain_data, tmp_path / "plain", *layout)
+    assert len(plain) == 6
+    for i, flags in enumerate(runs):
+        assert _layout_run(alpaca_pretrain_data, tmp_path / f"run{i}", *layout, *flags) == plain, flags

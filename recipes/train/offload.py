@@ -206,3 +206,14 @@ def check_installed(o: Offload) -> None:
         if missing:
             raise BadInput(f"{flag}: megatron-core {md.version('megatron-core')} has no {', '.join(sorted(missing))} "
                            "(fine-grained activation offloading is in 0.16+); install a release that has it")
+
+
+def check_with_recompute(o: Offload, granularity) -> None:
+    """Full recomputation keeps only each layer's input, which attn_norm's offload frees on the
+    device (megatron-core resizes the residual's storage to 0) and the recomputed forward then
+    reads: "data is not allocated" on the emulated NPU, freed memory on a device.  Offloading
+    the attention's tensors instead offloads nothing (a recomputed layer saves none)."""
+    if o.modules and granularity == "full":
+        raise BadInput("activation offload with --recompute-granularity full: a fully recomputed layer saves "
+                       "nothing inside it to offload, and attn_norm's offload frees the input its recomputation "
+                       "reads; use selective recomputation, or drop the offload")

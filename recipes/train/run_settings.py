@@ -636,6 +636,10 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
                       args.peak_tflops, args.measure_peak_every,
                       args.log_tensor_memory)
     stop_at = args.train_iters if args.exit_after_iters is None else min(args.train_iters, args.exit_after_iters)
+    rc = recompute.resolve(args)
+    off = offload.resolve(args, ascend_patches.settings().backend, layout.distributed_optimizer,
+                          half=dtype != torch.float32)
+    offload.check_with_recompute(off, rc.granularity)
     return RunSettings(
         model_name=size, shape=shape, vocab_size=vocab, padded_vocab=padded, dtype=dtype, layout=layout,
         batches=batches, optim=optim,
@@ -648,6 +652,4 @@ def _assemble(args, d, size, shape, vocab, padded, tokenizer, tokenizer_path, re
         use_cpu_initialization=getattr(args, "use_cpu_initialization", False),
         tokenizer_path=tokenizer_path, tokenizer_type=args.tokenizer_type,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, lora=lora, tokenizer=tokenizer,
-        recompute=recompute.resolve(args),
-        offload=offload.resolve(args, ascend_patches.settings().backend, layout.distributed_optimizer,
-                                half=dtype != torch.float32))
+        recompute=rc, offload=off)
