@@ -103,3 +103,46 @@ def test_pretrain_refuses_a_layout_the_device_cannot_hold(alpaca_pretrain_data):
     memory_plan.refuse_if_it_does_not_fit(s, given_gb=need / memory_plan.USABLE / 1e9 * 1.01)
     with pytest.raises(BadInput, match=r"does not fit: .* --skip-memory-check runs it anyway"):
         memory_plan.refuse_if_it_does_not_fit(s, given_gb=need / 1e9 * 0.5)
+
+
+# reduced shape with LLaMA-2-7B's FFN ratio (688 / 256 = 11008 / 4096), 512 tokens: activations dominate
+REDUCED = dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4, num_query_groups=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, layout", [
+    (["--tensor-model-parallel-size", 2, "--sequence-parallel"], dict(tp=2, sequence_parallel=True)),
+    (["--pipeline-model-parallel-size", 2, "--global-batch-size", 8], dict(pp=2, num_microbatches=4)),
+    (["--recompute-granularity", "selective", "--recompute-modules", "mlp"],
+     dict(recompute=Recompute("selective", modules=("mlp",)))),
+], ids=["tp2_sp", "pp2", "selective_mlp"])
+def test_the_plan_is_within_10_percent_of_the_emulated_devices_peak(alpaca_pretrain_data, tmp_path, flags, layout):
+    """Each rank's peak on the emulated NPU (its allocator: the bytes of live npu storages;
+    EMULATED_NPU_REPORT gives every rank's) against the plan of that rank's pipeline stage, fp32,
+    dropout 0.1, 3 iterations.  The emulated kernels save what torch_npu's do.  Measured: TP=2+SP
+    78.4 MiB (plan 76.4), PP=2 first stage 127.3 (116.5) and last 91.1 (82.4), selective MLP 126.0
+    (125.5); TP=1 plain, in tests/test_offload.py, 150.2 (149.7).  Not within it: full
+    recomputation, 104.7 measured against 91.9 planned (docs/memory.md)."""
+    import json
+
+    from tests.conftest import emulated_npu_env
+    from tests.helpers.launch import run_torchrun
+
+    prefix, tok = alpaca_pretrain_data
+    report = tmp_path / "report.jsonl"
+    nproc = 2 if "tp" in layout or "pp" in layout else 1
+    argv = ["--model", "llama2-tiny", "--data-path", prefix, "--tokenizer-name-or-path", tok, "--save", tmp_path,
+            *[a for k, v in REDUCED.items() for a in (f"--{k.replace('_', '-')}", v)],
+            "--max-position-embeddings", 512, "--seq-length", 512, "--micro-batch-size", 2, "--global-batch-size", 4,
+            "--train-iters", 3, "--hidden-dropout", 0.1, *flags]
+    run_torchrun("recipes.pretrain", *argv, nproc=nproc, env=emulated_npu_env(EMULATED_NPU_REPORT=str(report)))
+    peaks = {}
+    for line in open(report):  # one line per process that imported the emulation; the ranks' hold the device
+        r = json.loads(line)
+        peaks[r["rank"]] = max(peaks.get(r["rank"], 0), r["peak_bytes"])
+    shape = dataclasses.replace(llama2.shape("llama2-tiny"), **REDUCED, seq_length=512)
+    planned = memory_plan.stages(memory_plan.Layout(shape, 512, **{
+        "micro_batch": 2, "seq_length": 512, "num_microbatches": 2, "half": False, "dropout": True, **layout}))
+    # the rank of each planned stage: PP=2 puts the first stage on rank 0 and the last on rank 1; TP ranks are alike
+    for rank, p in (enumerate(planned) if len(planned) > 1 else [(0, planned[0])]):
+        assert abs(p.total - peaks[rank]) <= 0.10 * peaks[rank], (p.stage, p.total / 2 ** 20, peaks[rank] / 2 ** 20)

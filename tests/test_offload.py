@@ -105,7 +105,7 @@ def test_activation_offload_keeps_the_losses_and_frees_device_memory(alpaca_pret
                      "--min-offloaded-tensor-size", 0])
     (plain, plain_peak), (attn, attn_peak), (every, every_peak) = r["plain"], r["attn"], r["every"]
     assert attn == plain and every == plain
-    # the memory plan's arithmetic (no offload) against the device's measured peak: within 10 %
+    # the memory plan's arithmetic (no offload) against the measured peak, within 10 % (149.7 vs 150.2 MiB)
     from dataclasses import replace
 
     from recipes.model import llama2

@@ -103,7 +103,9 @@ def layer_units(shape: llama2.LlamaShape, tp: int, sp: bool, recompute: Recomput
     return norms + attention + mlp
 
 
-def plan(x: Layout) -> Plan:
+def stages(x: Layout) -> List[Plan]:
+    """Per pipeline stage that differs: the only one, or the first and the last (a middle stage
+    holds no more than the first)."""
     sh = x.shape
     h, w = sh.hidden_size, 2 if x.half else 4
     per_stage = sh.num_layers // x.pp
@@ -118,6 +120,11 @@ def plan(x: Layout) -> Plan:
     if x.vpp:
         in_flight *= 1 + (x.pp - 1) / (x.pp * x.vpp)  # Megatron-LM's penalty for the interleaved schedule
     embedding = x.padded_vocab * h // x.tp
+    # one layer's backward at a time: the gradients of its MLP's outputs (fc1's 2F, SwiGLU's F) are
+    # alive together; a selectively recomputed MLP holds its 3F again for that one layer
+    f = sh.ffn_hidden_size / h
+    backward = 3 * f / x.tp * unit * w * (2 if x.recompute.granularity == "selective"
+                                          and "mlp" in x.recompute.modules else 1)
 
     def stage(layers: int, first: bool, last: bool) -> Plan:
         params = layers * layer_parameters(sh, x.tp) + (embedding if first else 0) + \
@@ -132,8 +139,9 @@ def plan(x: Layout) -> Plan:
             acts = held * (in_flight if first else 1) + working
         else:
             acts = layers * layer_bytes * (in_flight if first else 1)
-        if last:  # the final norm's tensors and the loss's fp32 softmax over this rank's vocabulary
-            acts += 3 * unit * w + 4 * s * x.micro_batch * x.padded_vocab // x.tp
+        acts += backward
+        if last:  # the final norm's tensors, the loss's fp32 softmax over this rank's vocabulary and its gradient
+            acts += 3 * unit * w + 2 * 4 * s * x.micro_batch * x.padded_vocab // x.tp
         master = 4 if x.half else 0  # fp32 main weights beside half-precision ones
         optimizer = (8 + master) * params
         if x.distributed_optimizer:
@@ -145,8 +153,13 @@ def plan(x: Layout) -> Plan:
                     int(layer_bytes), x.offload.modules, on_host)
 
     if x.pp == 1:
-        return stage(sh.num_layers, True, True)
-    return max(stage(first_layers, True, False), stage(per_stage, False, True), key=lambda p: p.total)
+        return [stage(sh.num_layers, True, True)]
+    return [stage(first_layers, True, False), stage(per_stage, False, True)]
+
+
+def plan(x: Layout) -> Plan:
+    """The stage that holds the most."""
+    return max(stages(x), key=lambda p: p.total)
 
 
 def device_memory_bytes(given_gb: Optional[float]) -> tuple:

@@ -54,17 +54,18 @@ npu_rotary_mul = torch.ops.npu.npu_rotary_mul
 
 
 def _report_at_exit(path: str) -> None:
-    """``EMULATED_NPU_REPORT=FILE``: at exit, each process appends one JSON line, its rank and
-    how often each emulated kernel ran.  The kernels take npu tensors only, so a count above
-    zero shows that work ran on the device (how a test sees it for a script it does not own,
-    such as stock Megatron-LM's pretrain_gpt.py)."""
+    """``EMULATED_NPU_REPORT=FILE``: at exit, each process appends one JSON line, its rank, how
+    often each emulated kernel ran, and the device allocator's peak bytes over the process's
+    life (``peak_bytes``).  The kernels take npu tensors only, so a count above zero shows that
+    work ran on the device (how a test sees it for a script it does not own, such as stock
+    Megatron-LM's pretrain_gpt.py)."""
     import atexit
     import json
 
     def write():
         with open(path, "a") as f:
             f.write(json.dumps({"rank": int(_os.environ.get("RANK", "0")), "device": device.enabled(),
-                                "calls": dict(calls)}) + "\n")
+                                "calls": dict(calls), "peak_bytes": device.ALLOCATOR.peak}) + "\n")
 
     atexit.register(write)
 
