@@ -12,7 +12,8 @@ from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, r
 from . import distrib_optimizer, with_deepspeed
 from .device import (checkpoint_writer, cpu, cuda_queries, megatron_lm, megatron_lm_convert, npu, rng,
                      torch_compat, transformer_engine)
-from .ops import adamw, context_parallel, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor, rms_norm, rope, swiglu
+from .ops import (adamw, context_parallel, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor,
+                  paged_attention, rms_norm, rope, swiglu)
 from .registry import Patch, Registry
 from .versions import for_megatron_core
 
@@ -234,6 +235,28 @@ _(Patch("decode_layer", "megatron.core.transformer.transformer_layer:Transformer
 _(Patch("decode_model", "megatron.core.models.gpt.gpt_model:GPTModel.forward",
         wrapper=decode_layer.gpt_model_forward,
         why="a one-token decode step of a one-stage GPTModel: embedding, fused layers, norm, output"))
+
+# megatron-core's dynamic inference engine (0.19's MegatronLLM / MegatronAsyncLLM) without flash-attn; the
+# releases with megatron.core.inference.apis are the ones served (recipes refuse older ones)
+DYNAMIC_ENGINE = ">=0.19"
+_(Patch("paged_attention", "megatron.core.transformer.attention:Attention.flash_decode_and_prefill",
+        wrapper=paged_attention.flash_decode_and_prefill_wrapper, backends=CPU | frozenset({"cuda"}),
+        megatron_core=DYNAMIC_ENGINE,
+        why="flash-attn's varlen / kvcache kernels with a block table: one batched SDPA over the step's requests, "
+            "keys gathered through the block table (skipped where flash-attn is installed)"))
+_(Patch("paged_attention.npu_refusal", "megatron.core.transformer.attention:Attention.flash_decode_and_prefill",
+        wrapper=paged_attention.flash_decode_and_prefill_wrapper, backends=NPU, megatron_core=DYNAMIC_ENGINE,
+        why="on the NPU its kernel (npu_fused_infer_attention_score) is not built: a dynamic batch is refused in "
+            "one line instead of failing inside flash-attn's missing kernel"))
+_(Patch("paged_attention.fa_version", "megatron.core.transformer.attention:is_fa_min_version",
+        wrapper=paged_attention.fa_min_version_wrapper, sweep=False, megatron_core=DYNAMIC_ENGINE,
+        why="attention asserts flash-attn >= 2.7.3 under a dynamic batch; with the paged attention above in its "
+            "place, the path that runs has what the check guards"))
+_(Patch("paged_attention.no_triton_kv_append",
+        "megatron.core.inference.contexts.dynamic_context:triton_append_key_value_cache",
+        wrapper=paged_attention.no_triton_kv_append, backends=CPU | NPU, sweep=False, megatron_core=DYNAMIC_ENGINE,
+        why="the context takes its Triton KV-append kernel whenever triton imports (the CUDA torch wheel brings "
+            "it); the kernel needs CUDA tensors: torch's index_put path runs instead"))
 
 # DeepSpeed (applied once deepspeed is imported)
 for _fn in ("get_cuda_rng_tracker", "model_parallel_cuda_manual_seed", "checkpoint"):

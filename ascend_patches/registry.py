@@ -70,6 +70,7 @@ class Patch:
     option: Optional[str] = None  # a Settings flag that must be on (an opt-in mode)
     after: Optional[str] = None  # a module that must be imported too (e.g. "deepspeed"): pending until it is
     create: bool = False  # the target may be absent (an optional extension that failed to import)
+    megatron_core: Optional[str] = None  # a version specifier: skipped for an installed release outside it
 
     def __post_init__(self):
         if (self.replacement is None) == (self.wrapper is None):
@@ -167,6 +168,11 @@ class Registry:
             return f"not for backend {settings.backend} (only {'/'.join(sorted(patch.backends))})"
         if patch.option and not getattr(settings, patch.option):
             return f"opt-in, off (settings.{patch.option})"
+        if patch.megatron_core:
+            from .versions import megatron_core_matches
+
+            if not megatron_core_matches(patch.megatron_core):
+                return f"for megatron-core {patch.megatron_core} only"
         for name in patch.requires:
             why = self._skip_reason(self.patches[name], settings)
             if why:

@@ -49,6 +49,13 @@ def for_megatron_core(choices: Dict[str, str]) -> str:
     return fits[0]
 
 
+def megatron_core_matches(specifier: str) -> bool:
+    """Whether the installed megatron-core is in ``specifier`` (none installed: yes)."""
+    installed = version_of("megatron-core")
+    return installed == "not installed" or SpecifierSet(specifier, prereleases=True).contains(installed,
+                                                                                             prereleases=True)
+
+
 def megatron_in_tested_range(version: str) -> bool:
     if version == "not installed":
         return True

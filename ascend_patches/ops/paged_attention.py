@@ -1,0 +1,137 @@
+"""Paged attention for megatron-core's dynamic inference engine (``DynamicInferenceContext``:
+continuous batching, a paged KV cache, chunked prefill), behind
+``Attention.flash_decode_and_prefill``, which stock calls flash-attn's varlen and kvcache
+kernels with a block table for.
+
+- CUDA without flash-attn, and the CPU: one batched ``scaled_dot_product_attention`` over
+  every request of the step.  Each request's keys and values are gathered from the cache
+  through its row of the block table (``[num_blocks, block, Hkv, D]`` indexed by
+  ``[B, blocks]``), its queries padded to the step's longest, and the mask is causal from the
+  end (a request's queries are the last ``q_len`` of its ``seqlens_k`` positions, flash-attn's
+  bottom-right alignment) and hides the padding.  No Python loop over requests.
+- NPU: not built yet (``npu_fused_infer_attention_score`` with ``block_table`` and the actual
+  sequence lengths is its kernel): refused with that line, never a silent fallback.
+
+Refused in one line everywhere: a sink offset (``softmax_offset``), a sliding window, MLA.
+Where flash-attn (2.7.3+, 3 or 4) is installed the stock kernels run and nothing is patched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _state
+
+
+def flash_kernels_present(attention_module) -> bool:
+    """Whether megatron's attention module found a flash-attn kernel with a block table."""
+    return bool(getattr(attention_module, "HAVE_FA3", False) or getattr(attention_module, "HAVE_FA4", False)
+                or getattr(attention_module, "flash_attn_varlen_func", None) is not None)
+
+
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, scale: float):
+    """q ``[T, H, D]`` (every request's new tokens, concatenated; rows past ``cu_seqlens_q[B]``
+    are the context's padding), caches ``[N, block, Hkv, D]``, ``cu_seqlens_q [B + 1]``,
+    ``seqlens_k [B]`` (each request's keys, new ones included), ``block_table [B, max_blocks]``
+    (-1 past a request's blocks): ``[T, H, D]``, zero on the padding rows."""
+    b = seqlens_k.shape[0]
+    t, h, d = q.shape
+    hkv = k_cache.shape[2]
+    starts = cu_seqlens_q[:b].long()
+    q_lens = cu_seqlens_q[1:b + 1].long() - starts
+    real = int(cu_seqlens_q[b])
+    # each request's keys, gathered through its block-table row: [B, max_blocks * block, Hkv, D]
+    blocks = block_table[:b].clamp(min=0).long()
+    keys = k_cache[blocks].reshape(b, -1, hkv, d)
+    values = v_cache[blocks].reshape(b, -1, hkv, d)
+    # the queries padded per request: token i of request r sits at row r, column i
+    request = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens, output_size=real)
+    column = torch.arange(real, device=q.device) - starts[request]
+    q_max = int(q_lens.max())
+    padded = q.new_zeros(b, q_max, h, d)
+    padded[request, column] = q[:real]
+    # key j of request r is visible to its query i when j <= (seqlens_k - q_len) + i, which is < seqlens_k:
+    # causal from the end (flash-attn's bottom-right alignment), and the cache past seqlens_k stays hidden
+    key_pos = torch.arange(keys.shape[1], device=q.device)
+    q_pos = (seqlens_k.long() - q_lens)[:, None] + torch.arange(q_max, device=q.device)[None, :]
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Qmax, K]
+    out = F.scaled_dot_product_attention(
+        padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
+        scale=scale, enable_gqa=hkv != h)
+    result = q.new_zeros(t, h, d)
+    result[:real] = out.transpose(1, 2)[request, column]
+    return result
+
+
+def flash_decode_and_prefill_wrapper(original):
+    """``Attention.flash_decode_and_prefill`` where flash-attn is absent: ``paged_attention``."""
+    import sys
+
+    from ..registry import PatchNotApplicable
+
+    module = sys.modules[original.__module__]
+    if flash_kernels_present(module):
+        raise PatchNotApplicable("flash-attn with a block table is installed: megatron's kernels run")
+
+    def flash_decode_and_prefill(self, q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqlens_k,
+                                 block_table, is_decode_only, softmax_offset=None):
+        _check_supported(self, module, softmax_offset)
+        scale = getattr(self, "softmax_scale", None) or q.shape[-1] ** -0.5
+        if is_decode_only:
+            # q (B*S, 1, H, D): S tokens per request (speculative decoding), contiguous per request
+            n = seqlens_k.shape[0]
+            per = q.shape[0] // n
+            cu = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * per
+            out = paged_attention(q.reshape(n * per, q.shape[2], q.shape[3]), k, v, cu, seqlens_k, block_table,
+                                  scale)
+        else:
+            out = paged_attention(q.squeeze(1), k, v, cu_seqlens_q, seqlens_k, block_table, scale)
+        return out.unsqueeze(1)
+
+    flash_decode_and_prefill.__wrapped__ = original
+    return flash_decode_and_prefill
+
+
+def _check_supported(layer, module, softmax_offset) -> None:
+    if _state.backend() == "npu":
+        raise NotImplementedError(
+            "megatron-core's dynamic inference engine on the NPU needs paged attention through "
+            "torch_npu.npu_fused_infer_attention_score (block_table, actual sequence lengths), which "
+            "ascend_patches does not provide yet; use recipes.generate's static path on the NPU")
+    if softmax_offset is not None:
+        raise NotImplementedError("paged attention without flash-attn: a sink offset (softmax_offset) is not built")
+    window = getattr(layer.config, "window_size", None)
+    if window is not None and tuple(window) != (-1, -1) and module.is_layer_window_attention(
+            window, layer.config.window_attn_skip_freq, layer.layer_number):
+        raise NotImplementedError("paged attention without flash-attn: sliding-window attention is not built")
+    if isinstance(layer.config, module.MLATransformerConfig):
+        raise NotImplementedError("paged attention without flash-attn: MLA is not built")
+
+
+def fa_min_version_wrapper(original):
+    """``is_fa_min_version`` as attention.py asks it before a dynamic batch ("2.7.3 and above is
+    required"): the check guards flash-attn's paged kernels; where flash-attn is absent the
+    paged attention above runs instead, so the answer for the path that will run is yes."""
+    import sys
+
+    module = sys.modules["megatron.core.transformer.attention"]
+
+    def is_fa_min_version(version, check_equality=True):
+        if not flash_kernels_present(module) and getattr(module.Attention.flash_decode_and_prefill, "__wrapped__",
+                                                         None) is not None:
+            return True
+        return original(version, check_equality)
+
+    is_fa_min_version.__wrapped__ = original
+    return is_fa_min_version
+
+
+def no_triton_kv_append(original):
+    """``triton_append_key_value_cache`` off CUDA: the Triton kernel needs CUDA tensors ("All
+    tensors must be on CUDA devices"); without it the context appends with torch's index_put."""
+    from ..registry import PatchNotApplicable
+
+    if original is None:
+        raise PatchNotApplicable("no Triton KV-append kernel imported")
+    return None

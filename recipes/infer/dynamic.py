@@ -1,0 +1,78 @@
+"""megatron-core's dynamic inference engine, as its high-level API ships it (``MegatronLLM``:
+continuous batching, a paged KV cache, chunked prefill), on a model ``recipes.infer.inference``
+loaded.  ascend_patches makes it run without flash-attn (``ascend_patches/ops/paged_attention.py``).
+
+The API is in megatron-core 0.19 and later (``megatron.core.inference.apis``); an older release is
+refused in one line that names the release that has it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from recipes.errors import BadInput
+
+SERVED = ">=0.19"  # the megatron-core releases with megatron.core.inference.apis
+
+
+def check_release() -> None:
+    import importlib.metadata as md
+
+    from ascend_patches.versions import megatron_core_matches
+
+    if not megatron_core_matches(SERVED):
+        raise BadInput(f"megatron-core {md.version('megatron-core')} has no dynamic inference API "
+                       "(megatron.core.inference.apis, MegatronLLM): it is in megatron-core 0.19 and later; "
+                       "install megatron-core>=0.19 (Python 3.12)")
+
+
+class EngineTokenizer:
+    """The tokenizer interface megatron's text generation controller reads (``tokenize``,
+    ``detokenize``, ``eod``, ``bos``, ``vocab_size``), over ``recipes.data.tokenizer``'s.
+    ``tokenize`` adds no BOS: megatron adds it when ``SamplingParams.add_BOS`` asks, as HF does."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eod, self.bos, self.vocab_size = tok.eos_id, tok.bos_id, tok.vocab_size
+        self.offsets = None
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(self.tok.encode(text))
+
+    def detokenize(self, ids, remove_special_tokens: bool = False, **_) -> str:
+        ids = [int(i) for i in ids]
+        if remove_special_tokens:
+            ids = [i for i in ids if i not in (self.bos, self.eod)]
+        return self.tok.decode(ids)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_requests: int = 16           # requests in one step; more wait in the engine's queue
+    block_size_tokens: int = 256     # the paged KV cache's block (megatron-core's default)
+    buffer_size_gb: float = 1.0      # the KV cache's memory
+    max_sequence_length: int = 4096  # prompt and generated tokens of one request
+
+
+def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool = False):
+    """``MegatronLLM`` over ``model`` (eval mode; every rank calls this, in direct mode each
+    rank runs the engine in lockstep)."""
+    check_release()
+    from megatron.core.inference.apis import MegatronLLM
+    from megatron.core.inference.config import InferenceConfig
+
+    model.eval()
+    config = InferenceConfig(block_size_tokens=settings.block_size_tokens, buffer_size_gb=settings.buffer_size_gb,
+                             max_requests=settings.max_requests, max_sequence_length=settings.max_sequence_length)
+    return MegatronLLM(model=model, tokenizer=EngineTokenizer(tokenizer), inference_config=config,
+                       use_coordinator=use_coordinator)
+
+
+def greedy(llm, prompts: List[List[int]], max_new_tokens: int, eos_id: Optional[int]) -> List[List[int]]:
+    """Each prompt's greedy continuation (ending at ``eos_id``, which is kept, as HF keeps it)."""
+    from megatron.core.inference.apis import SamplingParams
+
+    params = SamplingParams(num_tokens_to_generate=max_new_tokens, top_k=1,
+                            termination_id=-1 if eos_id is None else eos_id)
+    return [[int(t) for t in r.generated_tokens] for r in llm.generate([list(p) for p in prompts], params)]

@@ -1,0 +1,40 @@
+"""Run under torchrun: megatron-core's dynamic inference engine (MegatronLLM, direct mode, through
+recipes.infer.dynamic) on a converted checkpoint at TP ranks, against HF ``generate``.
+
+    dynamic_engine_checks.py TP LOAD HF_DIR
+
+Greedy, 40 new tokens, prompts of 1 to 45 tokens, twice: with eos 2 (every request runs its 40
+tokens) and with eos 426 ("." in stories260K's vocabulary, so requests finish at different
+steps).  2 requests a step (the rest queue) and 16-token KV blocks, so prompts and continuations
+cross block boundaries and requests prefill while others decode.  HF runs each prompt alone
+(no padding).
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from recipes.data.tokenizer import load_tokenizer
+from recipes.infer import dynamic, inference
+
+tp, load, hf_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+lm = inference.load(load, tp, 1)
+g = torch.Generator().manual_seed(0)
+prompts = [[1]] + [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 44, 9, 17, 30)]
+settings = dynamic.EngineSettings(max_requests=2, block_size_tokens=16, buffer_size_gb=0.02, max_sequence_length=128)
+llm = dynamic.build_llm(lm.model, load_tokenizer(lm.args["tokenizer_name_or_path"]), settings)
+from transformers import LlamaForCausalLM  # noqa: E402
+
+hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+rows = []
+for eos in (2, 426):
+    ours = dynamic.greedy(llm, prompts, 40, eos_id=eos)
+    for p, o in zip(prompts, ours):
+        ids = torch.tensor([p])
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                             num_beams=1, eos_token_id=eos, pad_token_id=0)[0, len(p):].tolist()
+        rows.append({"eos": eos, "prompt_len": len(p), "equal": o == theirs, "n": len(o), "ours": o, "hf": theirs})
+if dist.get_rank() == 0:
+    sys.stdout.write("RESULT " + json.dumps(rows) + "\n")
