@@ -145,9 +145,12 @@ class NpuTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, data: torch.Tensor):
         assert type(data) is torch.Tensor and data.device.type == "cpu", (type(data), data.device)
-        r = torch.Tensor._make_wrapper_subclass(
-            cls, data.size(), strides=data.stride(), storage_offset=data.storage_offset(), dtype=data.dtype,
-            layout=data.layout, device=_npu(), requires_grad=data.requires_grad)
+        # a normal tensor even under torch.inference_mode: autograd's view bookkeeping sets an output's
+        # version counter from its (normal) base, which an inference tensor cannot take
+        with torch.inference_mode(False):
+            r = torch.Tensor._make_wrapper_subclass(
+                cls, data.size(), strides=data.stride(), storage_offset=data.storage_offset(), dtype=data.dtype,
+                layout=data.layout, device=_npu(), requires_grad=data.requires_grad)
         r._data = data
         _held(r, data)
         return r
@@ -237,6 +240,10 @@ def require_npu(op: str, *tensors) -> None:
 
 
 def _dispatch(func, args, kwargs):
+    if func.namespace == "npu":  # a torch_npu kernel reached without autograd (torch.inference_mode): its
+        import npu_emulated_ops  # emulation runs on the npu tensors, as under autograd
+
+        return npu_emulated_ops.IMPLEMENTATIONS[func._opname](*args, **kwargs)
     if func is torch.ops.aten._to_copy.default:
         src, kw = args[0], dict(kwargs)
         dev = kw.pop("device", None)
@@ -364,6 +371,38 @@ def _pinned_factory(original):
     return factory
 
 
+def _tolerate_inference_tensors() -> None:
+    """Under ``torch.inference_mode`` (megatron's dynamic inference engine) torch cannot share a
+    view's version counter between wrapper tensors ("Cannot set version_counter for inference
+    tensor"): there a view keeps the aliasing of its CPU data (``_data`` is a view of its
+    base's), and the wrappers' storage bookkeeping is skipped.  On the device the view is
+    plain; only this emulation's wrapper needs the bookkeeping."""
+    import torch.utils._python_dispatch as pd
+
+    original = pd._correct_storage_aliasing
+
+    def correct_storage_aliasing(func, schema_info, args, outs):
+        if torch.is_inference_mode_enabled():
+            return None
+        return original(func, schema_info, args, outs)
+
+    pd._correct_storage_aliasing = correct_storage_aliasing
+
+
+_TORCH_GENERATOR = torch.Generator
+
+
+class NpuGenerator(_TORCH_GENERATOR):
+    """``torch.Generator(device="npu")``: a generator of the device's (CPU arithmetic, its own
+    state), where torch asks PrivateUse1 hooks a Python backend cannot register
+    (``getNewGenerator``); the wheel's C++ hooks give one.  Any other device: torch's."""
+
+    def __new__(cls, device="cpu"):
+        if device is not None and not isinstance(device, int) and torch.device(device).type == NAME:
+            device = "cpu"
+        return _TORCH_GENERATOR(device)
+
+
 def install(backend_module) -> None:
     """PrivateUse1 renamed ``npu`` with ``backend_module`` as ``torch.npu``; once per process
     (torch allows one rename)."""
@@ -382,4 +421,6 @@ def install(backend_module) -> None:
     torch.nn.Module._apply = _keep_parameter_attributes(torch.nn.Module._apply)
     for name in PINNED_FACTORIES:
         setattr(torch, name, _pinned_factory(getattr(torch, name)))
+    torch.Generator = NpuGenerator
+    _tolerate_inference_tensors()
     _installed = True

@@ -80,6 +80,16 @@ def _module_cuda(self, device=None):
     return self.to(torch.device("npu", 0))
 
 
+def _generator_proxy(original):
+    """The wheel's _GeneratorProxy: torch.Generator(device="cuda" or an index) is the NPU's."""
+    class GeneratorProxy(original):
+        def __new__(cls, device="cpu"):
+            return original(to_npu(device))
+
+    GeneratorProxy.__wrapped__ = original
+    return GeneratorProxy
+
+
 def _no_triton(**kwargs):
     return False
 
@@ -129,6 +139,8 @@ def _npu_patches():
               sweep=False, why='Tensor.to("cuda") goes to the NPU'),
         Patch("transfer_to_npu.Tensor.cuda", "torch:Tensor.cuda", replacement=_tensor_cuda, backends=npu,
               group="device", sweep=False, why="Tensor.cuda() is Tensor.npu()"),
+        Patch("transfer_to_npu.Generator", "torch:Generator", wrapper=_generator_proxy, backends=npu, group="device",
+              sweep=False, why="the wheel's _GeneratorProxy: a CUDA device argument is the NPU"),
         Patch("transfer_to_npu.Tensor.is_cuda", "torch:Tensor.is_cuda", replacement=torch.Tensor.is_npu,
               backends=npu, group="device", sweep=False, why="the wheel sets Tensor.is_cuda = Tensor.is_npu"),
         Patch("transfer_to_npu.Module.cuda", "torch.nn:Module.cuda", replacement=_module_cuda, backends=npu,
