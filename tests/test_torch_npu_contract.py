@@ -152,7 +152,20 @@ def _ring_block_cases():
                         scale_value=0.3, keep_prob=1.0, sparse_mode=mode))
 
 
+def _paged_cases():
+    """megatron's dynamic engine step: TND queries, the cache [blocks, 128, KV_N * D], PageAttention."""
+    g = torch.Generator().manual_seed(3)
+    causal = torch.triu(torch.ones(2048, 2048), 1).bool()
+    q = torch.randn(6, 4, 8, generator=g).to(torch.bfloat16)
+    cache = torch.randn(4, 128, 2 * 8, generator=g).to(torch.bfloat16)
+    table = torch.tensor([[0, 1], [2, -1]], dtype=torch.int32)
+    yield ("npu_fused_infer_attention_score", "TND-paged-bf16", (q, cache, cache),
+           dict(atten_mask=causal, block_table=table, actual_seq_lengths=[1, 6], actual_seq_lengths_kv=[140, 5],
+                num_heads=4, num_key_value_heads=2, scale=0.3, input_layout="TND", sparse_mode=3, block_size=128))
+
+
 def _cases():
+    yield from _paged_cases()
     yield from (("npu_fusion_attention",) + c for c in _attention_cases())
     yield from _ring_block_cases()
     g = torch.Generator().manual_seed(1)

@@ -36,6 +36,20 @@ SCHEMAS = {
         'int[]? actual_seq_qlen=None, int[]? actual_seq_kvlen=None, int sparse_mode=0, '
         'bool gen_mask_parallel=True, bool sync=False, str softmax_layout="", Tensor? sink=None) '
         '-> (Tensor, Tensor, Tensor, Tensor, Tensor)'),
+    "npu_fused_infer_attention_score": (
+        'npu_fused_infer_attention_score(Tensor query, Tensor key, Tensor value, *, Tensor? pse_shift=None, '
+        'Tensor? atten_mask=None, SymInt[]? actual_seq_lengths=None, SymInt[]? actual_seq_lengths_kv=None, '
+        'Tensor? dequant_scale1=None, Tensor? quant_scale1=None, Tensor? dequant_scale2=None, '
+        'Tensor? quant_scale2=None, Tensor? quant_offset2=None, Tensor? antiquant_scale=None, '
+        'Tensor? antiquant_offset=None, Tensor? key_antiquant_scale=None, Tensor? key_antiquant_offset=None, '
+        'Tensor? value_antiquant_scale=None, Tensor? value_antiquant_offset=None, Tensor? block_table=None, '
+        'Tensor? query_padding_size=None, Tensor? kv_padding_size=None, Tensor? key_shared_prefix=None, '
+        'Tensor? value_shared_prefix=None, SymInt[]? actual_shared_prefix_len=None, Tensor? query_rope=None, '
+        'Tensor? key_rope=None, Tensor? key_rope_antiquant_scale=None, int num_heads=1, float scale=1.0, '
+        'int pre_tokens=2147483647, int next_tokens=2147483647, str input_layout="BSH", '
+        'int num_key_value_heads=0, int sparse_mode=0, int inner_precise=0, int block_size=0, '
+        'int antiquant_mode=0, int key_antiquant_mode=0, int value_antiquant_mode=0, '
+        'bool softmax_lse_flag=False) -> (Tensor, Tensor)'),
     "npu_rms_norm": "npu_rms_norm(Tensor input, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)",
     "npu_swiglu": "npu_swiglu(Tensor input, int dim=-1) -> Tensor",
     "npu_rotary_mul": ("npu_rotary_mul(Tensor input, Tensor r1, Tensor r2, str rotary_mode='half', "
@@ -280,6 +294,81 @@ def _tnd(query, key, value, head_num, atten_mask, scale, keep_prob, inner_precis
     return out, softmax_max, softmax_sum, torch.empty(0, dtype=query.dtype, device=query.device), 0, 0, 0
 
 
+def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq_lengths=None,
+                                    actual_seq_lengths_kv=None, block_table=None, num_heads=1, scale=1.0,
+                                    pre_tokens=2147483647, next_tokens=2147483647, input_layout="BSH",
+                                    num_key_value_heads=0, sparse_mode=0, inner_precise=0, block_size=0,
+                                    softmax_lse_flag=False, **rest):
+    """Inference attention over a paged KV cache (PageAttention), as megatron's dynamic engine
+    calls it: query TND ``[T, N, D]``, key / value the cache ``[blocknum, blocksize, KV_N * D]``,
+    ``block_table [B, max blocks]`` int32, ``actual_seq_lengths`` the queries' prefix sums (TND),
+    ``actual_seq_lengths_kv`` each request's key count, sparse_mode 3 (causal from the end) with
+    the compressed [2048, 2048] mask.  The argument rules are the wheel's documentation's
+    (torch_npu 2.14.0 ``_op_plugin_docs.py``): PageAttention takes float16 / bfloat16 (int8
+    quantised caches are not emulated) and needs actual_seq_lengths_kv and a 2-D block table of
+    B rows; with any query longer than 1 (the PromptFlashAttention branch) block_size is 128 to
+    512 in multiples of 128, with only decode rows (IncreFlashAttention) at most 512 and a
+    multiple of 16.  Other layouts and features are not emulated (NotImplementedError)."""
+    _count("npu_fused_infer_attention_score", query, key, value, atten_mask, block_table)
+    if any(v is not None for k, v in rest.items() if not k.endswith("_mode")) or pse_shift is not None:
+        raise NotImplementedError("the emulation covers PageAttention without quantisation, shared prefixes, "
+                                  "padding or pse")
+    if input_layout != "TND" or block_table is None:
+        raise NotImplementedError("the emulation covers input_layout TND with a block_table (PageAttention)")
+    if query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise RuntimeError(f"npu_fused_infer_attention_score: PageAttention supports key / value float16, bfloat16 "
+                           f"and int8 with a query of the same type, got {query.dtype} / {key.dtype}")
+    if actual_seq_lengths is None or actual_seq_lengths_kv is None:
+        raise RuntimeError("npu_fused_infer_attention_score: TND needs actual_seq_lengths, PageAttention "
+                           "actual_seq_lengths_kv")
+    ends, kv_lens = [int(x) for x in actual_seq_lengths], [int(x) for x in actual_seq_lengths_kv]
+    b = len(ends)
+    if len(kv_lens) != b or any(e < a for a, e in zip([0] + ends, ends)) or ends[-1] != query.shape[0]:
+        raise RuntimeError(f"npu_fused_infer_attention_score: actual_seq_lengths must be non-decreasing prefix sums "
+                           f"ending at T={query.shape[0]} with one kv length per batch, got {ends} / {kv_lens}")
+    if block_table.dim() != 2 or block_table.shape[0] != b or block_table.dtype != torch.int32:
+        raise RuntimeError(f"npu_fused_infer_attention_score: block_table must be int32 [B={b}, max blocks], got "
+                           f"{tuple(block_table.shape)} {block_table.dtype}")
+    if key.dim() != 3 or key.shape != value.shape or key.shape[1] != block_size:
+        raise RuntimeError(f"npu_fused_infer_attention_score: the cache must be [blocknum, block_size={block_size}, H] "
+                           f"(key and value alike), got {tuple(key.shape)} / {tuple(value.shape)}")
+    q_lens = [e - a for a, e in zip([0] + ends, ends)]
+    prompt = any(n > 1 for n in q_lens)
+    if prompt and not (128 <= block_size <= 512 and block_size % 128 == 0):
+        raise RuntimeError(f"npu_fused_infer_attention_score: with PageAttention block_size must be 128 to 512, a "
+                           f"multiple of 128, got {block_size}")
+    if not prompt and not (0 < block_size <= 512 and block_size % 16 == 0):
+        raise RuntimeError(f"npu_fused_infer_attention_score: with PageAttention (decode) block_size must be at most "
+                           f"512 and a multiple of 16, got {block_size}")
+    if max(kv_lens) > block_table.shape[1] * block_size:
+        raise RuntimeError("npu_fused_infer_attention_score: block_table has fewer blocks than actual_seq_lengths_kv")
+    if sparse_mode != 3 or atten_mask is None or not torch.equal(
+            atten_mask.bool(), torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=atten_mask.device), 1)):
+        raise NotImplementedError("the emulation covers sparse_mode 3 with the compressed triu [2048, 2048] mask")
+    t, n, d = query.shape
+    n_kv = num_key_value_heads or num_heads
+    if n != num_heads or num_heads % n_kv or key.shape[2] != n_kv * d:
+        raise RuntimeError(f"npu_fused_infer_attention_score: query {tuple(query.shape)}, num_heads {num_heads}, "
+                           f"num_key_value_heads {n_kv}, cache H {key.shape[2]}")
+    outs = []
+    for r, (a, e) in enumerate(zip([0] + ends, ends)):
+        if e == a:
+            continue
+        rows = block_table[r, :-(-kv_lens[r] // block_size)].long()
+        k = key[rows].reshape(-1, n_kv, d)[:kv_lens[r]].permute(1, 0, 2).unsqueeze(0)
+        v = value[rows].reshape(-1, n_kv, d)[:kv_lens[r]].permute(1, 0, 2).unsqueeze(0)
+        q = query[a:e].permute(1, 0, 2).unsqueeze(0)
+        i = torch.arange(e - a, device=query.device).unsqueeze(1)
+        j = torch.arange(kv_lens[r], device=query.device).unsqueeze(0)
+        out, _, _ = _attend(q, k, v, j > i + kv_lens[r] - (e - a), scale, 1.0, inner_precise)
+        outs.append(out[0].permute(1, 0, 2))
+    out = torch.cat(outs).to(query.dtype)
+    lse = torch.empty(0, dtype=torch.float32, device=query.device)
+    if softmax_lse_flag:
+        raise NotImplementedError("the emulation does not return softmax_lse")
+    return out, lse
+
+
 def npu_rms_norm(x, gamma, epsilon=1e-6):
     _count("npu_rms_norm", x, gamma)
     if x.dim() < gamma.dim():
@@ -323,7 +412,8 @@ def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
         rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
     return x * r1 + rotated * r2
 
-IMPLEMENTATIONS = {"npu_fusion_attention": npu_fusion_attention,
+IMPLEMENTATIONS = {"npu_fused_infer_attention_score": npu_fused_infer_attention_score,
+                   "npu_fusion_attention": npu_fusion_attention,
                    "npu_fusion_attention_grad": npu_fusion_attention_grad, "npu_rms_norm": npu_rms_norm,
                    "npu_swiglu": npu_swiglu, "npu_rotary_mul": npu_rotary_mul}
 

@@ -46,6 +46,7 @@ def _register_hccl():
 _register_hccl()
 
 # as torch_npu's _init/core/_exports.py does: torch_npu.<op> is torch.ops.npu.<op>
+npu_fused_infer_attention_score = torch.ops.npu.npu_fused_infer_attention_score
 npu_fusion_attention = torch.ops.npu.npu_fusion_attention
 npu_fusion_attention_grad = torch.ops.npu.npu_fusion_attention_grad
 npu_rms_norm = torch.ops.npu.npu_rms_norm

@@ -249,6 +249,12 @@ def _dispatch(func, args, kwargs):
         dev = kw.pop("device", None)
         out = func(data_of(src), **kw)
         return out if dev is not None and torch.device(dev).type == "cpu" else NpuTensor(out)
+    if func.overloadpacket is torch.ops.aten.to and _to_device(func, args, kwargs) == "cpu":
+        # Tensor.to / .cpu() reach here undecomposed under torch.inference_mode: a copy to the host
+        kw = {k: v for k, v in kwargs.items() if k != "device"}
+        if func is torch.ops.aten.to.device or func is torch.ops.aten.to.other:
+            return data_of(args[0]).to(*[data_of(a) if isinstance(a, NpuTensor) else a for a in args[1:]], **kw)
+        return func(data_of(args[0]), *args[1:], device=_CPU, **kw)
     if func is torch.ops.aten.copy_.default:  # cross-device copies are allowed: this is how data moves
         data_of(args[0]).copy_(data_of(args[1]), *args[2:], **kwargs)
         return args[0]
@@ -269,6 +275,14 @@ def _dispatch(func, args, kwargs):
     out = func(*uargs, **ukwargs)
     wrapped = tree_map(lambda x: NpuTensor(x) if type(x) is torch.Tensor and x.device.type == "cpu" else x, out)
     return return_and_correct_aliasing(func, args, kwargs, wrapped)
+
+
+def _to_device(func, args, kwargs):
+    """The device type an ``aten.to`` overload copies to (None: unchanged)."""
+    if func is torch.ops.aten.to.other:
+        return args[1].device.type
+    device = kwargs.get("device", args[1] if func is torch.ops.aten.to.device and len(args) > 1 else None)
+    return None if device is None else torch.device(device).type
 
 
 @functools.lru_cache(maxsize=None)
