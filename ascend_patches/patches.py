@@ -240,14 +240,10 @@ _(Patch("decode_model", "megatron.core.models.gpt.gpt_model:GPTModel.forward",
 # releases with megatron.core.inference.apis are the ones served (recipes refuse older ones)
 DYNAMIC_ENGINE = ">=0.19"
 _(Patch("paged_attention", "megatron.core.transformer.attention:Attention.flash_decode_and_prefill",
-        wrapper=paged_attention.flash_decode_and_prefill_wrapper, backends=CPU | frozenset({"cuda"}),
-        megatron_core=DYNAMIC_ENGINE,
-        why="flash-attn's varlen / kvcache kernels with a block table: one batched SDPA over the step's requests, "
-            "keys gathered through the block table (skipped where flash-attn is installed)"))
-_(Patch("paged_attention.npu_refusal", "megatron.core.transformer.attention:Attention.flash_decode_and_prefill",
-        wrapper=paged_attention.flash_decode_and_prefill_wrapper, backends=NPU, megatron_core=DYNAMIC_ENGINE,
-        why="on the NPU its kernel (npu_fused_infer_attention_score) is not built: a dynamic batch is refused in "
-            "one line instead of failing inside flash-attn's missing kernel"))
+        wrapper=paged_attention.flash_decode_and_prefill_wrapper, megatron_core=DYNAMIC_ENGINE,
+        why="flash-attn's varlen / kvcache kernels with a block table: npu_fused_infer_attention_score's "
+            "PageAttention on the NPU; one batched SDPA over the step's requests elsewhere (skipped where "
+            "flash-attn is installed)"))
 _(Patch("paged_attention.fa_version", "megatron.core.transformer.attention:is_fa_min_version",
         wrapper=paged_attention.fa_min_version_wrapper, sweep=False, megatron_core=DYNAMIC_ENGINE,
         why="attention asserts flash-attn >= 2.7.3 under a dynamic batch; with the paged attention above in its "

@@ -9,8 +9,13 @@ kernels with a block table for.
   ``[B, blocks]``), its queries padded to the step's longest, and the mask is causal from the
   end (a request's queries are the last ``q_len`` of its ``seqlens_k`` positions, flash-attn's
   bottom-right alignment) and hides the padding.  No Python loop over requests.
-- NPU: not built yet (``npu_fused_infer_attention_score`` with ``block_table`` and the actual
-  sequence lengths is its kernel): refused with that line, never a silent fallback.
+- NPU: ``torch_npu.npu_fused_infer_attention_score`` in PageAttention mode, as vllm-ascend calls
+  it for mixed batches: query TND, the cache viewed ``[blocks, block, Hkv * D]``, the block
+  table, the queries' prefix sums and each request's key count (host lists: the kernel's
+  SymInt[] arguments), sparse_mode 3 with the compressed causal mask.  The wheel's rules
+  (its ``_op_plugin_docs.py``): float16 / bfloat16 only, and with prompt rows in a step the
+  block 128 to 512 tokens in multiples of 128; so megatron's ``block_size_tokens`` must be 128,
+  256 (its default), 384 or 512 on the NPU, checked before the first step.
 
 Refused in one line everywhere: a sink offset (``softmax_offset``), a sliding window, MLA.
 Where flash-attn (2.7.3+, 3 or 4) is installed the stock kernels run and nothing is patched.
@@ -78,27 +83,62 @@ def flash_decode_and_prefill_wrapper(original):
                                  block_table, is_decode_only, softmax_offset=None):
         _check_supported(self, module, softmax_offset)
         scale = getattr(self, "softmax_scale", None) or q.shape[-1] ** -0.5
+        npu = _state.backend() == "npu"
         if is_decode_only:
-            # q (B*S, 1, H, D): S tokens per request (speculative decoding), contiguous per request
+            # q (B*S, 1, H, D): S tokens per request (speculative decoding), contiguous per request; the
+            # context's cu_seqlens_q gives the padding requests (past the active ones) no tokens
             n = seqlens_k.shape[0]
             per = q.shape[0] // n
-            cu = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * per
-            out = paged_attention(q.reshape(n * per, q.shape[2], q.shape[3]), k, v, cu, seqlens_k, block_table,
-                                  scale)
+            cu = cu_seqlens_q if cu_seqlens_q is not None else (
+                torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * per)
+            q3 = q.reshape(n * per, q.shape[2], q.shape[3])
         else:
-            out = paged_attention(q.squeeze(1), k, v, cu_seqlens_q, seqlens_k, block_table, scale)
-        return out.unsqueeze(1)
+            cu, q3 = cu_seqlens_q, q.squeeze(1)
+        attend = paged_attention_npu if npu else paged_attention
+        return attend(q3, k, v, cu, seqlens_k, block_table, scale).unsqueeze(1)
 
     flash_decode_and_prefill.__wrapped__ = original
     return flash_decode_and_prefill
 
 
+NPU_BLOCK_SIZES = (128, 256, 384, 512)  # PageAttention's prompt branch: 128 to 512, multiples of 128
+NPU_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def paged_attention_npu(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, scale: float):
+    """``paged_attention``'s contract through ``npu_fused_infer_attention_score``."""
+    import torch_npu
+
+    from .npu_masks import compressed_causal_mask
+
+    b = seqlens_k.shape[0]
+    t, h, d = q.shape
+    blocks, block, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    ends = cu_seqlens_q[1:b + 1].tolist()  # the kernel's SymInt[] arguments are host lists
+    while len(ends) > 1 and ends[-1] == ends[-2]:  # padding requests at the end: no tokens, no keys
+        ends.pop()
+    b, real = len(ends), ends[-1]
+    out, _ = torch_npu.npu_fused_infer_attention_score(
+        q[:real], k_cache.view(blocks, block, hkv * d), v_cache.view(blocks, block, hkv * d),
+        atten_mask=compressed_causal_mask(q.device), block_table=block_table[:b].to(torch.int32),
+        actual_seq_lengths=ends, actual_seq_lengths_kv=seqlens_k[:b].tolist(), num_heads=h,
+        num_key_value_heads=hkv, scale=scale, input_layout="TND", sparse_mode=3, block_size=block)
+    result = q.new_zeros(t, h, d)
+    result[:real] = out
+    return result
+
+
+def check_npu_engine(block_size_tokens: int, dtype) -> None:
+    """What npu_fused_infer_attention_score's PageAttention takes, checked before the first step."""
+    if block_size_tokens not in NPU_BLOCK_SIZES:
+        raise ValueError(f"block_size_tokens {block_size_tokens}: on the NPU the paged attention kernel "
+                         f"(npu_fused_infer_attention_score) takes blocks of {', '.join(map(str, NPU_BLOCK_SIZES))} "
+                         "tokens when a step holds prompt rows")
+    if dtype not in NPU_DTYPES:
+        raise ValueError(f"{dtype}: on the NPU the paged attention kernel takes float16 or bfloat16 (no float32)")
+
+
 def _check_supported(layer, module, softmax_offset) -> None:
-    if _state.backend() == "npu":
-        raise NotImplementedError(
-            "megatron-core's dynamic inference engine on the NPU needs paged attention through "
-            "torch_npu.npu_fused_infer_attention_score (block_table, actual sequence lengths), which "
-            "ascend_patches does not provide yet; use recipes.generate's static path on the NPU")
     if softmax_offset is not None:
         raise NotImplementedError("paged attention without flash-attn: a sink offset (softmax_offset) is not built")
     window = getattr(layer.config, "window_size", None)

@@ -63,6 +63,15 @@ def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool 
     from megatron.core.inference.config import InferenceConfig
 
     model.eval()
+    import ascend_patches
+
+    if ascend_patches.settings().backend == "npu":
+        from ascend_patches.ops.paged_attention import check_npu_engine
+
+        try:
+            check_npu_engine(settings.block_size_tokens, next(model.parameters()).dtype)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
     config = InferenceConfig(block_size_tokens=settings.block_size_tokens, buffer_size_gb=settings.buffer_size_gb,
                              max_requests=settings.max_requests, max_sequence_length=settings.max_sequence_length)
     return MegatronLLM(model=model, tokenizer=EngineTokenizer(tokenizer), inference_config=config,

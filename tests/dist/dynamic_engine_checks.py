@@ -2,6 +2,7 @@
 recipes.infer.dynamic) on a converted checkpoint at TP ranks, against HF ``generate``.
 
     dynamic_engine_checks.py TP LOAD HF_DIR
+    dynamic_engine_checks.py TP LOAD - bf16 BLOCK   (the tokens only, in bf16 with BLOCK-token blocks)
 
 Greedy, 40 new tokens, prompts of 1 to 45 tokens, twice: with eos 2 (every request runs its 40
 tokens) and with eos 426 ("." in stories260K's vocabulary, so requests finish at different
@@ -20,11 +21,19 @@ from recipes.data.tokenizer import load_tokenizer
 from recipes.infer import dynamic, inference
 
 tp, load, hf_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-lm = inference.load(load, tp, 1)
+dtype, block = (torch.bfloat16, int(sys.argv[5])) if len(sys.argv) > 4 else (None, 16)
+lm = inference.load(load, tp, 1, dtype=dtype)
 g = torch.Generator().manual_seed(0)
-prompts = [[1]] + [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 44, 9, 17, 30)]
-settings = dynamic.EngineSettings(max_requests=2, block_size_tokens=16, buffer_size_gb=0.02, max_sequence_length=128)
+lengths = (4, 44, 9, 17, 30) if block < 128 else (4, 100, 9, 130, 30)  # across a block either way
+prompts = [[1]] + [[1] + torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
+settings = dynamic.EngineSettings(max_requests=2, block_size_tokens=block, buffer_size_gb=0.02,
+                                  max_sequence_length=256)
 llm = dynamic.build_llm(lm.model, load_tokenizer(lm.args["tokenizer_name_or_path"]), settings)
+if dtype is not None:
+    rows = [{"eos": eos, "tokens": dynamic.greedy(llm, prompts, 40, eos_id=eos)} for eos in (2, 426)]
+    if dist.get_rank() == 0:
+        sys.stdout.write("RESULT " + json.dumps(rows) + "\n")
+    sys.exit(0)
 from transformers import LlamaForCausalLM  # noqa: E402
 
 hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
