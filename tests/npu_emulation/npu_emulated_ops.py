@@ -189,12 +189,20 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
                            f"{tuple(softmax_max.shape)} / {tuple(softmax_sum.shape)}")
     masked = _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens, query.device)
     kf, vf = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = ((q @ kf.transpose(-1, -2)) * scale_value).masked_fill(masked, float("-inf"))
-    p = torch.exp(scores - softmax_max[..., :1].float()) / softmax_sum[..., :1].float()
-    ds = p * (do @ vf.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-    dq = (ds @ kf) * scale_value
-    dk = ((ds.transpose(-1, -2) @ q) * scale_value).unflatten(1, (n_kv, rep)).sum(2)
-    dv = (p.transpose(-1, -2) @ do).unflatten(1, (n_kv, rep)).sum(2)
+    dq = torch.empty_like(q)
+    dkf, dvf = torch.zeros_like(kf), torch.zeros_like(vf)
+    for start in range(0, sq, QUERY_TILE):  # query rows a tile at a time, as the forward
+        rows = slice(start, start + QUERY_TILE)
+        q_t, do_t = q[:, :, rows], do[:, :, rows]
+        scores = ((q_t @ kf.transpose(-1, -2)) * scale_value).masked_fill(masked[..., rows, :], float("-inf"))
+        p = torch.exp(scores - softmax_max[:, :, rows, :1].float()) / softmax_sum[:, :, rows, :1].float()
+        del scores
+        ds = p * (do_t @ vf.transpose(-1, -2) - (do_t * o[:, :, rows]).sum(-1, keepdim=True))
+        dq[:, :, rows] = (ds @ kf) * scale_value
+        dkf += (ds.transpose(-1, -2) @ q_t) * scale_value
+        dvf += p.transpose(-1, -2) @ do_t
+    dk = dkf.unflatten(1, (n_kv, rep)).sum(2)
+    dv = dvf.unflatten(1, (n_kv, rep)).sum(2)
     return (_from_bnsd(dq.to(query.dtype), input_layout), _from_bnsd(dk.to(query.dtype), input_layout),
             _from_bnsd(dv.to(query.dtype), input_layout), torch.empty(0, dtype=query.dtype, device=query.device), torch.empty(0, device=query.device))
 
@@ -230,24 +238,38 @@ def _dense_mask(atten_mask, sparse_mode, b, n, sq, sk, pre_tockens, next_tockens
     return masked
 
 
+# The kernels tile over query rows, as flash attention does: a [B, N, S, S] score matrix is never
+# materialised whole, so the emulated device's memory holds what the real kernels' does (their
+# outputs and statistics) plus one tile, not the full square.
+QUERY_TILE = 128
+
+
 def _attend(q, k, v, masked, scale, keep_prob, inner_precise):
-    """[b, n, sq, d] x [b, n_kv, sk, d] with True = masked out: (out float32, row max, row sum)."""
+    """[b, n, sq, d] x [b, n_kv, sk, d] with True = masked out: (out float32, row max, row sum),
+    QUERY_TILE query rows at a time."""
     n, n_kv = q.shape[1], k.shape[1]
     rep = n // n_kv
     kf = k.float().repeat_interleave(rep, dim=1)
     vf = v.float().repeat_interleave(rep, dim=1)
-    scores = (q.float() @ kf.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(masked, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
-    fully_masked = torch.isinf(row_max)
-    probs = torch.exp(scores - row_max.masked_fill(fully_masked, 0))
-    row_sum = probs.sum(-1, keepdim=True)
-    probs = probs / row_sum
-    if inner_precise == 2:
-        probs = probs.masked_fill(fully_masked, 0.0)
-    if keep_prob < 1.0:
-        probs = F.dropout(probs, p=1.0 - keep_prob, training=True)
-    return probs @ vf, row_max, row_sum
+    outs, maxes, sums = [], [], []
+    for start in range(0, q.shape[2], QUERY_TILE):
+        rows = slice(start, start + QUERY_TILE)
+        scores = (q[:, :, rows].float() @ kf.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(masked[..., rows, :], float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        fully_masked = torch.isinf(row_max)
+        probs = torch.exp(scores - row_max.masked_fill(fully_masked, 0))
+        del scores
+        row_sum = probs.sum(-1, keepdim=True)
+        probs = probs / row_sum
+        if inner_precise == 2:
+            probs = probs.masked_fill(fully_masked, 0.0)
+        if keep_prob < 1.0:
+            probs = F.dropout(probs, p=1.0 - keep_prob, training=True)
+        outs.append(probs @ vf)
+        maxes.append(row_max)
+        sums.append(row_sum)
+    return torch.cat(outs, 2), torch.cat(maxes, 2), torch.cat(sums, 2)
 
 
 def _tnd(query, key, value, head_num, atten_mask, scale, keep_prob, inner_precise, actual_seq_qlen,
