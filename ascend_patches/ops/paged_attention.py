@@ -84,18 +84,13 @@ def flash_decode_and_prefill_wrapper(original):
         _check_supported(self, module, softmax_offset)
         scale = getattr(self, "softmax_scale", None) or q.shape[-1] ** -0.5
         npu = _state.backend() == "npu"
-        if is_decode_only:
-            # q (B*S, 1, H, D): S tokens per request (speculative decoding), contiguous per request; the
-            # context's cu_seqlens_q gives the padding requests (past the active ones) no tokens
+        cu = cu_seqlens_q
+        if is_decode_only and cu is None:  # S tokens per request (speculative decoding), contiguous per request
             n = seqlens_k.shape[0]
-            per = q.shape[0] // n
-            cu = cu_seqlens_q if cu_seqlens_q is not None else (
-                torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * per)
-            q3 = q.reshape(n * per, q.shape[2], q.shape[3])
-        else:
-            cu, q3 = cu_seqlens_q, q.squeeze(1)
+            cu = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * (q.shape[0] // n)
+        # q (tokens, 1, H, D) in both cases; the context's cu_seqlens_q gives padding requests no tokens
         attend = paged_attention_npu if npu else paged_attention
-        return attend(q3, k, v, cu, seqlens_k, block_table, scale).unsqueeze(1)
+        return attend(q.squeeze(1), k, v, cu, seqlens_k, block_table, scale).unsqueeze(1)
 
     flash_decode_and_prefill.__wrapped__ = original
     return flash_decode_and_prefill
