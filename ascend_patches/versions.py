@@ -56,6 +56,15 @@ def megatron_core_matches(specifier: str) -> bool:
                                                                                              prereleases=True)
 
 
+def lacking_fields(config_class, names) -> str:
+    """The names of ``names`` that the installed release's config dataclass (megatron-core's
+    ``TransformerConfig``, ``OptimizerConfig``) has no field for, comma-separated ("" when it has
+    them all), for a flag's one-line refusal that names the release."""
+    import dataclasses
+
+    return ", ".join(sorted(set(names) - {f.name for f in dataclasses.fields(config_class)}))
+
+
 def megatron_in_tested_range(version: str) -> bool:
     if version == "not installed":
         return True

@@ -41,7 +41,6 @@ class Offload:
     optimizer: bool = False             # HybridDeviceOptimizer
     fraction: float = 1.0               # of the optimizer's parameters, on the host
     overlap_d2h_h2d: bool = False       # one host optimizer per parameter, copies on side streams
-    precision_aware: bool = False
 
     @property
     def any(self) -> bool:
@@ -112,7 +111,7 @@ def resolve(args, backend: str, distributed_optimizer: bool, half: bool) -> Offl
     """The offload a run's flags ask for; ``args.plan_only`` (recipes.memory_plan) plans one
     for an accelerator from any machine."""
     modules = _modules(args)
-    optimizer, fraction, precision_aware = _optimizer(args, distributed_optimizer)
+    optimizer, fraction = _optimizer(args, distributed_optimizer)
     if optimizer and not half:
         raise BadInput(f"{_given(args)} with fp32 weights: megatron-core's HybridDeviceOptimizer takes 16-bit "
                        "weights (the distributed optimizer's fp32 shards are views it refuses: \"can't optimize a "
@@ -125,8 +124,7 @@ def resolve(args, backend: str, distributed_optimizer: bool, half: bool) -> Offl
     if size is not None and size < 0:
         raise BadInput(f"--min-offloaded-tensor-size {size}: give 0 or more elements")
     out = Offload(modules=modules, min_tensor_size=Offload.min_tensor_size if size is None else size,
-                  optimizer=optimizer, fraction=fraction, overlap_d2h_h2d=args.overlap_cpu_optimizer_d2h_h2d,
-                  precision_aware=precision_aware)
+                  optimizer=optimizer, fraction=fraction, overlap_d2h_h2d=args.overlap_cpu_optimizer_d2h_h2d)
     check_installed(out)
     return out
 
@@ -189,22 +187,21 @@ def _optimizer(args, distributed_optimizer: bool):
                        "would not read it; low-precision states need Transformer Engine's FusedAdam: give fp32")
     if precision_aware and not distributed_optimizer:
         raise BadInput("--use-precision-aware-optimizer needs --use-distributed-optimizer (megatron-core's rule)")
-    return optimizer, fraction, precision_aware
+    return optimizer, fraction  # --use-precision-aware-optimizer is given exactly when the optimizer offloads
 
 
 def check_installed(o: Offload) -> None:
     """A megatron-core release without the fields refuses the flags in one line."""
-    import dataclasses
-    import importlib.metadata as md
-
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from ascend_patches.versions import lacking_fields, version_of
+
     for wanted, config, flag in ((o.transformer_config(), TransformerConfig, "--fine-grained-activation-offloading"),
                                  (o.optimizer_config(), OptimizerConfig, "--optimizer-cpu-offload")):
-        missing = set(wanted) - {f.name for f in dataclasses.fields(config)}
+        missing = lacking_fields(config, wanted)
         if missing:
-            raise BadInput(f"{flag}: megatron-core {md.version('megatron-core')} has no {', '.join(sorted(missing))} "
+            raise BadInput(f"{flag}: megatron-core {version_of('megatron-core')} has no {missing} "
                            "(fine-grained activation offloading is in 0.16+); install a release that has it")
 
 

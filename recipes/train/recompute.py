@@ -18,7 +18,6 @@ is refused in one line, as is a combination that contradicts itself.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -125,8 +124,8 @@ def resolve(args) -> Recompute:
 def _check_installed_has_modules(modules) -> None:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if modules and "recompute_modules" not in {f.name for f in dataclasses.fields(TransformerConfig)}:
-        import importlib.metadata as md
+    from ascend_patches.versions import lacking_fields, version_of
 
-        raise BadInput(f"--recompute-modules: megatron-core {md.version('megatron-core')} has no recompute_modules "
+    if modules and lacking_fields(TransformerConfig, ["recompute_modules"]):
+        raise BadInput(f"--recompute-modules: megatron-core {version_of('megatron-core')} has no recompute_modules "
                        "(it recomputes core attention only); drop the modules or install a release that has them")
