@@ -272,6 +272,8 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
         stage = inference.stage_info()
         pos = torch.arange(width).unsqueeze(0).expand(b, width)
         last = inference.forward(lm, tokens, pos, ctx, stage, attention_mask=mask)
+        if last is not None:  # megatron-core 0.19+ outside its inference mode returns every position's logits
+            last = last[:, -1:]
         last = inference.broadcast_from_last_stage(last, (b, 1, lm.vocab_size), torch.float32, stage).cpu()
         ctx.sequence_len_offset += width
         owner = torch.tensor([gi for gi, _ in branches])
@@ -286,7 +288,7 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
             bmask = torch.cat([pad[owner][:, None, :].expand(nb, blen, width),
                                torch.ones(blen, blen, dtype=torch.bool).triu_(1).expand(nb, blen, blen)], dim=2)
             bmask = bmask[:, None]
-        ctx.materialize_only_last_token_logits = False
+        _all_logits(ctx)
         bpos = torch.arange(width, width + blen).unsqueeze(0).expand(nb, blen)
         blog = inference.forward(lm, btok, bpos, ctx, stage, attention_mask=bmask)
         blog = inference.broadcast_from_last_stage(blog, (nb, blen, lm.vocab_size), torch.float32, stage).cpu()
@@ -296,6 +298,17 @@ def _score_branches(lm, requests, groups: List[_Group], batch_size: int, max_pos
         for (_, k), v in zip(branches, _gather_scores(logits, list(range(nb)), [0] * nb, conts).tolist()):
             out[k] = v
         bar.update(len(chunk))
+
+
+def _all_logits(ctx) -> None:
+    """Logits for every position of the next forward: megatron-core 0.19+ reads the switch from
+    the context's ``InferenceConfig`` (setting the old attribute there changes nothing, and only
+    the last position's logits came back), older releases from the context itself."""
+    config = getattr(ctx, "config", None)
+    if config is not None and hasattr(config, "materialize_only_last_token_logits"):
+        config.materialize_only_last_token_logits = False
+    else:
+        ctx.materialize_only_last_token_logits = False
 
 
 def score(lm, requests: Sequence[Tuple[List[int], List[int]]], max_len: int, batch_size: int,
