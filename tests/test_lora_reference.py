@@ -51,3 +51,23 @@ def test_lora_forward_gradients_and_merge_equal_the_papers_formula(kind):
     assert rel(out.detach(), ref.detach()) < 1e-12
     assert rel(module.lora_A.grad, A.grad) < 1e-12 and rel(module.lora_B.grad, B.grad) < 1e-12
     assert module.base.weight.grad is None and not module.base.weight.requires_grad
+
+
+@pytest.mark.usefixtures("single_process_group")
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_merge_in_place_folds_the_update_into_the_weight(kind):
+    """recipes.serve's merge at load: W' = W + (alpha / r) B A, the plain layer put back.  float64;
+    the merged product is summed in another order than the paper's two products, hence 1e-12."""
+    torch.manual_seed(0)
+    n_in, n_out, r, alpha = 24, 40, 4, 16.0
+    holder = torch.nn.Module()
+    holder.linear = lora.LoraParallelLinear(_linear(kind, n_in, n_out), r=r, alpha=alpha)
+    with torch.no_grad():
+        holder.linear.lora_B.normal_()
+    W, A, B = (t.detach().clone() for t in (holder.linear.base.weight, holder.linear.lora_A, holder.linear.lora_B))
+    x = torch.randn(5, 3, n_in, dtype=torch.float64)
+    assert lora.merge_in_place(holder) == 1
+    assert not isinstance(holder.linear, lora.LoraParallelLinear)
+    out, _ = holder.linear(x)
+    ref = x @ W.T + (alpha / r) * (x @ A.T) @ B.T
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-12

@@ -129,6 +129,24 @@ class LoraParallelLinear(nn.Module):
         return out + self.delta(x).to(out.dtype), bias
 
 
+def merge_in_place(model: nn.Module) -> int:
+    """Fold every adapter into the weight it adapts, on each rank's shard (W += alpha/r * B @ A:
+    a column-parallel layer holds its rows of B and all of A, a row-parallel one all of B and its
+    columns of A), and put the plain layer back; the number merged.  Serving's way: the engine
+    then runs megatron's own layers."""
+    merged = 0
+    for owner in list(model.modules()):
+        for name, child in list(owner.named_children()):
+            if isinstance(child, LoraParallelLinear):
+                w = child.base.weight
+                acc = torch.promote_types(w.dtype, torch.float32)  # a 16-bit weight's update summed in fp32
+                with torch.no_grad():
+                    w += (child.scaling * (child.lora_B.to(acc) @ child.lora_A.to(acc))).to(w.dtype)
+                setattr(owner, name, child.base)
+                merged += 1
+    return merged
+
+
 def apply_lora(model: nn.Module, targets: List[str], r: int, alpha: float, dropout: float = 0.0,
                modules_to_save: Optional[List[str]] = None) -> Dict[str, nn.Module]:
     """Freeze the model, wrap every target linear, unfreeze the modules to save.  Returns
