@@ -53,13 +53,13 @@ class EngineSettings:
     block_size_tokens: int = 256     # the paged KV cache's block (megatron-core's default)
     buffer_size_gb: float = 1.0      # the KV cache's memory
     max_sequence_length: int = 4096  # prompt and generated tokens of one request
+    prompt_log_probs: bool = False   # logits for every prompt token (echo + logprobs), not only the last
 
 
-def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool = False):
-    """``MegatronLLM`` over ``model`` (eval mode; every rank calls this, in direct mode each
-    rank runs the engine in lockstep)."""
+def inference_config(model, settings: EngineSettings):
+    """megatron-core's ``InferenceConfig`` for ``settings``, once the release and (on the NPU) the
+    paged attention kernel's block size and dtype are checked; ``model`` goes to eval mode."""
     check_release()
-    from megatron.core.inference.apis import MegatronLLM
     from megatron.core.inference.config import InferenceConfig
 
     model.eval()
@@ -72,8 +72,17 @@ def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool 
             check_npu_engine(settings.block_size_tokens, next(model.parameters()).dtype)
         except ValueError as e:
             raise BadInput(str(e)) from None
-    config = InferenceConfig(block_size_tokens=settings.block_size_tokens, buffer_size_gb=settings.buffer_size_gb,
-                             max_requests=settings.max_requests, max_sequence_length=settings.max_sequence_length)
+    return InferenceConfig(block_size_tokens=settings.block_size_tokens, buffer_size_gb=settings.buffer_size_gb,
+                           max_requests=settings.max_requests, max_sequence_length=settings.max_sequence_length,
+                           materialize_only_last_token_logits=not settings.prompt_log_probs)
+
+
+def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool = False):
+    """``MegatronLLM`` over ``model`` (every rank calls this, in direct mode each rank runs the
+    engine in lockstep)."""
+    config = inference_config(model, settings)
+    from megatron.core.inference.apis import MegatronLLM
+
     return MegatronLLM(model=model, tokenizer=EngineTokenizer(tokenizer), inference_config=config,
                        use_coordinator=use_coordinator)
 

@@ -67,9 +67,10 @@ def load(load_dir, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None
     return Loaded(model, shape, vocab, padded, dtype, saved)
 
 
-def add_checkpoint_flags(p) -> None:
-    """The flags every inference command takes to open a checkpoint."""
-    flags.add_load_flags(p, "the model", "applied unmerged", required=True)
+def add_checkpoint_flags(p, lora: str = "applied unmerged") -> None:
+    """The flags every inference command takes to open a checkpoint; ``lora``: what the command
+    does with --lora-load's adapters."""
+    flags.add_load_flags(p, "the model", lora, required=True)
     add_tokenizer_flags(p, "the one the checkpoint records")
     flags.add_layout_flags(p, "default: the world size / PP", "default 1")
     flags.add_dtype_flag(p, "the checkpoint's")

@@ -55,12 +55,14 @@ def boolq_task(jsonl: Path, out: Path, limit=None):
     return {"local_boolq": "boolq"}
 
 
-def run(hf_dir: Path, task_dir: Path, tasks, num_fewshot: int):
-    """Per task: [(loglikelihoods per choice, target)] in document order, and accuracy."""
+def run(hf_dir: Path, task_dir: Path, tasks, num_fewshot: int, model: str = "hf", model_args: str = None):
+    """Per task: [(loglikelihoods per choice, target)] in document order, and accuracy.  By
+    default lm-eval's HF backend on ``hf_dir``; ``model``/``model_args`` name another of its
+    backends (``local-completions`` against a server)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32",
+    res = lm_eval.simple_evaluate(model=model, model_args=model_args or f"pretrained={hf_dir},dtype=float32",
                                   tasks=list(tasks), num_fewshot=num_fewshot, batch_size=8, device="cpu",
                                   log_samples=True, task_manager=TaskManager(include_path=str(task_dir)))
     out = {}

@@ -1,0 +1,253 @@
+"""An OpenAI-compatible server on megatron-core's own: ``MegatronAsyncLLM(...).serve(...)`` (the
+dynamic engine: continuous batching, paged KV cache, chunked prefill), for a checkpoint at any TP.
+
+    python -m recipes.serve --load ./llama2-7b-chat-tp1 --tokenizer-name-or-path ./llama-2-7b-chat-hf
+    torchrun --nproc-per-node 8 -m recipes.serve --load ./llama2-70b-tp8 --params-dtype bf16 --port 8000
+
+Endpoints (megatron-core's): ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
+LLaMA-2-chat template), ``GET /health``; and ``GET /v1/models`` (this recipe's).  Requests are
+checked before megatron's handlers read them (``recipes/infer/openai_rules.py``): a bad one gets a
+4xx with an OpenAI-shaped error body and the server keeps serving.  ``stream: true`` is refused
+with a 400.  Prompts get BOS as HF's tokenizer and the chat template give it.  A LoRA checkpoint
+(``--lora-load``) is merged into the weights at load.
+
+Bound to 127.0.0.1 unless ``--host`` says otherwise.  SIGTERM or Ctrl-C stops the engine, the
+coordinator and the HTTP processes; under torchrun every rank stops.
+
+Sizes: ``--inference-max-seq-length`` (default: the checkpoint's sequence length) is one request's
+prompt plus output; ``--inference-dynamic-batching-max-requests`` (``--max-requests``) the
+requests in one step (more wait); ``--inference-dynamic-batching-buffer-size-gb`` the KV cache.
+Unset, the two are derived from the device's free memory after the model loads: as many
+full-length requests as fit in half of it (at most 64), and a cache that holds them all at full
+length.  ``--inference-dynamic-batching-block-size`` (``--block-size-tokens``, default 256) is the
+cache's block; on the NPU the paged attention kernel takes 128, 256, 384 or 512.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from recipes.errors import ArgumentParser, BadInput
+from recipes.infer import dynamic, inference, openai_rules, settings as infer_settings
+
+MAX_DEFAULT_REQUESTS = 64
+SHUTDOWN_S = 20
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Serve:
+    checkpoint: infer_settings.Checkpoint
+    host: str
+    port: int
+    model_name: str
+    max_sequence_length: int  # 0: the checkpoint's
+    max_requests: int         # 0: from the device's memory
+    block_size_tokens: int
+    buffer_size_gb: float     # 0: from the device's memory
+    frontend_replicas: int
+    max_request_bytes: int
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    inference.add_checkpoint_flags(p, lora="merged into the weights at load")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                                                       "only; 0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=5000, help="default 5000 (Megatron-LM's)")
+    g.add_argument("--served-model-name", default=None, help="the model's name in requests and /v1/models "
+                                                             "(default: the --load folder's name)")
+    g.add_argument("--frontend-replicas", type=int, default=1,
+                   help="HTTP processes on rank 0, sharing the port (default 1; megatron-core's own default is 4)")
+    g.add_argument("--max-request-bytes", type=int, default=8 * 2 ** 20,
+                   help="larger request bodies get a 413 (default 8 MiB)")
+    g = p.add_argument_group("engine (Megatron-LM's flag names)")
+    g.add_argument("--inference-max-seq-length", type=int, default=0,
+                   help="one request's prompt and output tokens (default: the checkpoint's sequence length)")
+    g.add_argument("--inference-dynamic-batching-max-requests", "--max-requests", dest="max_requests", type=int,
+                   default=0, help="requests in one engine step (default: from the device's free memory)")
+    g.add_argument("--inference-dynamic-batching-block-size", "--block-size-tokens", dest="block_size_tokens",
+                   type=int, default=256, help="tokens per KV-cache block (default 256)")
+    g.add_argument("--inference-dynamic-batching-buffer-size-gb", "--kv-buffer-size-gb", dest="buffer_size_gb",
+                   type=float, default=0.0, help="the KV cache's memory (default: from the device's free memory)")
+    return p
+
+
+def settings(args) -> Serve:
+    c = infer_settings.checkpoint(args)
+    if c.pp != 1:
+        raise BadInput("--pipeline-model-parallel-size > 1: serving through megatron-core's dynamic engine is "
+                       "checked here at TP only; serve with --tensor-model-parallel-size")
+    for name in ("port", "frontend_replicas", "max_request_bytes"):
+        if getattr(args, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)}: give 1 or more")
+    for name, flag in (("inference_max_seq_length", "--inference-max-seq-length"),
+                       ("max_requests", "--inference-dynamic-batching-max-requests"),
+                       ("buffer_size_gb", "--inference-dynamic-batching-buffer-size-gb")):
+        if getattr(args, name) < 0:
+            raise BadInput(f"{flag} {getattr(args, name)}: give a positive value (or leave it out)")
+    if args.block_size_tokens < 1:
+        raise BadInput(f"--inference-dynamic-batching-block-size {args.block_size_tokens}: give 1 or more")
+    name = args.served_model_name or os.path.basename(os.path.normpath(str(args.load)))
+    return Serve(c, args.host, args.port, name, args.inference_max_seq_length, args.max_requests,
+                 args.block_size_tokens, args.buffer_size_gb, args.frontend_replicas, args.max_request_bytes)
+
+
+class ServeTokenizer(dynamic.EngineTokenizer):
+    """The engine tokenizer as the HTTP handlers use it.  ``tokenize`` adds BOS, as HF's tokenizer
+    does for a prompt (megatron's completions handler sends its tokens as they are), and
+    ``apply_chat_template`` writes LLaMA-2-chat's turns, each opening with BOS, as HF's template
+    does.  ``bos`` is None: megatron's chat handler strips leading BOS tokens from a templated
+    prompt when the tokenizer names one (and adds one back only on its own ``add_BOS``); the BOS
+    here is the text's, as HF has it."""
+
+    chat_template = "llama-2-chat"
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        self.bos_id, self.bos = tok.bos_id, None
+
+    def tokenize(self, text: str) -> List[int]:
+        return [self.bos_id] + list(self.tok.encode(text))
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=True, tools=None, **kwargs):
+        from recipes.infer.generate import chat_tokens
+
+        if not tokenize or not add_generation_prompt or tools or kwargs:
+            raise ValueError("the LLaMA-2-chat template here renders token ids for a reply, without tools or "
+                             "template arguments")
+        system, turns = openai_rules.llama2_chat_messages(messages)
+        return chat_tokens(self.tok, turns[:-1], turns[-1][0], system)
+
+
+def kv_bytes_per_token(lm, tp: int) -> int:
+    """Keys and values of one token in every layer on one TP rank."""
+    s = lm.shape
+    return 2 * s.num_layers * max(1, s.num_query_groups // tp) * s.kv_channels * torch.tensor([], dtype=lm.dtype).element_size()
+
+
+def free_device_bytes() -> tuple:
+    """(bytes free on this rank's device now, where it came from)."""
+    import ascend_patches
+
+    backend = ascend_patches.settings().backend
+    if backend == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available, "the host's available memory (CPU backend)"
+    mod = torch.npu if backend == "npu" else torch.cuda
+    return mod.mem_get_info()[0], f"{backend}'s free memory"
+
+
+def engine_settings(s: Serve, lm, tp: int) -> dynamic.EngineSettings:
+    seq = s.max_sequence_length or lm.shape.seq_length
+    per_request = seq * kv_bytes_per_token(lm, tp)
+    free, where = free_device_bytes()
+    requests = s.max_requests
+    if not requests:
+        requests = min(MAX_DEFAULT_REQUESTS, int(0.5 * free // per_request))
+        if requests < 1:
+            raise BadInput(f"one {seq}-token request's KV cache ({per_request / GIB:.2f} GiB) does not fit half of "
+                           f"{where} ({free / GIB:.2f} GiB): lower --inference-max-seq-length or raise "
+                           "--tensor-model-parallel-size")
+    buffer_gb = s.buffer_size_gb or requests * per_request / GIB
+    if buffer_gb * GIB > free:
+        raise BadInput(f"a {buffer_gb:.2f} GiB KV cache does not fit {where} ({free / GIB:.2f} GiB): lower "
+                       "--inference-dynamic-batching-buffer-size-gb or --inference-dynamic-batching-max-requests")
+    # every prompt token's logits, as Megatron-LM's server has them: echo + logprobs (lm-eval's
+    # log-likelihoods) needs them, and the engine fails every request when one asks without them
+    return dynamic.EngineSettings(max_requests=requests, block_size_tokens=s.block_size_tokens,
+                                  buffer_size_gb=buffer_gb, max_sequence_length=seq, prompt_log_probs=True)
+
+
+async def run(llm, s: Serve, rank: int) -> None:
+    """Serve until SIGTERM or SIGINT, then stop the HTTP processes, the engine and the
+    coordinator."""
+    from megatron.core.inference.apis import ServeConfig
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await llm.serve(ServeConfig(host=s.host, port=s.port, frontend_replicas=s.frontend_replicas), blocking=False)
+    if rank == 0:
+        print(f"serving {s.model_name!r} on http://{s.host}:{s.port}/v1 (completions, chat/completions, models); "
+              "Ctrl-C or SIGTERM stops it", flush=True)
+    engine_done = asyncio.ensure_future(llm.wait_for_shutdown())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({engine_done, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if rank == 0:
+        print("stopping: the HTTP processes, the engine, the coordinator", flush=True)
+    try:
+        await asyncio.wait_for(llm.shutdown(), SHUTDOWN_S)
+    except asyncio.TimeoutError:  # e.g. a terminal's Ctrl-C reached the coordinator too, and it is gone
+        print(f"rank {rank}: the engine did not stop within {SHUTDOWN_S} s; stopping its processes", flush=True)
+        stop_children()
+        sys.stdout.flush()
+        os._exit(1)
+    engine_done.cancel()
+    signalled.cancel()
+
+
+def stop_children() -> None:
+    """Whatever this process started and megatron's shutdown left running."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for c in children:
+        c.terminate()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for c in alive:
+        c.kill()
+
+
+def main(argv=None):
+    s = settings(build_parser().parse_args(argv))
+    dynamic.check_release()
+    try:
+        import hypercorn  # noqa: F401
+        import quart  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError as e:
+        raise BadInput(f"megatron-core's server needs quart, hypercorn and pyzmq ({e}): pip install "
+                       "'ascend-patches[serve]'") from None
+    lm, tok = inference.open_checkpoint(s.checkpoint)
+    import torch.distributed as dist
+
+    from megatron.core.inference.apis import MegatronAsyncLLM
+    from megatron.core.inference.text_generation_server.dynamic_text_gen_server import endpoints
+
+    from recipes.model import lora, parallel
+
+    rank = dist.get_rank()
+    if s.checkpoint.lora_load:
+        n = lora.merge_in_place(lm.model)
+        if rank == 0:
+            print(f"merged {n} LoRA adapters from {s.checkpoint.lora_load}", flush=True)
+    engine = engine_settings(s, lm, s.checkpoint.tp)
+    tokenizer = ServeTokenizer(tok)
+    limits = openai_rules.Limits(s.model_name, engine.max_sequence_length, lm.vocab_size)
+    endpoints.__all__.append(openai_rules.blueprint(limits, tokenizer.tokenize, tokenizer.apply_chat_template,
+                                                    s.max_request_bytes))
+    if rank == 0:
+        print(f"engine: {engine.max_requests} requests a step, {engine.max_sequence_length}-token requests, "
+              f"{engine.block_size_tokens}-token blocks, a {engine.buffer_size_gb:.3f} GiB KV cache; "
+              f"{lm.shape.describe()}, TP={s.checkpoint.tp}, {lm.dtype}", flush=True)
+    llm = MegatronAsyncLLM(model=lm.model, tokenizer=tokenizer, inference_config=dynamic.inference_config(
+        lm.model, engine), coordinator_host="127.0.0.1")
+    try:
+        asyncio.run(run(llm, s, rank))
+    finally:
+        stop_children()
+    parallel.destroy()
+    if rank == 0:
+        print("stopped", flush=True)
+    sys.stdout.flush()
