@@ -26,6 +26,7 @@ cache's block; on the NPU the paged attention kernel takes 128, 256, 384 or 512.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -188,13 +189,27 @@ async def run(llm, s: Serve, rank: int) -> None:
         print("stopping: the HTTP processes, the engine, the coordinator", flush=True)
     try:
         await asyncio.wait_for(llm.shutdown(), SHUTDOWN_S)
-    except asyncio.TimeoutError:  # e.g. a terminal's Ctrl-C reached the coordinator too, and it is gone
+    except asyncio.TimeoutError:  # the coordinator gone (killed), or a rank
         print(f"rank {rank}: the engine did not stop within {SHUTDOWN_S} s; stopping its processes", flush=True)
         stop_children()
         sys.stdout.flush()
         os._exit(1)
     engine_done.cancel()
     signalled.cancel()
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """SIGINT and SIGTERM ignored while megatron spawns its coordinator, which inherits that: a
+    terminal's Ctrl-C and torchrun's SIGTERM reach the whole process group, and the coordinator
+    died at once (its faulthandler chains to the default action), so the ranks' orderly shutdown,
+    which stops it, hung until the timeout."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_children() -> None:
@@ -241,8 +256,9 @@ def main(argv=None):
         print(f"engine: {engine.max_requests} requests a step, {engine.max_sequence_length}-token requests, "
               f"{engine.block_size_tokens}-token blocks, a {engine.buffer_size_gb:.3f} GiB KV cache; "
               f"{lm.shape.describe()}, TP={s.checkpoint.tp}, {lm.dtype}", flush=True)
-    llm = MegatronAsyncLLM(model=lm.model, tokenizer=tokenizer, inference_config=dynamic.inference_config(
-        lm.model, engine), coordinator_host="127.0.0.1")
+    with signals_ignored():
+        llm = MegatronAsyncLLM(model=lm.model, tokenizer=tokenizer, inference_config=dynamic.inference_config(
+            lm.model, engine), coordinator_host="127.0.0.1")
     try:
         asyncio.run(run(llm, s, rank))
     finally:
