@@ -46,8 +46,11 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
     starts = cu_seqlens_q[:b].long()
     q_lens = cu_seqlens_q[1:b + 1].long() - starts
     real = int(cu_seqlens_q[b])
-    # each request's keys, gathered through its block-table row: [B, max_blocks * block, Hkv, D]
-    blocks = block_table[:b].clamp(min=0).long()
+    # each request's keys, gathered through its block-table row: [B, used_blocks * block, Hkv, D]; only
+    # the columns the longest request uses (the table is as wide as max_sequence_length allows, and
+    # gathering all of it cost 5x the attention itself at 2,048 positions)
+    used = max(1, -(-int(seqlens_k.max()) // k_cache.shape[1])) if b else 1
+    blocks = block_table[:b, :used].clamp(min=0).long()
     keys = k_cache[blocks].reshape(b, -1, hkv, d)
     values = v_cache[blocks].reshape(b, -1, hkv, d)
     # the queries padded per request: token i of request r sits at row r, column i
