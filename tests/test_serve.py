@@ -177,8 +177,8 @@ def hf_greedy(hf, ids, n=NEW):
 
 @pytest.fixture(scope="module")
 def server(stories_ckpt, tmp_path_factory):
-    s = Server([sys.executable, "-m", "recipes.serve", "--load", str(stories_ckpt), "--block-size-tokens", "16"],
-               None, tmp_path_factory.mktemp("serve_log") / "server.log")
+    s = Server([sys.executable, "-m", "recipes.serve", "--load", str(stories_ckpt), "--block-size-tokens", "16",
+                "--return-log-probs"], None, tmp_path_factory.mktemp("serve_log") / "server.log")
     yield s
     s.kill()
 
@@ -348,6 +348,9 @@ def test_tp2_serves_hf_tokens_and_sigterm_stops_every_process(stories_ckpt, hf, 
         _, tok = hf
         for p in PROMPTS[:4]:
             assert s.complete(p).model_extra["generation_token_ids"] == hf_greedy(hf, tok(p).input_ids), p
+        # started without --return-log-probs: the prompt's log-probs are refused, and it keeps serving
+        got, answer = s.post("/v1/completions", json.dumps({"prompt": "x", "echo": True, "logprobs": 1}).encode())
+        assert got == 400 and answer["error"]["param"] == "echo" and "--return-log-probs" in answer["error"]["message"]
         assert len(s.tree()) >= 5  # torchrun, 2 ranks, the coordinator, the HTTP process
         alive = s.stop()
         assert not alive, (alive, s.tail())

@@ -59,6 +59,7 @@ class Limits:
     model_name: str
     max_sequence_length: int  # prompt and generated tokens of one request
     vocab_size: int
+    prompt_log_probs: bool = False  # the engine keeps every prompt token's logits (echo + logprobs)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -81,6 +82,9 @@ def check_completion(body: dict, limits: Limits, tokenize: Callable[[str], List[
         raise RequestError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
     if "echo" in body and not isinstance(body["echo"], bool):
         raise RequestError("echo must be true or false", "echo")
+    if body.get("echo") and logprobs is not None and not limits.prompt_log_probs:
+        raise RequestError("echo with logprobs asks for the prompt's log-probs, which this server does not compute: "
+                           "start it with --return-log-probs", "echo")
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and stop and
                                                            all(isinstance(s, str) and s for s in stop))):

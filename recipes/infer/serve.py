@@ -11,6 +11,10 @@ checked before megatron's handlers read them (``recipes/infer/openai_rules.py``)
 with a 400.  Prompts get BOS as HF's tokenizer and the chat template give it.  A LoRA checkpoint
 (``--lora-load``) is merged into the weights at load.
 
+``--return-log-probs`` keeps every prompt token's logits, as Megatron-LM's server always does, so
+``echo`` + ``logprobs`` (lm-eval's log-likelihoods) works; without it such a request gets a 400
+(stock megatron's engine stops on one: an assertion in its loop fails every request in flight).
+
 Bound to 127.0.0.1 unless ``--host`` says otherwise.  SIGTERM or Ctrl-C stops the engine, the
 coordinator and the HTTP processes; under torchrun every rank stops.
 
@@ -55,6 +59,7 @@ class Serve:
     buffer_size_gb: float     # 0: from the device's memory
     frontend_replicas: int
     max_request_bytes: int
+    prompt_log_probs: bool
 
 
 def build_parser():
@@ -77,6 +82,9 @@ def build_parser():
                    default=0, help="requests in one engine step (default: from the device's free memory)")
     g.add_argument("--inference-dynamic-batching-block-size", "--block-size-tokens", dest="block_size_tokens",
                    type=int, default=256, help="tokens per KV-cache block (default 256)")
+    g.add_argument("--return-log-probs", action="store_true",
+                   help="keep every prompt token's logits, for echo + logprobs (lm-eval's log-likelihoods), as "
+                        "Megatron-LM's server does; it costs the output layer over every prompt token")
     g.add_argument("--inference-dynamic-batching-buffer-size-gb", "--kv-buffer-size-gb", dest="buffer_size_gb",
                    type=float, default=0.0, help="the KV cache's memory (default: from the device's free memory)")
     return p
@@ -99,7 +107,8 @@ def settings(args) -> Serve:
         raise BadInput(f"--inference-dynamic-batching-block-size {args.block_size_tokens}: give 1 or more")
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.load)))
     return Serve(c, args.host, args.port, name, args.inference_max_seq_length, args.max_requests,
-                 args.block_size_tokens, args.buffer_size_gb, args.frontend_replicas, args.max_request_bytes)
+                 args.block_size_tokens, args.buffer_size_gb, args.frontend_replicas, args.max_request_bytes,
+                 args.return_log_probs)
 
 
 class ServeTokenizer(dynamic.EngineTokenizer):
@@ -163,10 +172,9 @@ def engine_settings(s: Serve, lm, tp: int) -> dynamic.EngineSettings:
     if buffer_gb * GIB > free:
         raise BadInput(f"a {buffer_gb:.2f} GiB KV cache does not fit {where} ({free / GIB:.2f} GiB): lower "
                        "--inference-dynamic-batching-buffer-size-gb or --inference-dynamic-batching-max-requests")
-    # every prompt token's logits, as Megatron-LM's server has them: echo + logprobs (lm-eval's
-    # log-likelihoods) needs them, and the engine fails every request when one asks without them
     return dynamic.EngineSettings(max_requests=requests, block_size_tokens=s.block_size_tokens,
-                                  buffer_size_gb=buffer_gb, max_sequence_length=seq, prompt_log_probs=True)
+                                  buffer_size_gb=buffer_gb, max_sequence_length=seq,
+                                  prompt_log_probs=s.prompt_log_probs)
 
 
 async def run(llm, s: Serve, rank: int) -> None:
@@ -249,7 +257,7 @@ def main(argv=None):
             print(f"merged {n} LoRA adapters from {s.checkpoint.lora_load}", flush=True)
     engine = engine_settings(s, lm, s.checkpoint.tp)
     tokenizer = ServeTokenizer(tok)
-    limits = openai_rules.Limits(s.model_name, engine.max_sequence_length, lm.vocab_size)
+    limits = openai_rules.Limits(s.model_name, engine.max_sequence_length, lm.vocab_size, s.prompt_log_probs)
     endpoints.__all__.append(openai_rules.blueprint(limits, tokenizer.tokenize, tokenizer.apply_chat_template,
                                                     s.max_request_bytes))
     if rank == 0:
