@@ -141,20 +141,26 @@ class ServeTokenizer(dynamic.EngineTokenizer):
 def kv_bytes_per_token(lm, tp: int) -> int:
     """Keys and values of one token in every layer on one TP rank."""
     s = lm.shape
-    return 2 * s.num_layers * max(1, s.num_query_groups // tp) * s.kv_channels * torch.tensor([], dtype=lm.dtype).element_size()
+    return 2 * s.num_layers * max(1, s.num_query_groups // tp) * s.kv_channels * (torch.finfo(lm.dtype).bits // 8)
 
 
 def free_device_bytes() -> tuple:
-    """(bytes free on this rank's device now, where it came from)."""
+    """(the bytes free now on the rank's device with the least, where it came from): every TP
+    rank must size the same engine, or their steps would not match."""
     import ascend_patches
+    import torch.distributed as dist
 
     backend = ascend_patches.settings().backend
     if backend == "cpu":
         import psutil
 
-        return psutil.virtual_memory().available, "the host's available memory (CPU backend)"
-    mod = torch.npu if backend == "npu" else torch.cuda
-    return mod.mem_get_info()[0], f"{backend}'s free memory"
+        free, where = psutil.virtual_memory().available, "the host's available memory (CPU backend)"
+    else:
+        mod = torch.npu if backend == "npu" else torch.cuda
+        free, where = mod.mem_get_info()[0], f"the {backend} device's free memory"
+    least = torch.tensor([free], dtype=torch.int64, device=ascend_patches.device())
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return int(least.item()), where
 
 
 def engine_settings(s: Serve, lm, tp: int) -> dynamic.EngineSettings:
