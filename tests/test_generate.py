@@ -290,3 +290,42 @@ def test_fit_turn_keeps_the_system_prompt():
     assert dropped == 2 and len(ids) + budget <= 40 and ids == chat_tokens(Tok(), history[2:], "q", "sys prompt")
     ids, budget, dropped = fit_turn(Tok(), [], "w " * 50, None, positions=40, max_new_tokens=10)
     assert budget is None
+
+
+def _engine_run(ckpt, tmp_path, name, *flags):
+    out = tmp_path / f"{name}.json"
+    text = _generate(ckpt, "--prompt", "Once upon a time", "--prompt", "Lily", "--prompt",
+                     "The little dog ran to the park and saw a big red ball. He wanted", "--max-new-tokens", 30,
+                     "--output-json", out, *flags)
+    return re.search(r"^engine: (\w+)", text, re.M).group(1), json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_the_dynamic_engine_path_gives_the_static_paths_greedy_tokens(stories_ckpt, tmp_path):
+    """recipes.generate's engine choice.  On megatron-core 0.19+ (the 3.12 job): by default greedy
+    prompts of mixed lengths (2 to 16 tokens, 30 new) run through megatron's dynamic engine, and
+    give token for token what the static path (``--engine static``, itself checked against HF
+    generate above) gives; beam search stays static; a sampled run repeats with its --seed and
+    changes with another.  On older releases the default is the static path and ``--engine
+    dynamic`` is refused in one line naming 0.19."""
+    from ascend_patches.versions import megatron_core_matches
+    from recipes.infer import dynamic
+
+    if not megatron_core_matches(dynamic.SERVED):
+        engine, _ = _engine_run(stories_ckpt, tmp_path, "auto")
+        assert engine == "static"
+        proc = run_module("recipes.generate", "--load", stories_ckpt, "--engine", "dynamic",
+                          env={"MASTER_PORT": str(free_port())})
+        assert proc.returncode == 2 and "--engine dynamic needs megatron-core 0.19 or later" in proc.stderr
+        return
+    engine, dyn = _engine_run(stories_ckpt, tmp_path, "auto")
+    assert engine == "dynamic"
+    engine, static = _engine_run(stories_ckpt, tmp_path, "static", "--engine", "static")
+    assert engine == "static"
+    assert [r["tokens"] for r in dyn] == [r["tokens"] for r in static]
+    assert _engine_run(stories_ckpt, tmp_path, "beams", "--num-beams", 2)[0] == "static"
+    sampled = [_engine_run(stories_ckpt, tmp_path, f"s{i}", "--temperature", 1.5, "--seed", seed)
+               for i, seed in enumerate((7, 7, 8))]
+    assert all(e == "dynamic" for e, _ in sampled)
+    tokens = [[r["tokens"] for r in rows] for _, rows in sampled]
+    assert tokens[0] == tokens[1] and tokens[0] != tokens[2]

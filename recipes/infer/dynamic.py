@@ -87,6 +87,13 @@ def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool 
                        use_coordinator=use_coordinator)
 
 
+def kv_bytes_per_token(shape, dtype, tp: int) -> int:
+    """Keys and values of one token in every layer on one TP rank."""
+    import torch
+
+    return 2 * shape.num_layers * max(1, shape.num_query_groups // tp) * shape.kv_channels * (torch.finfo(dtype).bits // 8)
+
+
 def greedy(llm, prompts: List[List[int]], max_new_tokens: int, eos_id: Optional[int]) -> List[List[int]]:
     """Each prompt's greedy continuation (ending at ``eos_id``, which is kept, as HF keeps it)."""
     from megatron.core.inference.apis import SamplingParams

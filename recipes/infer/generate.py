@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from recipes.errors import ArgumentParser, BadInput
 from recipes.model import parallel
-from recipes.infer import decoding, inference, settings
+from recipes.infer import decoding, dynamic, inference, settings
 
 QUIT_WORDS = {"q", "quit", "exit"}
 CLEAR_WORDS = {"clear", "new"}
@@ -62,6 +62,11 @@ def build_parser():
     g.add_argument("--num-return-sequences", type=int, default=1, help="outputs per prompt (default 1)")
     g.add_argument("--return-log-probs", action="store_true", help="print and save each token's log-probability")
     g.add_argument("--output-json", default=None, help="write prompts, outputs (and log-probs) here")
+    g.add_argument("--engine", choices=("auto", "static", "dynamic"), default="auto",
+                   help="dynamic: megatron-core's dynamic engine (MegatronLLM: mixed prompt lengths prefill together; "
+                        "megatron-core 0.19+, TP only, one sequence per prompt, no beams; on the NPU a 16-bit model); "
+                        "static: this recipe's batch decoding (beam search, PP, --interactive, --compile-decode); "
+                        "auto (default): dynamic where it can run, else static")
     g.add_argument("--compile-decode", action="store_true",
                    help="run the cached decode step through torch.compile (TP=1, CPU/CUDA): it compiles once per "
                         "batch size, then steps faster; pays off over long generations")
@@ -222,6 +227,74 @@ def _enable_compiled_decode(lm) -> None:
     ascend_patches.configure(compile_decode=True)
 
 
+def choose_engine(s: settings.Generate, lm) -> str:
+    """"dynamic" or "static" for the flags given (``--engine``), refused in one line where the
+    asked-for engine cannot run them."""
+    from ascend_patches.versions import megatron_core_matches
+
+    import ascend_patches
+
+    d = s.decoding
+    why_not = []
+    if not megatron_core_matches(dynamic.SERVED):
+        why_not.append("megatron-core 0.19 or later")
+    if d.num_beams > 1:
+        why_not.append("no --num-beams (beam search runs on the static path)")
+    if d.num_return_sequences > 1:
+        why_not.append("one sequence per prompt (--num-return-sequences 1)")
+    if s.interactive:
+        why_not.append("no --interactive")
+    if s.compile_decode:
+        why_not.append("no --compile-decode")
+    if s.checkpoint.pp > 1:
+        why_not.append("no pipeline stages")
+    if not d.sampling.greedy and d.sampling.top_k > 0 and d.sampling.top_p < 1.0:
+        why_not.append("--top-k or --top-p, not both (megatron's sampler takes one)")
+    if ascend_patches.settings().backend == "npu" and lm.dtype not in (torch.float16, torch.bfloat16):
+        why_not.append("on the NPU a 16-bit model (--params-dtype bf16)")
+    if s.engine == "dynamic" and why_not:
+        raise BadInput("--engine dynamic needs " + "; ".join(why_not))
+    if s.engine == "static" or why_not:
+        return "static"
+    return "dynamic"
+
+
+def dynamic_generation(lm, tokenizer, d: settings.Decoding, prompts_ids):
+    """The prompts through megatron-core's dynamic engine (``MegatronLLM``, direct mode, every
+    rank in lockstep), sized to hold them all at full length: ``run_generation``'s results.  A
+    sampled run is seeded with ``--seed`` (megatron's ``inference_sampling_seed``, which seeds its
+    sampler's generator): the same seed repeats it, though it does not draw the static path's
+    tokens."""
+    from megatron.core.inference.apis import SamplingParams
+
+    from megatron.core import parallel_state as ps
+
+    longest = max(len(p) for p in prompts_ids) + d.max_new_tokens
+    if longest > lm.shape.seq_length:
+        raise BadInput(f"a prompt and --max-new-tokens {d.max_new_tokens} need {longest} positions; the model has "
+                       f"{lm.shape.seq_length}")
+    n = len(prompts_ids)
+    tp = ps.get_tensor_model_parallel_world_size()
+    block = 256
+    blocks = n * -(-longest // block) + 1  # each request at full length, and megatron's dummy block
+    engine = dynamic.EngineSettings(max_requests=min(n, 64), block_size_tokens=block,
+                                    buffer_size_gb=blocks * block * dynamic.kv_bytes_per_token(lm.shape, lm.dtype, tp)
+                                    / 2 ** 30, max_sequence_length=longest)
+    lm.model.config.inference_sampling_seed = d.seed  # megatron's controller seeds its sampler from it
+    llm = dynamic.build_llm(lm.model, tokenizer, engine)
+    sp = d.sampling
+    params = SamplingParams(num_tokens_to_generate=d.max_new_tokens, termination_id=tokenizer.eos_id,
+                            return_log_probs=d.return_log_probs, skip_prompt_log_probs=True,
+                            **({"top_k": 1} if sp.greedy else {"temperature": sp.temperature, "top_k": sp.top_k,
+                                                                "top_p": 0.0 if sp.top_p >= 1.0 else sp.top_p}))
+    out = []
+    for r in llm.generate([list(p) for p in prompts_ids], params):
+        tokens = [int(t) for t in r.generated_tokens]
+        log_probs = [float(x) for x in (r.generated_log_probs or [])] if d.return_log_probs else []
+        out.append([decoding.Generated(tokens, log_probs)])
+    return out
+
+
 def _records(log_probs: bool, tokenizer, prompts, prompts_ids, results, rank: int) -> List[dict]:
     records = []
     for prompt, ids, group in zip(prompts, prompts_ids, results):
@@ -267,8 +340,14 @@ def main(argv=None):
     prompts = list(s.prompts)
     bos = [tokenizer.bos_id] if s.bos else []
     prompts_ids = [bos + tokenizer.encode(p) for p in prompts]
+    engine = choose_engine(s, lm)
+    if rank == 0:
+        print(f"engine: {engine}" + (" (megatron-core's MegatronLLM)" if engine == "dynamic" else ""), flush=True)
     t0 = time.time()
-    results = run_generation(lm, tokenizer, s.decoding, prompts_ids)
+    if engine == "dynamic":
+        results = dynamic_generation(lm, tokenizer, s.decoding, prompts_ids)
+    else:
+        results = run_generation(lm, tokenizer, s.decoding, prompts_ids)
     elapsed = time.time() - t0
     records = _records(s.decoding.return_log_probs, tokenizer, prompts, prompts_ids, results, rank)
     if rank == 0:

@@ -138,12 +138,6 @@ class ServeTokenizer(dynamic.EngineTokenizer):
         return chat_tokens(self.tok, turns[:-1], turns[-1][0], system)
 
 
-def kv_bytes_per_token(lm, tp: int) -> int:
-    """Keys and values of one token in every layer on one TP rank."""
-    s = lm.shape
-    return 2 * s.num_layers * max(1, s.num_query_groups // tp) * s.kv_channels * (torch.finfo(lm.dtype).bits // 8)
-
-
 def free_device_bytes() -> tuple:
     """(the bytes free now on the rank's device with the least, where it came from): every TP
     rank must size the same engine, or their steps would not match."""
@@ -165,7 +159,7 @@ def free_device_bytes() -> tuple:
 
 def engine_settings(s: Serve, lm, tp: int) -> dynamic.EngineSettings:
     seq = s.max_sequence_length or lm.shape.seq_length
-    per_request = seq * kv_bytes_per_token(lm, tp)
+    per_request = seq * dynamic.kv_bytes_per_token(lm.shape, lm.dtype, tp)
     free, where = free_device_bytes()
     requests = s.max_requests
     if not requests:

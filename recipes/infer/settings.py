@@ -52,6 +52,7 @@ class Generate:
     bos: bool
     output_json: Optional[str]
     compile_decode: bool
+    engine: str  # "auto", "static" or "dynamic" as given; recipes.infer.generate.choose_engine decides auto
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def generate(args) -> Generate:
                  args.num_return_sequences, args.return_log_probs)
     return Generate(checkpoint(args), d, tuple(prompts or [""]),  # nothing given: unconditional, from BOS alone
                     args.interactive, args.system_prompt, args.show_prompt, not args.no_bos, args.output_json,
-                    args.compile_decode)
+                    args.compile_decode, args.engine)
 
 
 def evaluate(args) -> Evaluate:
