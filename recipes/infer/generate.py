@@ -263,8 +263,8 @@ def dynamic_generation(lm, tokenizer, d: settings.Decoding, prompts_ids):
     """The prompts through megatron-core's dynamic engine (``MegatronLLM``, direct mode, every
     rank in lockstep), sized to hold them all at full length: ``run_generation``'s results.  A
     sampled run is seeded with ``--seed`` (megatron's ``inference_sampling_seed``, which seeds its
-    sampler's generator): the same seed repeats it, though it does not draw the static path's
-    tokens."""
+    sampler's generator): the same seed repeats it.  With prompts of several lengths it draws in
+    another order than the static path, so its tokens differ from that path's."""
     from megatron.core.inference.apis import SamplingParams
 
     from megatron.core import parallel_state as ps
