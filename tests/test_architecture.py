@@ -20,7 +20,7 @@ PACKAGES = ("ascend_patches", "recipes", "converters")
 PROJECT = (*PACKAGES, "bench")
 SHARED = {"recipes.errors", "recipes.progress"}
 COMMANDS = {"recipes.pretrain", "recipes.generate", "recipes.evaluate", "recipes.preprocess_data",
-            "recipes.compare_loss", "recipes.demo", "recipes.memory_plan"}
+            "recipes.compare_loss", "recipes.demo", "recipes.memory_plan", "recipes.serve"}
 
 
 def _module_name(path: Path) -> str:
