@@ -152,6 +152,14 @@ def device() -> torch.device:
     return _device(_state.backend())
 
 
+def device_memory(which: str) -> tuple:
+    """(bytes, where it came from): the backend's device's ``"free"`` or ``"total"`` memory (the
+    host's available memory on the CPU backend)."""
+    from .backend import device_memory as _device_memory
+
+    return _device_memory(_state.backend(), which)
+
+
 def _import_targets() -> None:
     """Import the libraries the patches target, so the report says what applies; not the
     modules of patches skipped here, nor ones waiting for a library not in use (deepspeed)."""

@@ -70,3 +70,19 @@ def device(backend: str) -> torch.device:
                                  "check that torch and torch_npu are matching releases")
     mod = torch.npu if backend == "npu" else torch.cuda  # torch.npu exists once torch_npu imports
     return torch.device(backend, mod.current_device())
+
+
+def device_memory(backend: str, which: str) -> Tuple[int, str]:
+    """(bytes, where it came from): the device's ``"free"`` or ``"total"`` memory, asked of its
+    own module (torch.npu, torch.cuda); on the CPU backend the host's available memory either way,
+    which is what a CPU run can use."""
+    if which not in ("free", "total"):
+        raise ValueError(f"which must be 'free' or 'total', not {which!r}")
+    if backend == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available, "the host's available memory (CPU backend)"
+    mod = torch.npu if backend == "npu" else torch.cuda  # torch.npu exists once torch_npu imports
+    if which == "free":
+        return mod.mem_get_info()[0], f"the {backend} device's free memory"
+    return mod.get_device_properties(mod.current_device()).total_memory, f"the {backend} device's total memory"

@@ -144,14 +144,7 @@ def free_device_bytes() -> tuple:
     import ascend_patches
     import torch.distributed as dist
 
-    backend = ascend_patches.settings().backend
-    if backend == "cpu":
-        import psutil
-
-        free, where = psutil.virtual_memory().available, "the host's available memory (CPU backend)"
-    else:
-        mod = torch.npu if backend == "npu" else torch.cuda
-        free, where = mod.mem_get_info()[0], f"the {backend} device's free memory"
+    free, where = ascend_patches.device_memory("free")
     least = torch.tensor([free], dtype=torch.int64, device=ascend_patches.device())
     dist.all_reduce(least, op=dist.ReduceOp.MIN)
     return int(least.item()), where

@@ -168,15 +168,7 @@ def device_memory_bytes(given_gb: Optional[float]) -> tuple:
         return int(given_gb * GB), "--device-memory-gb"
     import ascend_patches
 
-    backend = ascend_patches.settings().backend
-    if backend == "cpu":
-        import psutil
-
-        return psutil.virtual_memory().available, "the host's available memory (CPU backend)"
-    import torch
-
-    mod = torch.npu if backend == "npu" else torch.cuda
-    return mod.get_device_properties(0).total_memory, f"{backend}:0's total memory"
+    return ascend_patches.device_memory("total")
 
 
 def cheapest_fix(x: Layout, limit: int) -> Optional[str]:
