@@ -29,7 +29,7 @@ def check(name):
             fn()
             results[name] = "ok"
         except Exception as e:  # noqa: BLE001  (a check's failure is its result)
-            results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            results[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     return run
 
 
@@ -49,6 +49,15 @@ def _():
     assert torch.device(torch.zeros(2).npu().device).type == "npu"
     assert torch.empty(2, device="cuda").device.type == "npu"  # transfer_to_npu's redirect
     assert torch.nn.Linear(2, 2).cuda().weight.device.type == "npu"
+
+
+@check("factories give what was asked")
+def _():
+    assert torch.arange(0, 10, device="npu").tolist() == list(range(10))  # came back empty before
+    assert torch.arange(4, device="cuda").device.type == "npu" and torch.arange(4, device="npu").shape == (4,)
+    assert torch.arange(1, 10, 2, dtype=torch.float32, device="npu").tolist() == [1.0, 3.0, 5.0, 7.0, 9.0]
+    # an out= tensor its kernel would resize: refused in one line, not a wrapper of the old size
+    raises(lambda: torch.cumsum(torch.ones(3, device="npu"), 0, out=torch.empty(0, device="npu")), "resized")
 
 
 @check("mixing devices raises")

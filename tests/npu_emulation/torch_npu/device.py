@@ -255,6 +255,11 @@ def _dispatch(func, args, kwargs):
         if func is torch.ops.aten.to.device or func is torch.ops.aten.to.other:
             return data_of(args[0]).to(*[data_of(a) if isinstance(a, NpuTensor) else a for a in args[1:]], **kw)
         return func(data_of(args[0]), *args[1:], device=_CPU, **kw)
+    if func is torch.ops.aten._has_compatible_shallow_copy_type.default:
+        # a question about two tensors' implementations, not a kernel: an npu tensor and a CPU one
+        # are not (torch's Module._apply asks it of a parameter and its moved copy, as on hardware)
+        a, b = args
+        return isinstance(a, NpuTensor) == isinstance(b, NpuTensor)
     if func is torch.ops.aten.copy_.default:  # cross-device copies are allowed: this is how data moves
         data_of(args[0]).copy_(data_of(args[1]), *args[2:], **kwargs)
         return args[0]
@@ -273,6 +278,11 @@ def _dispatch(func, args, kwargs):
     if "generator" in _argument_names(func) and ukwargs.get("generator") is None:
         ukwargs["generator"] = GENERATOR
     out = func(*uargs, **ukwargs)
+    for name, given in kwargs.items():  # an out= argument its kernel resized: the wrapper's sizes cannot follow
+        if isinstance(given, NpuTensor) and given.shape != given._data.shape:
+            raise RuntimeError(f"the emulated NPU: {func} resized its {name}= tensor from {tuple(given.shape)} to "
+                               f"{tuple(given._data.shape)}, which an npu wrapper tensor cannot follow; give it an "
+                               "out tensor of the result's size (or emulate the op as a PrivateUse1 kernel)")
     wrapped = tree_map(lambda x: NpuTensor(x) if type(x) is torch.Tensor and x.device.type == "cpu" else x, out)
     return return_and_correct_aliasing(func, args, kwargs, wrapped)
 
@@ -302,6 +312,13 @@ def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_f
 
 def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memory=None):
     return NpuTensor(torch.ops.aten.empty_strided.default(size, stride, dtype=dtype, layout=layout, device=_CPU))
+
+
+def _arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
+    """``torch.arange(..., device="npu")``: aten's composite makes an empty tensor and resizes it in
+    ``arange.out``, which a wrapper tensor's fixed sizes do not follow (it came back empty)."""
+    return NpuTensor(torch.ops.aten.arange.start_step(*args, dtype=dtype, layout=layout, device=_CPU)
+                     if len(args) == 3 else torch.arange(*args, dtype=dtype, layout=layout, device=_CPU))
 
 
 def _copy_from(self, dst, non_blocking=False):
@@ -427,7 +444,8 @@ def install(backend_module) -> None:
 
     _setup_privateuseone_for_python_backend(rename=NAME, backend_module=backend_module)
     _LIB = torch.library.Library("aten", "IMPL")
-    for name, fn in (("empty.memory_format", _empty), ("empty_strided", _empty_strided),
+    for name, fn in (("empty.memory_format", _empty), ("empty_strided", _empty_strided), ("arange", _arange),
+                     ("arange.start", _arange), ("arange.start_step", _arange),
                      ("_copy_from", _copy_from), ("_copy_from_and_resize", _copy_from_and_resize)):
         _LIB.impl(name, fn, "PrivateUse1")
     for name, fn in (("is_pinned", _is_pinned), ("_pin_memory", _pin_memory)):  # host tensors, pinned for npu
