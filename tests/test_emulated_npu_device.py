@@ -28,7 +28,7 @@ def _npu_env():
 def test_the_emulated_npu_refuses_what_hardware_refuses():
     out = run_torchrun("emulated_device_checks.py", env=_npu_env())
     results = json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
-    assert results == {name: "ok" for name in results} and len(results) == 11, results
+    assert results == {name: "ok" for name in results} and len(results) == 12, results
 
 
 def test_every_parameter_gradient_and_optimizer_state_is_on_the_npu(alpaca_pretrain_data):

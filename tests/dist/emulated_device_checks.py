@@ -60,6 +60,15 @@ def _():
     raises(lambda: torch.cumsum(torch.ones(3, device="npu"), 0, out=torch.empty(0, device="npu")), "resized")
 
 
+@check("a tensor formats and has an address as on hardware")
+def _():
+    t = torch.arange(6, device="npu")
+    assert f"T{t[4]}" == "T4" and f"{t[2]:>3}" == "  2"  # a 0-dim tensor formats as its value
+    a, b = torch.ones(4, device="npu"), torch.ones(4, device="npu")
+    assert a.data_ptr() != 0 and a.data_ptr() != b.data_ptr()  # each tensor its own memory
+    assert a[2:].data_ptr() == a.data_ptr() + 2 * a.element_size()  # a view points into its base
+
+
 @check("mixing devices raises")
 def _():
     x = torch.ones(3, device="npu")

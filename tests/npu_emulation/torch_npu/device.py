@@ -184,6 +184,19 @@ class NpuTensor(torch.Tensor):
     def tolist(self):  # a device-to-host copy, as on hardware (torch has no tolist for subclasses)
         return self._data.tolist()
 
+    def __format__(self, spec):
+        """As torch formats a tensor: a 0-dim one as its value (f"T{t}" is "T4"); torch does that only
+        for ``type(t) is Tensor``, which an npu tensor on hardware is and this wrapper is not."""
+        if self.dim() == 0:
+            return self.item().__format__(spec)
+        return object.__format__(self, spec)
+
+    def data_ptr(self):
+        """The device address: here the address of the host bytes that stand in for device memory
+        (a wrapper tensor has no storage of its own and answered 0 for every tensor); views of one
+        tensor share it, as on hardware."""
+        return self._data.data_ptr()
+
     def __reduce_ex__(self, protocol):
         """Pickled as torch pickles a tensor of a storage-less device: its CPU copy and the device,
         which ``torch.load`` (weights_only included) rebuilds on npu."""
