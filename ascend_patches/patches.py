@@ -248,6 +248,10 @@ _(Patch("paged_attention.fa_version", "megatron.core.transformer.attention:is_fa
         wrapper=paged_attention.fa_min_version_wrapper, sweep=False, megatron_core=DYNAMIC_ENGINE,
         why="attention asserts flash-attn >= 2.7.3 under a dynamic batch; with the paged attention above in its "
             "place, the path that runs has what the check guards"))
+_(Patch("paged_attention.engine_prompt", "megatron.core.inference.engines.dynamic_engine:DynamicInferenceEngine.add_request",
+        wrapper=paged_attention.engine_prompt_wrapper, backends=CPU | NPU, sweep=False, megatron_core=DYNAMIC_ENGINE,
+        why="the engine asserts a tokenized prompt is on torch.device(f'cuda:{current_device()}'): no such name on "
+            "the CPU, a CUDA device on the NPU; a prompt tensor on this device goes in as its token list"))
 _(Patch("paged_attention.no_triton_kv_append",
         "megatron.core.inference.contexts.dynamic_context:triton_append_key_value_cache",
         wrapper=paged_attention.no_triton_kv_append, backends=CPU | NPU, sweep=False, megatron_core=DYNAMIC_ENGINE,

@@ -29,7 +29,8 @@ def _tree() -> str:
 @pytest.mark.skipif(not _tree(), reason="no Megatron-LM tree's tests here for the installed megatron-core's minor")
 # npu: the emulated NPU (tests/npu_emulation), its files at 2 ranks, ~2.5 min here; their 5 tests that build
 # 8-rank groups (wide_tests: two 8-rank torchrun sessions) are in the full tier.  cpu on Python 3.11 is in the
-# full tier (~3 min): default CI's Python 3.12 job runs the cpu gate whole, with core_v0.19.0's tests
+# full tier (~3 min): default CI's Python 3.12 job runs the cpu gate whole and the npu one narrow, with
+# core_v0.19.0's tests, which hold Megatron-Core's inference tests too (~5 and ~7 min there)
 @pytest.mark.parametrize("mode,which", [
     pytest.param("cpu", "all", marks=pytest.mark.full if sys.version_info < (3, 12) else ()),
     ("npu", "narrow"), pytest.param("npu", "wide", marks=pytest.mark.full)])

@@ -165,6 +165,22 @@ def fa_min_version_wrapper(original):
     return is_fa_min_version
 
 
+def engine_prompt_wrapper(original):
+    """``DynamicInferenceEngine.add_request`` with a prompt already tokenized: megatron asserts it
+    sits on ``torch.device(f"cuda:{torch.cuda.current_device()}")``.  On the CPU backend that name
+    does not parse (current_device() is the CPU); on the NPU it names a CUDA device, which an npu
+    tensor is not (transfer_to_npu leaves torch.device alone).  A prompt on this backend's device
+    goes in as its token list, which megatron turns into the same tensor on current_device()."""
+    def add_request(self, request_id, prompt, *args, **kwargs):
+        if isinstance(prompt, torch.Tensor) and prompt.device.type in ("cpu", "npu"):
+            assert prompt.dtype == torch.int64, prompt.dtype  # megatron's own check, kept
+            prompt = prompt.tolist()
+        return original(self, request_id, prompt, *args, **kwargs)
+
+    add_request.__wrapped__ = original
+    return add_request
+
+
 def no_triton_kv_append(original):
     """``triton_append_key_value_cache`` off CUDA: the Triton kernel needs CUDA tensors ("All
     tensors must be on CUDA devices"); without it the context appends with torch's index_put."""

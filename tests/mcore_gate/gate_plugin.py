@@ -33,6 +33,11 @@ def _why(report) -> str:
     if report.skipped and isinstance(report.longrepr, tuple):
         return str(report.longrepr[2])
     text = getattr(report, "longreprtext", "") or ""
+    crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", "")
+    if crash and "During handling of the above exception" in text:
+        # a chained failure: the exception raised last failed the test, not the first one printed
+        # (megatron's engine catches asyncio's "no running event loop" and then runs the step)
+        return crash.strip().splitlines()[0][:300]
     errors = [line[2:].strip() for line in text.splitlines() if line.startswith("E ")]
     return (errors[0] if errors else text.strip().splitlines()[-1] if text.strip() else "")[:300]
 

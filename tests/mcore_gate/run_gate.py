@@ -47,12 +47,14 @@ _STACK_312 = sys.version_info >= (3, 12)
 TREES = {"core_v0.16.1": (THIRD_PARTY / "Megatron-LM" / "tests", HERE / "expected.json"),
          "core_v0.19.0": (THIRD_PARTY / "Megatron-LM-core_v0.19.0" / "tests",
                           HERE / ("expected_core_v0.19.0_py312.json" if _STACK_312 else "expected_core_v0.19.0.json"))}
-SOURCE, EXPECTED = TREES["core_v0.16.1"]
+TREE = "core_v0.16.1"
+SOURCE, EXPECTED = TREES[TREE]
 
 
 def use_tree(name: str) -> None:
     """Point the gate at another Megatron-LM tree's tests and its expected outcomes."""
-    global SOURCE, EXPECTED
+    global TREE, SOURCE, EXPECTED
+    TREE = name
     SOURCE, EXPECTED = TREES[name]
 
 
@@ -70,6 +72,24 @@ HARNESS_EDITS = [
      "rank % device_count() divides by zero where device_count() is 0 (the CPU, truthfully)",
      ("cpu", "none")),
 ]
+_FP8_STAND_IN = ("def check_fp8_support():  # the gate's stand-in (run_gate.HARNESS_EDITS): no Transformer Engine\n"
+                 "    return False, 'FP8 needs Transformer Engine, which is not installed here'")
+_ATTENTION_FA_CHECK = ("from megatron.core.utils import is_te_min_version\n"
+                       "from megatron.core.transformer.attention import is_fa_min_version  # the gate's edit")
+# edits for one tree's files only: (file, text, replacement, why, modes)
+TREE_HARNESS_EDITS = {"core_v0.19.0": [
+    (f, "from transformer_engine.pytorch.fp8 import check_fp8_support", _FP8_STAND_IN,
+     "imports Transformer Engine's check_fp8_support at module level, so without TE no test in the file is collected; "
+     "a stand-in answers (False, 'FP8 needs Transformer Engine...') and the FP8 cases skip themselves on it, as on a "
+     "GPU without FP8", MODES)
+    for f in ("unit_tests/inference/engines/test_dynamic_engine.py",
+              "unit_tests/inference/text_generation_controllers/test_text_generation_controller.py")] + [
+    (f, "from megatron.core.utils import is_fa_min_version, is_te_min_version", _ATTENTION_FA_CHECK,
+     "its dynamic-batching tests skip unless flash-attn >= 2.7.3 is installed, the check attention.py makes before a "
+     "dynamic batch; they ask attention.py's is_fa_min_version instead, which ascend_patches answers for the paged "
+     "attention that runs in flash-attn's place (without ascend_patches it is megatron.core.utils' own)", MODES)
+    for f in ("unit_tests/inference/engines/test_dynamic_engine.py",
+              "unit_tests/inference/text_generation_controllers/test_text_generation_controller.py")]}
 
 
 # what the pytest plugin (gate_plugin.py) does between tests, listed with the edits
@@ -105,7 +125,7 @@ def copy_tests(dest: Path, mode: str) -> list:
         if package.is_dir() and package.name != "core":
             shutil.copytree(package, dest / "megatron" / package.name, ignore=shutil.ignore_patterns("__pycache__"))
     made = []
-    for rel, old, new, why, modes in HARNESS_EDITS:
+    for rel, old, new, why, modes in HARNESS_EDITS + TREE_HARNESS_EDITS.get(TREE, []):
         if mode not in modes:
             continue
         path = dest / "tests" / rel
@@ -233,6 +253,40 @@ REASONS = [
                                     "since)", True),
     (r"^no outcome: the session ended", "never reported: its session ran past its time limit (a test before it, "
                                         "or this one, blocked in a collective)", True),
+    (r"No module named '(causal_conv1d|mamba_ssm)'", "needs the Mamba kernels (causal_conv1d, mamba_ssm: CUDA "
+                                                      "extensions)", False),
+    (r"could not import 'flashinfer'", "needs flashinfer (CUDA)", False),
+    (r"torch_memory_saver", "needs torch_memory_saver (CUDA)", False),
+    (r"(?i)inference.optimized.* transformer engine|inference optimized transformer",
+     "the inference-optimized transformer: needs Transformer Engine", False),
+    (r"reserved_bytes\.all|allocated_bytes\.all", "asserts a GPU memory pool > 0 (reads torch.cuda.memory_stats())",
+     False),
+    (r"0 active drivers", "runs a Triton kernel directly, which needs a GPU (Triton finds no active driver)", False),
+    (r"NVIDIA driver", "pins host memory for a GPU copy (CUDA-only code path)", False),
+    (r"'NoneType' object has no attribute 'synchronize'|Expected 'record' to be called once",
+     "CUDA streams and events (a copy stream, a GPU-ready event)", False),
+    (r"LayerNorm.__init__\(\) got an unexpected keyword argument 'config'",
+     "megatron's CLIP ViT falls back to torch.nn.LayerNorm without Transformer Engine and passes it config=, "
+     "which it does not take: needs TE", False),
+    (r"result = next\(effect\)", "builds a Transformer Engine class (the hybrid stack's TEDotProductAttention), "
+                                  "which megatron stands in with a MagicMock without TE: needs TE", False),
+    (r"request \d+, result \(\[.*\) != expected", "compares with tokens recorded on a GPU, from weights CUDA's "
+     "generator drew (model_parallel_cuda_manual_seed); the CPU's generator draws other weights", False),
+    (r"assert step_count == \d+", "asserts a step count recorded on a GPU; it depends on the sampled tokens, drawn "
+                                  "from CUDA's generator on weights CUDA's generator drew", False),
+    (r"assert request_batched.prompt_log_probs == pytest.approx", "bf16: a prompt's log-probs batched and alone "
+     "differ by up to 9.6e-4 (the test allows 1e-6 relative): SDPA's CPU kernel, ascend_patches' attention here, "
+     "rounds a row differently with the batch's padded length; with the flash_attention patch off (megatron's "
+     "unfused softmax in fp32) it passes", True),
+    (r"paged attention without flash-attn: .* is not built", "a paged-attention feature ascend_patches refuses in one "
+     "line (sliding window, sink offset, MLA: not built)", True),
+    (r"Skipped: Test requires at least \d+ GPUs", "asks for more ranks than the 2 it runs at here", True),
+    (r"Skipped: (Test requires tp_size > 1|Sequence parallelism requires tp_size > 1|Test requires model parallel "
+     r"size > 1|MoE models are not supported|The inference optimized transformer requires)",
+     "skips itself: a parameter combination it rules out (upstream skips it too)", False),
+    (r"Skipped: activate for `megatron-core", "skipped upstream until a fix lands (its own marker)", False),
+    (r"Invalid device string: 'cuda:cpu'", "builds a device name 'cuda:<torch.cuda.current_device()>'; the CPU "
+                                           "backend answers torch.device('cpu')", True),
     (r"CUDA|cuda|nccl|NCCL", "CUDA-only code path", True),
 ]
 NOT_ELIGIBLE = frozenset(reason for _, reason, eligible in REASONS if not eligible)
