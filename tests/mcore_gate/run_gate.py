@@ -261,7 +261,8 @@ REASONS = [
      "the inference-optimized transformer: needs Transformer Engine", False),
     (r"reserved_bytes\.all|allocated_bytes\.all", "asserts a GPU memory pool > 0 (reads torch.cuda.memory_stats())",
      False),
-    (r"0 active drivers", "runs a Triton kernel directly, which needs a GPU (Triton finds no active driver)", False),
+    (r"0 active drivers|libcuda\.so cannot found", "runs a Triton kernel directly, which needs a GPU (Triton finds no "
+                                                    "active driver, or on the NPU no libcuda.so)", False),
     (r"NVIDIA driver", "pins host memory for a GPU copy (CUDA-only code path)", False),
     (r"'NoneType' object has no attribute 'synchronize'|Expected 'record' to be called once",
      "CUDA streams and events (a copy stream, a GPU-ready event)", False),
