@@ -5,7 +5,10 @@
    generate text from it (greedy and beam search, KV cache);
 4. LoRA-fine-tune it on the Alpaca sample (instruction data, responses only) and merge the
    adapter into an HF folder;
-5. evaluate the model before and after LoRA on MMLU (4 subjects) and BoolQ.
+5. evaluate the model before and after LoRA on MMLU (4 subjects) and BoolQ;
+6. serve it with ``python -m recipes.serve`` (megatron-core's OpenAI-compatible server) and
+   send it one completion request: on megatron-core 0.19+, which has the server API; on an older
+   release (the README's default stack, 0.16.1) this step says so and is skipped.
 
     torchrun --nproc-per-node 2 -m recipes.demo [--train-iters 60] [--out demo_out]
 
@@ -127,6 +130,76 @@ def evaluate_before_after(out: Path, rank: int) -> None:
               "numbers show the pipeline end to end)", flush=True)
 
 
+# torchrun's variables: the server is a command of its own, one rank, not a member of the demo's group
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def serve_one_request(load: Path, prompt: str = "Once upon a time", max_tokens: int = 40) -> dict:
+    """Start ``python -m recipes.serve --load LOAD`` on a free port of 127.0.0.1, send one greedy
+    completion request, stop the server with SIGTERM; the answer's JSON."""
+    import os
+    import signal
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
+    argv = ["recipes.serve", "--load", str(load), "--port", str(port), "--served-model-name", "stories260K",
+            "--block-size-tokens", "16"]
+    print("$ python -m " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    server = subprocess.Popen([sys.executable, "-m", *argv], env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"recipes.serve exited (rc={server.returncode}) before it answered")
+            try:
+                urllib.request.urlopen(url + "/models", timeout=5).close()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > deadline:
+                    raise SystemExit("recipes.serve did not answer within 300 s") from None
+                time.sleep(1)
+        body = {"model": "stories260K", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        print(f"$ curl {url}/completions -d '{json.dumps(body)}'", flush=True)
+        request = urllib.request.Request(url + "/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.load(r)
+        print(f"{prompt}{answer['choices'][0]['text']}", flush=True)
+        return answer
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def serve(out: Path, rank: int) -> None:
+    from ascend_patches.versions import megatron_core_matches, version_of
+
+    from recipes.infer import dynamic
+
+    if rank == 0:
+        if megatron_core_matches(dynamic.SERVED):
+            print("\n== 6. serve stories260K with recipes.serve (megatron-core's OpenAI-compatible server) and "
+                  "send it one request", flush=True)
+            serve_one_request(out / "stories260K_megatron")
+        else:
+            print(f"\n== 6. serve: skipped. recipes.serve runs megatron-core's server API "
+                  f"(megatron.core.inference.apis, {dynamic.SERVED}); this stack has megatron-core "
+                  f"{version_of('megatron-core')}. The README's Python 3.12 stack (megatron-core 0.19.2) runs this "
+                  "step", flush=True)
+    dist.barrier()
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="where everything is written (default demo_out)")
@@ -145,6 +218,7 @@ def main(argv=None):
     generate_stories(args, out, rank)
     lora_finetune(args, out, rank)
     evaluate_before_after(out, rank)
+    serve(out, rank)
     if rank == 0:
         print(f"\ndemo done in {time.perf_counter() - started:.0f} s; it wrote, under {out}/:")
         for name, what in (("data/", "the indexed datasets (alpaca_output_document, alpaca_sft_packed_*)"),

@@ -26,3 +26,10 @@ def test_demo_preprocesses_and_pretrains_with_tp2(tmp_path, backend):
     else:
         assert "shard), on npu:0" in text and "backend: npu" in text
     assert (tmp_path / "ckpt" / "iter_0000030").is_dir()
+    from ascend_patches.versions import megatron_core_matches
+    from recipes.infer import dynamic
+
+    if megatron_core_matches(dynamic.SERVED):  # the last step serves one request (tests/test_serve.py checks its tokens)
+        assert "== 6. serve stories260K" in text and "/v1/completions" in text, text[-2000:]
+    else:  # says why it skips, naming the release that has the API
+        assert "== 6. serve: skipped" in text and dynamic.SERVED in text, text[-2000:]
