@@ -277,7 +277,8 @@ def dynamic_generation(lm, tokenizer, d: settings.Decoding, prompts_ids):
     tp = ps.get_tensor_model_parallel_world_size()
     block = 256
     blocks = n * -(-longest // block) + 1  # each request at full length, and megatron's dummy block
-    engine = dynamic.EngineSettings(max_requests=min(n, 64), block_size_tokens=block,
+    slots = -(-min(n, 64) // tp) * tp  # megatron's context takes a multiple of the TP size
+    engine = dynamic.EngineSettings(max_requests=slots, block_size_tokens=block,
                                     buffer_size_gb=blocks * block * dynamic.kv_bytes_per_token(lm.shape, lm.dtype, tp)
                                     / 2 ** 30, max_sequence_length=longest)
     lm.model.config.inference_sampling_seed = d.seed  # megatron's controller seeds its sampler from it

@@ -9,7 +9,8 @@ LLaMA-2-chat template), ``GET /health``; and ``GET /v1/models`` (this recipe's).
 checked before megatron's handlers read them (``recipes/infer/openai_rules.py``): a bad one gets a
 4xx with an OpenAI-shaped error body and the server keeps serving.  ``stream: true`` is refused
 with a 400.  Prompts get BOS as HF's tokenizer and the chat template give it.  A LoRA checkpoint
-(``--lora-load``) is merged into the weights at load.
+(``--lora-load``) is merged into the weights at load.  A request whose client disconnects is
+cancelled, and its KV blocks freed, at the engine's next step (``recipes/infer/cancel.py``).
 
 ``--return-log-probs`` keeps every prompt token's logits, as Megatron-LM's server always does, so
 ``echo`` + ``logprobs`` (lm-eval's log-likelihoods) works; without it such a request gets a 400
@@ -40,7 +41,7 @@ from typing import List
 import torch
 
 from recipes.errors import ArgumentParser, BadInput
-from recipes.infer import dynamic, inference, openai_rules, settings as infer_settings
+from recipes.infer import cancel, dynamic, inference, openai_rules, settings as infer_settings
 
 MAX_DEFAULT_REQUESTS = 64
 SHUTDOWN_S = 20
@@ -155,8 +156,11 @@ def engine_settings(s: Serve, lm, tp: int) -> dynamic.EngineSettings:
     per_request = seq * dynamic.kv_bytes_per_token(lm.shape, lm.dtype, tp)
     free, where = free_device_bytes()
     requests = s.max_requests
+    if requests and requests % tp:
+        raise BadInput(f"--inference-dynamic-batching-max-requests {requests} must be a multiple of the TP size {tp} "
+                       "(megatron's context splits a step's requests over the TP ranks)")
     if not requests:
-        requests = min(MAX_DEFAULT_REQUESTS, int(0.5 * free // per_request))
+        requests = min(MAX_DEFAULT_REQUESTS, int(0.5 * free // per_request)) // tp * tp  # a multiple of TP
         if requests < 1:
             raise BadInput(f"one {seq}-token request's KV cache ({per_request / GIB:.2f} GiB) does not fit half of "
                            f"{where} ({free / GIB:.2f} GiB): lower --inference-max-seq-length or raise "
@@ -257,6 +261,7 @@ def main(argv=None):
         print(f"engine: {engine.max_requests} requests a step, {engine.max_sequence_length}-token requests, "
               f"{engine.block_size_tokens}-token blocks, a {engine.buffer_size_gb:.3f} GiB KV cache; "
               f"{lm.shape.describe()}, TP={s.checkpoint.tp}, {lm.dtype}", flush=True)
+    cancel.install()  # before the engine, its coordinator and the HTTP processes start
     with signals_ignored():
         llm = MegatronAsyncLLM(model=lm.model, tokenizer=tokenizer, inference_config=dynamic.inference_config(
             lm.model, engine), coordinator_host="127.0.0.1")
