@@ -122,6 +122,20 @@ class Server:
         return alive
 
     def kill(self):
+        """SIGKILL to every process of the command's tree: torchrun starts its ranks in sessions of
+        their own, so killing torchrun's group alone left the ranks, their coordinator and HTTP
+        process running after a failed test (found burning CPU through the rest of a CI run)."""
+        import psutil
+
+        try:
+            procs = self.tree()
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
