@@ -219,9 +219,12 @@ def short_report(import_targets: bool = False) -> str:
              f"torch.distributed {data['dist_backend']}", f"versions: {data['versions']}",
              "patches: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
     lines += _setting_lines(_state.current())
+    grouped = {}  # patches not applied for one same reason share a line
     for name, p in data["patches"].items():
         if p["state"] != "applied":
-            lines.append(f"  {p['state']:>8}  {name}: {p['why']}")
+            grouped.setdefault((p["state"], p["why"]), []).append(name)
+    for (state, why), names in grouped.items():
+        lines.append(f"  {state:>8}  {', '.join(names)}: {why}")
     lines.append("(python -m ascend_patches --all: every patch with its target and why; --json: as JSON)")
     return "\n".join(lines)
 
