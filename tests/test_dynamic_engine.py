@@ -125,6 +125,9 @@ def test_megatron_llm_greedy_tokens_equal_hf_generate(stories_ckpt, fixtures_dir
     assert not bad, bad
 
 
+NEAR_TIE = 0.1  # fp32 logits this close are a tie in bf16 (under two of its spacings at 8 to 16, 0.0625)
+
+
 def _tokens(out):
     return json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
 
@@ -135,13 +138,25 @@ def test_on_the_emulated_npu_the_engine_runs_on_the_device(stories_ckpt, fixture
     """MegatronLLM on the emulated NPU (every kernel takes npu tensors only; the paged attention is
     npu_fused_infer_attention_score) against the same engine on the CPU, both bf16 with 128-token
     blocks (the kernel's smallest for prompt rows), prompts up to 131 tokens and 40 new ones.
-    The two attentions round differently in bf16, so a near-tie can flip a later token: measured,
-    10 of 12 continuations equal, the other two from token 18 and 21.  Asserted: every
-    continuation's first 10 tokens and lengths equal, and at least 9 of 12 whole."""
+    The two attentions round differently in bf16, so a near-tie can flip a token and the rest
+    of its continuation.  Asserted: 40 tokens each where eos is 2, and where two part, the
+    two tokens they chose are a near-tie in HF's fp32 logits (within NEAR_TIE, 0.1: bf16's
+    spacing at a logit near 9 is 0.0625, and 20 steps of a bf16 cache add to it); at least 9 of
+    12 whole.  Measured: 9 of 12 whole, the others part at tokens 3, 3 (the same step, once per
+    eos; fp32 gap 0.013) and 21 (gap 0.050)."""
     args = ("dynamic_engine_checks.py", 1, stories_ckpt, "-", "bf16", 128)
     cpu = _tokens(run_torchrun(*args, nproc=1, timeout=600))
     npu = _tokens(run_torchrun(*args, nproc=1, timeout=600, env=emulated_npu_env()))
-    pairs = [(a, b) for ra, rb in zip(cpu, npu) for a, b in zip(ra["tokens"], rb["tokens"])]
-    assert len(pairs) == 12
-    assert all(a[:10] == b[:10] and len(a) == len(b) for a, b in pairs), pairs
-    assert sum(a == b for a, b in pairs) >= 9, pairs
+    pairs = [(p, a, b) for ra, rb in zip(cpu, npu) for p, a, b in zip(ra["prompts"], ra["tokens"], rb["tokens"])]
+    assert len(pairs) == 12 and all(len(a) == len(b) == 40 for _, a, b in pairs[:6]), pairs  # eos 2: never chosen
+    parted = [(p, a, b) for p, a, b in pairs if a != b]
+    assert len(parted) <= 3, parted
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(fixtures_dir / "stories260K", dtype=torch.float32).eval()
+    for p, a, b in parted:
+        k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + a[:k]])).logits[0, -1]
+        gap = abs(float(logits[a[k]] - logits[b[k]]))
+        assert gap < NEAR_TIE, (p, k, a[k], b[k], gap)

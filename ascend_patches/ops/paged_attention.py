@@ -5,10 +5,12 @@ kernels with a block table for.
 
 - CUDA without flash-attn, and the CPU: one batched ``scaled_dot_product_attention`` over
   every request of the step.  Each request's keys and values are gathered from the cache
-  through its row of the block table (``[num_blocks, block, Hkv, D]`` indexed by
-  ``[B, blocks]``), its queries padded to the step's longest, and the mask is causal from the
-  end (a request's queries are the last ``q_len`` of its ``seqlens_k`` positions, flash-attn's
-  bottom-right alignment) and hides the padding.  No Python loop over requests.
+  token by token through its row of the block table, up to the step's longest request
+  (``[num_blocks * block, Hkv, D]`` indexed by ``[B, K_max]`` slots), its queries padded to the
+  step's longest, and the mask is causal from the end (a request's queries are the last
+  ``q_len`` of its ``seqlens_k`` positions, flash-attn's bottom-right alignment) and hides the
+  padding.  The context's padding requests (no tokens) are left out.  No Python loop over
+  requests.
 - NPU: ``torch_npu.npu_fused_infer_attention_score`` in PageAttention mode, as vllm-ascend calls
   it for mixed batches: query TND, the cache viewed ``[blocks, block, Hkv * D]``, the block
   table, the queries' prefix sums and each request's key count (host lists: the kernel's
@@ -40,35 +42,40 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
     are the context's padding), caches ``[N, block, Hkv, D]``, ``cu_seqlens_q [B + 1]``,
     ``seqlens_k [B]`` (each request's keys, new ones included), ``block_table [B, max_blocks]``
     (-1 past a request's blocks): ``[T, H, D]``, zero on the padding rows."""
-    b = seqlens_k.shape[0]
     t, h, d = q.shape
-    hkv = k_cache.shape[2]
-    starts = cu_seqlens_q[:b].long()
-    q_lens = cu_seqlens_q[1:b + 1].long() - starts
-    real = int(cu_seqlens_q[b])
-    # each request's keys, gathered through its block-table row: [B, used_blocks * block, Hkv, D]; only
-    # the columns the longest request uses (the table is as wide as max_sequence_length allows, and
-    # gathering all of it cost 5x the attention itself at 2,048 positions)
-    used = max(1, -(-int(seqlens_k.max()) // k_cache.shape[1])) if b else 1
-    blocks = block_table[:b, :used].clamp(min=0).long()
-    keys = k_cache[blocks].reshape(b, -1, hkv, d)
-    values = v_cache[blocks].reshape(b, -1, hkv, d)
+    block, hkv = k_cache.shape[1], k_cache.shape[2]
+    result = q.new_zeros(t, h, d)
+    # the requests with tokens this step: the context pads the batch with requests of none
+    q_lens_all = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[:seqlens_k.shape[0]]
+    live = torch.nonzero(q_lens_all).squeeze(1)
+    b = live.numel()
+    if b == 0:
+        return result
+    starts, q_lens = cu_seqlens_q[live].long(), q_lens_all[live]
+    lens_k = seqlens_k[live].long()
+    real = int(q_lens.sum())
+    # each request's keys, gathered token by token through its block-table row, up to the longest
+    # request's count: [B, K_max, Hkv, D] (whole blocks, or the table's whole width, moved up to
+    # 2x and 5x the bytes, and the gather is most of a decode step's attention on the CPU)
+    key_pos = torch.arange(int(lens_k.max()), device=q.device)
+    slots = block_table[live][:, key_pos // block].clamp(min=0).long() * block + key_pos % block
+    keys = k_cache.view(-1, hkv, d).index_select(0, slots.view(-1)).view(b, -1, hkv, d)
+    values = v_cache.view(-1, hkv, d).index_select(0, slots.view(-1)).view(b, -1, hkv, d)
     # the queries padded per request: token i of request r sits at row r, column i
     request = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens, output_size=real)
-    column = torch.arange(real, device=q.device) - starts[request]
+    column = torch.arange(real, device=q.device) - (torch.cumsum(q_lens, 0) - q_lens)[request]
+    rows = starts[request] + column
     q_max = int(q_lens.max())
     padded = q.new_zeros(b, q_max, h, d)
-    padded[request, column] = q[:real]
+    padded[request, column] = q[rows]
     # key j of request r is visible to its query i when j <= (seqlens_k - q_len) + i, which is < seqlens_k:
-    # causal from the end (flash-attn's bottom-right alignment), and the cache past seqlens_k stays hidden
-    key_pos = torch.arange(keys.shape[1], device=q.device)
-    q_pos = (seqlens_k.long() - q_lens)[:, None] + torch.arange(q_max, device=q.device)[None, :]
+    # causal from the end (flash-attn's bottom-right alignment), and the keys past seqlens_k stay hidden
+    q_pos = (lens_k - q_lens)[:, None] + torch.arange(q_max, device=q.device)[None, :]
     mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Qmax, K]
     out = F.scaled_dot_product_attention(
         padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
         scale=scale, enable_gqa=hkv != h)
-    result = q.new_zeros(t, h, d)
-    result[:real] = out.transpose(1, 2)[request, column]
+    result[rows] = out.transpose(1, 2)[request, column]
     return result
 
 

@@ -2,7 +2,7 @@
 recipes.infer.dynamic) on a converted checkpoint at TP ranks, against HF ``generate``.
 
     dynamic_engine_checks.py TP LOAD HF_DIR
-    dynamic_engine_checks.py TP LOAD - bf16 BLOCK   (the tokens only, in bf16 with BLOCK-token blocks)
+    dynamic_engine_checks.py TP LOAD - bf16 BLOCK   (the prompts and tokens, in bf16 with BLOCK-token blocks)
 
 Greedy, 40 new tokens, prompts of 1 to 45 tokens, twice: with eos 2 (every request runs its 40
 tokens) and with eos 426 ("." in stories260K's vocabulary, so requests finish at different
@@ -30,7 +30,7 @@ settings = dynamic.EngineSettings(max_requests=2, block_size_tokens=block, buffe
                                   max_sequence_length=256)
 llm = dynamic.build_llm(lm.model, load_tokenizer(lm.args["tokenizer_name_or_path"]), settings)
 if dtype is not None:
-    rows = [{"eos": eos, "tokens": dynamic.greedy(llm, prompts, 40, eos_id=eos)} for eos in (2, 426)]
+    rows = [{"eos": eos, "prompts": prompts, "tokens": dynamic.greedy(llm, prompts, 40, eos_id=eos)} for eos in (2, 426)]
     if dist.get_rank() == 0:
         sys.stdout.write("RESULT " + json.dumps(rows) + "\n")
     sys.exit(0)
