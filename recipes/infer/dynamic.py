@@ -54,13 +54,15 @@ class EngineSettings:
     buffer_size_gb: float = 1.0      # the KV cache's memory
     max_sequence_length: int = 4096  # prompt and generated tokens of one request
     prompt_log_probs: bool = False   # logits for every prompt token (echo + logprobs), not only the last
+    prefix_caching: bool = False     # requests share the KV blocks of a common prompt prefix (whole blocks)
+    prefix_eviction: str = "ref_zero"  # ref_zero: a block is forgotten when no request holds it; lru: kept till needed
 
 
 def inference_config(model, settings: EngineSettings):
     """megatron-core's ``InferenceConfig`` for ``settings``, once the release and (on the NPU) the
     paged attention kernel's block size and dtype are checked; ``model`` goes to eval mode."""
     check_release()
-    from megatron.core.inference.config import InferenceConfig
+    from megatron.core.inference.config import InferenceConfig, PrefixCachingEvictionPolicy
 
     model.eval()
     import ascend_patches
@@ -74,7 +76,9 @@ def inference_config(model, settings: EngineSettings):
             raise BadInput(str(e)) from None
     return InferenceConfig(block_size_tokens=settings.block_size_tokens, buffer_size_gb=settings.buffer_size_gb,
                            max_requests=settings.max_requests, max_sequence_length=settings.max_sequence_length,
-                           materialize_only_last_token_logits=not settings.prompt_log_probs)
+                           materialize_only_last_token_logits=not settings.prompt_log_probs,
+                           enable_prefix_caching=settings.prefix_caching,
+                           prefix_caching_eviction_policy=PrefixCachingEvictionPolicy(settings.prefix_eviction))
 
 
 def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool = False):

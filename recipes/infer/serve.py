@@ -26,10 +26,13 @@ Unset, the two are derived from the device's free memory after the model loads: 
 full-length requests as fit in half of it (at most 64), and a cache that holds them all at full
 length.  ``--inference-dynamic-batching-block-size`` (``--block-size-tokens``, default 256) is the
 cache's block; on the NPU the paged attention kernel takes 128, 256, 384 or 512.
+``--inference-dynamic-batching-prefix-caching`` (vLLM's ``--enable-prefix-caching``; off by
+default, as in Megatron-LM) lets requests share the blocks of a common prompt prefix.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -61,6 +64,8 @@ class Serve:
     frontend_replicas: int
     max_request_bytes: int
     prompt_log_probs: bool
+    prefix_caching: bool
+    prefix_eviction: str
 
 
 def build_parser():
@@ -88,6 +93,14 @@ def build_parser():
                         "Megatron-LM's server does; it costs the output layer over every prompt token")
     g.add_argument("--inference-dynamic-batching-buffer-size-gb", "--kv-buffer-size-gb", dest="buffer_size_gb",
                    type=float, default=0.0, help="the KV cache's memory (default: from the device's free memory)")
+    g.add_argument("--inference-dynamic-batching-prefix-caching", "--enable-prefix-caching", dest="prefix_caching",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="requests share the KV blocks of a common prompt prefix, in whole blocks, and skip its "
+                        "prefill (default off, as Megatron-LM; vLLM's name is the alias)")
+    g.add_argument("--inference-dynamic-batching-prefix-caching-eviction-policy", dest="prefix_eviction",
+                   choices=["ref_zero", "lru"], default=None,
+                   help="ref_zero (Megatron-LM's default): a cached block is forgotten once no request holds it; "
+                        "lru: kept until its space is needed, so a later request can reuse it")
     return p
 
 
@@ -106,10 +119,16 @@ def settings(args) -> Serve:
             raise BadInput(f"{flag} {getattr(args, name)}: give a positive value (or leave it out)")
     if args.block_size_tokens < 1:
         raise BadInput(f"--inference-dynamic-batching-block-size {args.block_size_tokens}: give 1 or more")
+    if args.prefix_eviction and not args.prefix_caching:
+        raise BadInput("--inference-dynamic-batching-prefix-caching-eviction-policy without "
+                       "--inference-dynamic-batching-prefix-caching: there is no prefix cache to evict from")
+    if args.prefix_caching and args.return_log_probs:
+        raise BadInput("--inference-dynamic-batching-prefix-caching with --return-log-probs: a cached prefix is not "
+                       "run through the model, so its log-probs would be missing; use one or the other")
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.load)))
     return Serve(c, args.host, args.port, name, args.inference_max_seq_length, args.max_requests,
                  args.block_size_tokens, args.buffer_size_gb, args.frontend_replicas, args.max_request_bytes,
-                 args.return_log_probs)
+                 args.return_log_probs, args.prefix_caching, args.prefix_eviction or "ref_zero")
 
 
 class ServeTokenizer(dynamic.EngineTokenizer):
@@ -171,7 +190,8 @@ def engine_settings(s: Serve, lm, tp: int) -> dynamic.EngineSettings:
                        "--inference-dynamic-batching-buffer-size-gb or --inference-dynamic-batching-max-requests")
     return dynamic.EngineSettings(max_requests=requests, block_size_tokens=s.block_size_tokens,
                                   buffer_size_gb=buffer_gb, max_sequence_length=seq,
-                                  prompt_log_probs=s.prompt_log_probs)
+                                  prompt_log_probs=s.prompt_log_probs, prefix_caching=s.prefix_caching,
+                                  prefix_eviction=s.prefix_eviction)
 
 
 async def run(llm, s: Serve, rank: int) -> None:
@@ -259,7 +279,8 @@ def main(argv=None):
                                                     s.max_request_bytes))
     if rank == 0:
         print(f"engine: {engine.max_requests} requests a step, {engine.max_sequence_length}-token requests, "
-              f"{engine.block_size_tokens}-token blocks, a {engine.buffer_size_gb:.3f} GiB KV cache; "
+              f"{engine.block_size_tokens}-token blocks, a {engine.buffer_size_gb:.3f} GiB KV cache"
+              f"{f', prefix caching ({engine.prefix_eviction})' if engine.prefix_caching else ''}; "
               f"{lm.shape.describe()}, TP={s.checkpoint.tp}, {lm.dtype}", flush=True)
     cancel.install()  # before the engine, its coordinator and the HTTP processes start
     with signals_ignored():

@@ -8,9 +8,10 @@ Greedy, 40 new tokens, prompts of 1 to 45 tokens, twice: with eos 2 (every reque
 tokens) and with eos 426 ("." in stories260K's vocabulary, so requests finish at different
 steps).  2 requests a step (the rest queue) and 16-token KV blocks, so prompts and continuations
 cross block boundaries and requests prefill while others decode.  HF runs each prompt alone
-(no padding).
+(no padding).  Then prefix caching: prompts sharing two whole blocks, twice.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -45,5 +46,25 @@ for eos in (2, 426):
         theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
                              num_beams=1, eos_token_id=eos, pad_token_id=0)[0, len(p):].tolist()
         rows.append({"eos": eos, "prompt_len": len(p), "equal": o == theirs, "n": len(o), "ours": o, "hf": theirs})
+# prefix caching (LRU: blocks kept after their requests finish): prompts sharing a 41-token prefix (two
+# whole 16-token blocks), run twice; the second pass takes the prefix from the cache, so fewer tokens go
+# through the embedding (measured: 250 on the first pass, 188 on the second), and the tokens stay HF's
+shared = [1] + torch.randint(3, 512, (40,), generator=g).tolist()
+cached = [shared + torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 20, 7)]
+del llm
+llm = dynamic.build_llm(lm.model, load_tokenizer(lm.args["tokenizer_name_or_path"]),
+                        dataclasses.replace(settings, prefix_caching=True, prefix_eviction="lru"))
+run = []
+hook = lm.model.embedding.register_forward_pre_hook(
+    lambda _, args, kwargs: run.append((args[0] if args else kwargs["input_ids"]).numel()), with_kwargs=True)
+passes = []
+for _ in range(2):
+    run.clear()
+    passes.append({"tokens": dynamic.greedy(llm, cached, 16, eos_id=None), "embedded": sum(run)})
+hook.remove()
+theirs = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=16,
+                      do_sample=False, num_beams=1, pad_token_id=0)[0, len(p):].tolist() for p in cached]
+prefix = {"equal": [p["tokens"] == theirs for p in passes], "embedded": [p["embedded"] for p in passes]}
 if dist.get_rank() == 0:
     sys.stdout.write("RESULT " + json.dumps(rows) + "\n")
+    sys.stdout.write("PREFIX " + json.dumps(prefix) + "\n")
