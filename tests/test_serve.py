@@ -199,6 +199,17 @@ def test_an_older_megatron_core_is_refused_in_one_line_naming_the_release(tmp_pa
     assert "it is in megatron-core 0.19 and later" in out.stderr
 
 
+def test_prompt_log_probs_are_refused_naming_the_flag_where_the_engine_keeps_none():
+    """``echo`` + ``logprobs`` on a server started without --return-log-probs: a RequestError (the
+    bad-input matrix checks that one becomes a 400 with OpenAI's error shape and that the server
+    keeps serving) on ``echo``, naming the flag; with the flag, the same request passes."""
+    body = {"prompt": "x", "echo": True, "logprobs": 1}
+    with pytest.raises(openai_rules.RequestError, match="start it with --return-log-probs") as e:
+        openai_rules.check_completion(body, openai_rules.Limits("m", 64, 512, prompt_log_probs=False), lambda t: [1, 2])
+    assert (e.value.status, e.value.param) == (400, "echo")
+    openai_rules.check_completion(body, openai_rules.Limits("m", 64, 512, prompt_log_probs=True), lambda t: [1, 2])
+
+
 def test_prefix_caching_flags_are_checked_before_the_model_loads(tmp_path):
     """Megatron-LM's prefix-caching flags (vLLM's --enable-prefix-caching the alias): an eviction
     policy without the cache, and the cache with the prompt's log-probs (a cached prefix is not
@@ -444,10 +455,14 @@ def test_lm_eval_local_completions_gives_recipes_evaluates_answers(server, lm_ev
 
 @needs_api
 @pytest.mark.slow
-def test_tp2_serves_hf_tokens_cancels_a_dropped_request_and_sigterm_stops_every_process(stories_ckpt, hf, tmp_path):
+def test_tp2_serves_hf_tokens_lm_eval_cancels_a_dropped_request_and_sigterm_stops_every_process(
+        stories_ckpt, hf, lm_eval_reference, fixtures_dir, tmp_path):
     """torchrun --nproc-per-node 2 -m recipes.serve (gloo), two requests a step (--max-requests 2;
     an odd count is refused in one line, as megatron's context splits them over the TP ranks):
-    the openai client's greedy completions equal HF's.  Two clients that disconnect half a
+    the openai client's greedy completions equal HF's; lm-eval's local-completions gets
+    recipes.evaluate's prediction for every question that fits whole, log-likelihoods within
+    1e-4, as at TP=1 (fp32; TP=2 adds each layer's two halves in another order; measured 1.0e-5).
+    Two clients that disconnect half a
     second into 490-token completions have them cancelled on both ranks: a short request sent
     next, which can only step once one of them has left the engine, answers in under half the
     time a whole completion takes (without the cancel it waited for the rest of one: at TP=1
@@ -459,20 +474,21 @@ def test_tp2_serves_hf_tokens_cancels_a_dropped_request_and_sigterm_stops_every_
                          capture_output=True, text=True, env=command_env(), cwd=ROOT, timeout=300)
     assert odd.returncode != 0 and "must be a multiple of the TP size 2" in odd.stderr, odd.stderr[-2000:]
     s = Server(torchrun_command("recipes.serve", "--load", stories_ckpt, "--block-size-tokens", 16, "--max-requests", 2,
-                                nproc=2), None, tmp_path / "server.log")
+                                "--return-log-probs", nproc=2), None, tmp_path / "server.log")
     try:
         _, tok = hf
         for p in PROMPTS[:4]:
             assert s.complete(p).model_extra["generation_token_ids"] == hf_greedy(hf, tok(p).input_ids), p
+        compared, worst, agree, _ = lm_eval_against_reference(s.url, lm_eval_reference, fixtures_dir, ll_tol=1e-4)
+        print(f"CPU at TP=2, fp32: {compared} questions compared, largest log-likelihood difference {worst:.2e}, "
+              f"{agree} predictions agree")
+        assert compared >= 55 and agree == compared, (compared, agree)
         whole = s.timed_completion(490)
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda _: s.timed_completion(490, drop_after_s=0.5), range(2)))
         after = s.timed_completion(8)
         assert after < whole / 2, (after, whole, s.tail())
         assert s.tail().count("cancelled (its client went away)") == 2, s.tail()
-        # started without --return-log-probs: the prompt's log-probs are refused, and it keeps serving
-        got, answer = s.post("/v1/completions", json.dumps({"prompt": "x", "echo": True, "logprobs": 1}).encode())
-        assert got == 400 and answer["error"]["param"] == "echo" and "--return-log-probs" in answer["error"]["message"]
         assert len(s.tree()) >= 5  # torchrun, 2 ranks, the coordinator, the HTTP process
         alive = s.stop()
         assert not alive, (alive, s.tail())
