@@ -45,9 +45,9 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
     t, h, d = q.shape
     block, hkv = k_cache.shape[1], k_cache.shape[2]
     result = q.new_zeros(t, h, d)
-    # the requests with tokens this step: the context pads the batch with requests of none
+    # the requests with tokens and keys this step: the context pads the batch with requests of none
     q_lens_all = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[:seqlens_k.shape[0]]
-    live = torch.nonzero(q_lens_all).squeeze(1)
+    live = torch.nonzero((q_lens_all > 0) & (seqlens_k > 0)).squeeze(1)
     b = live.numel()
     if b == 0:
         return result
@@ -61,6 +61,11 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
     slots = block_table[live][:, key_pos // block].clamp(min=0).long() * block + key_pos % block
     keys = k_cache.view(-1, hkv, d).index_select(0, slots.view(-1)).view(b, -1, hkv, d)
     values = v_cache.view(-1, hkv, d).index_select(0, slots.view(-1)).view(b, -1, hkv, d)
+    # the slots past a request's keys hold whatever the cache's memory held (it is allocated empty): a NaN
+    # there would reach the softmax through masked scores (NaN + -inf is NaN), so they are zeroed
+    beyond = (key_pos[None, :] >= lens_k[:, None])[:, :, None, None]
+    keys.masked_fill_(beyond, 0)
+    values.masked_fill_(beyond, 0)
     # the queries padded per request: token i of request r sits at row r, column i
     request = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens, output_size=real)
     column = torch.arange(real, device=q.device) - (torch.cumsum(q_lens, 0) - q_lens)[request]
