@@ -81,6 +81,25 @@ def test_paged_attention_equals_attention_over_each_requests_whole_sequence():
     assert out[13:].abs().max() == 0
 
 
+def test_paged_attention_ignores_what_the_cache_holds_past_a_requests_keys():
+    """The cache is allocated empty, so a slot past a request's keys can hold a NaN; masked, it must
+    not reach the outputs (a NaN score plus the mask's -inf is still NaN, and poisoned the whole row)."""
+    from ascend_patches.ops.paged_attention import paged_attention
+
+    q, k, v, cu, lens_k, table = _step(16, torch.float32)
+    clean = paged_attention(q, k, v, cu, lens_k, table, q.shape[-1] ** -0.5)
+    used = set()
+    for r, n in enumerate(lens_k.tolist()):
+        blocks = table[r, :-(-n // 16)].tolist() if n else []
+        used.update(blocks)
+        if n % 16:
+            k[blocks[-1], n % 16:] = float("nan")
+            v[blocks[-1], n % 16:] = float("nan")
+    free = [i for i in range(k.shape[0]) if i not in used]
+    k[free], v[free] = float("nan"), float("nan")  # the blocks no request holds, block 0 among them here
+    torch.testing.assert_close(paged_attention(q, k, v, cu, lens_k, table, q.shape[-1] ** -0.5), clean, rtol=0, atol=0)
+
+
 def test_the_npu_path_through_npu_fused_infer_attention_score(npu_emulated):
     """The same step through ``torch_npu.npu_fused_infer_attention_score`` (its 2.14.0 schema,
     emulated): TND, the cache viewed [blocks, 128, Hkv * D], prefix sums, each request's key
