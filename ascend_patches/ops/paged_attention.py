@@ -9,8 +9,9 @@ kernels with a block table for.
   (``[num_blocks * block, Hkv, D]`` indexed by ``[B, K_max]`` slots), its queries padded to the
   step's longest, and the mask is causal from the end (a request's queries are the last
   ``q_len`` of its ``seqlens_k`` positions, flash-attn's bottom-right alignment) and hides the
-  padding.  The context's padding requests (no tokens) are left out.  No Python loop over
-  requests.
+  padding.  The context's padding requests (no tokens or no keys) are left out, and the
+  gathered slots past a request's keys are zeroed (the cache is allocated empty).  No Python
+  loop over requests.
 - NPU: ``torch_npu.npu_fused_infer_attention_score`` in PageAttention mode, as vllm-ascend calls
   it for mixed batches: query TND, the cache viewed ``[blocks, block, Hkv * D]``, the block
   table, the queries' prefix sums and each request's key count (host lists: the kernel's
@@ -59,8 +60,9 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
     # 2x and 5x the bytes, and the gather is most of a decode step's attention on the CPU)
     key_pos = torch.arange(int(lens_k.max()), device=q.device)
     slots = block_table[live][:, key_pos // block].clamp(min=0).long() * block + key_pos % block
-    keys = k_cache.view(-1, hkv, d).index_select(0, slots.view(-1)).view(b, -1, hkv, d)
-    values = v_cache.view(-1, hkv, d).index_select(0, slots.view(-1)).view(b, -1, hkv, d)
+    slots = slots.view(-1)
+    keys = k_cache.view(-1, hkv, d).index_select(0, slots).view(b, -1, hkv, d)
+    values = v_cache.view(-1, hkv, d).index_select(0, slots).view(b, -1, hkv, d)
     # the slots past a request's keys hold whatever the cache's memory held (it is allocated empty): a NaN
     # there would reach the softmax through masked scores (NaN + -inf is NaN), so they are zeroed
     beyond = (key_pos[None, :] >= lens_k[:, None])[:, :, None, None]
