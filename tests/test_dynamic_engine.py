@@ -147,6 +147,10 @@ def test_megatron_llm_greedy_tokens_equal_hf_generate(stories_ckpt, fixtures_dir
     prefix = json.loads([line for line in out.splitlines() if line.startswith("PREFIX ")][-1][len("PREFIX "):])
     print(f"TP={tp} prefix caching: tokens through the embedding {prefix['embedded']} (first pass, second)")
     assert prefix["equal"] == [True, True] and prefix["embedded"][1] < prefix["embedded"][0], prefix
+    # under megatron's coordinator (recipes.serve's engine): HF's tokens, and no dummy forward during the work
+    # or half a second after it (megatron's default ep_consensus_interval ran 19 after the last request)
+    coordinator = json.loads([line for line in out.splitlines() if line.startswith("COORDINATOR ")][-1][12:])
+    assert coordinator == {"equal": True, "dummy_forwards": 0}, coordinator
 
 
 NEAR_TIE = 0.1  # fp32 logits this close are a tie in bf16 (under two of its spacings at 8 to 16, 0.0625)

@@ -78,7 +78,12 @@ def inference_config(model, settings: EngineSettings):
                            max_requests=settings.max_requests, max_sequence_length=settings.max_sequence_length,
                            materialize_only_last_token_logits=not settings.prompt_log_probs,
                            enable_prefix_caching=settings.prefix_caching,
-                           prefix_caching_eviction_policy=PrefixCachingEvictionPolicy(settings.prefix_eviction))
+                           prefix_caching_eviction_policy=PrefixCachingEvictionPolicy(settings.prefix_eviction),
+                           # LLaMA-2 has no experts: the engine's expert-parallel group is this rank alone and its
+                           # "consensus" a local read, yet under the coordinator megatron keeps the last one for
+                           # 20 steps (its default), so for up to 19 steps after the last request finished it
+                           # ran full dummy forwards (13% of the engine's samples under bench_serve's load)
+                           ep_consensus_interval=1)
 
 
 def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool = False):
