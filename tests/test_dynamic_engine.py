@@ -30,24 +30,24 @@ def test_an_older_megatron_core_is_refused_naming_the_release_that_has_it():
         dynamic.check_release()
 
 
-def _step(block, dtype):
+def _step(block, dtype, lens_k=(201, 145, 7, 0), lens_q=(1, 5, 7, 0)):
     """Three requests in one step: a decode (1 new token after 200), a chunk (5 new after 140) and
     a fresh prefill (7), GQA (8 query heads on 4 KV heads), blocks scattered in the cache, a
     padding request (no tokens) and padding rows past the last token."""
     torch.manual_seed(0)
     h, hkv, d = 8, 4, 16
-    lens_k, lens_q = [201, 145, 7, 0], [1, 5, 7, 0]
+    lens_k, lens_q = list(lens_k), list(lens_q)
     blocks = sum(-(-n // block) for n in lens_k) + 5
     k_cache, v_cache = (torch.randn(blocks, block, hkv, d).to(dtype) for _ in range(2))
     perm = torch.randperm(blocks)
-    table = torch.full((4, -(-max(lens_k) // block) + 1), -1, dtype=torch.int32)
+    table = torch.full((len(lens_k), -(-max(lens_k) // block) + 1), -1, dtype=torch.int32)
     used = 0
     for r, n in enumerate(lens_k):
         nb = -(-n // block)
         table[r, :nb] = perm[used:used + nb].int()
         used += nb
     q = torch.randn(sum(lens_q) + 3, h, d).to(dtype)  # 3 padding rows
-    cu = torch.tensor([0, 1, 6, 13, 13], dtype=torch.int32)
+    cu = torch.cumsum(torch.tensor([0] + lens_q), 0).int()
     return q, k_cache, v_cache, cu, torch.tensor(lens_k, dtype=torch.int32), table
 
 
@@ -79,6 +79,26 @@ def test_paged_attention_equals_attention_over_each_requests_whole_sequence():
     torch.testing.assert_close(out[:13], _per_request_reference(q, k, v, cu, lens_k, table), rtol=1e-5,
                                atol=1e-6)  # fp32, another summation order
     assert out[13:].abs().max() == 0
+
+
+def test_requests_of_unlike_lengths_attend_in_groups_and_still_equal_the_reference():
+    """Decodes after 3 to 300 keys, chunks and prefills in one step, out of order: the attention
+    pads each group of like lengths to its own longest (2 or 3 groups here), and every request's
+    rows still equal plain SDPA over its own keys (fp32, as above)."""
+    from ascend_patches.ops.paged_attention import _length_groups, paged_attention
+
+    lens_k = (300, 3, 40, 9, 0, 251, 17, 64, 5, 120, 33, 2, 190)
+    lens_q = (1, 1, 40, 1, 0, 1, 17, 3, 1, 1, 1, 2, 1)
+    q, k, v, cu, seqlens_k, table = _step(16, torch.float32, lens_k, lens_q)
+    live = [i for i, n in enumerate(lens_q) if n]
+    order = sorted(live, key=lambda i: lens_k[i])
+    groups = _length_groups(torch.tensor([lens_q[i] for i in order]), torch.tensor([lens_k[i] for i in order]))
+    assert len(groups) > 1, groups
+    out = paged_attention(q, k, v, cu, seqlens_k, table, q.shape[-1] ** -0.5)
+    real = sum(lens_q)
+    torch.testing.assert_close(out[:real], _per_request_reference(q, k, v, cu, seqlens_k, table), rtol=1e-5,
+                               atol=1e-6)
+    assert out[real:].abs().max() == 0
 
 
 def test_paged_attention_ignores_what_the_cache_holds_past_a_requests_keys():

@@ -10,8 +10,8 @@ kernels with a block table for.
   step's longest, and the mask is causal from the end (a request's queries are the last
   ``q_len`` of its ``seqlens_k`` positions, flash-attn's bottom-right alignment) and hides the
   padding.  The context's padding requests (no tokens or no keys) are left out, and the
-  gathered slots past a request's keys are zeroed (the cache is allocated empty).  No Python
-  loop over requests.
+  positions past a request's keys gather its first key (the cache is allocated empty, and what
+  a free slot holds could be a NaN).  No Python loop over requests.
 - NPU: ``torch_npu.npu_fused_infer_attention_score`` in PageAttention mode, as vllm-ascend calls
   it for mixed batches: query TND, the cache viewed ``[blocks, block, Hkv * D]``, the block
   table, the queries' prefix sums and each request's key count (host lists: the kernel's
@@ -38,36 +38,82 @@ def flash_kernels_present(attention_module) -> bool:
                 or getattr(attention_module, "flash_attn_varlen_func", None) is not None)
 
 
+GROUPS = 3  # at most: each group is one gather and one SDPA call
+GROUP_COST = 512  # a group's fixed cost (its calls), in gathered key rows
+
+
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, scale: float):
     """q ``[T, H, D]`` (every request's new tokens, concatenated; rows past ``cu_seqlens_q[B]``
     are the context's padding), caches ``[N, block, Hkv, D]``, ``cu_seqlens_q [B + 1]``,
     ``seqlens_k [B]`` (each request's keys, new ones included), ``block_table [B, max_blocks]``
     (-1 past a request's blocks): ``[T, H, D]``, zero on the padding rows."""
     t, h, d = q.shape
-    block, hkv = k_cache.shape[1], k_cache.shape[2]
     result = q.new_zeros(t, h, d)
     # the requests with tokens and keys this step: the context pads the batch with requests of none
     q_lens_all = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[:seqlens_k.shape[0]]
     live = torch.nonzero((q_lens_all > 0) & (seqlens_k > 0)).squeeze(1)
-    b = live.numel()
-    if b == 0:
+    if live.numel() == 0:
         return result
-    starts, q_lens = cu_seqlens_q[live].long(), q_lens_all[live]
-    lens_k = seqlens_k[live].long()
+    # requests of like lengths attend together: each group is padded to its own longest, not the step's
+    lens_k, order = seqlens_k[live].long().sort()
+    live = live[order]
+    q_lens = q_lens_all[live]
+    for group in _length_groups(q_lens, lens_k):
+        rows = live[group]
+        _attend(q, k_cache, v_cache, cu_seqlens_q[rows].long(), q_lens[group], lens_k[group], block_table[rows],
+                scale, result)
+    return result
+
+
+def _length_groups(q_lens, lens_k) -> list:
+    """Index ranges into requests sorted by key count, at most GROUPS of them, that cost least when
+    each group is padded to its longest: a group of n requests costs n x its longest query x its
+    most keys (the padded scores, and the gathered keys when a query is one token) plus
+    GROUP_COST.  Every split is costed at once (a [B, B] table), no loop over requests."""
+    b = lens_k.numel()
+    if b < 4:
+        return [slice(0, b)]
+    # qmax[i, j]: the longest query among requests i..j (sorted by keys); kmax is the last one's keys
+    upper = torch.triu(torch.ones(b, b, dtype=torch.bool, device=lens_k.device))
+    qmax = torch.where(upper, q_lens[None, :], 0).cummax(1).values  # [i, j] = max q_lens[i..j]
+    idx = torch.arange(b, device=lens_k.device)
+    cost = (idx[None, :] - idx[:, None] + 1) * qmax * lens_k[None, :] + GROUP_COST  # group i..j, [i, j]
+    cost = torch.where(upper, cost, torch.iinfo(torch.int64).max // 4)
+    whole = cost[0, b - 1]
+    # two groups: 0..i-1, i..b-1 (i = 1..b-1); three: 0..i-1, i..j-1, j..b-1, at [i-1, j-1] (1 <= i < j <= b-1;
+    # the rest are at least the masked cost)
+    two = cost[0, :-1] + cost[1:, b - 1]
+    three = cost[0, :-1][:, None] + cost[1:, :-1] + cost[1:, b - 1][None, :]
+    best = [int(whole), int(two.min()), int(three.min())][:GROUPS]
+    pick = best.index(min(best))
+    if pick == 0:
+        return [slice(0, b)]
+    if pick == 1:
+        i = int(two.argmin()) + 1
+        return [slice(0, i), slice(i, b)]
+    flat = int(three.argmin())
+    i, j = flat // (b - 1) + 1, flat % (b - 1) + 1
+    return [slice(0, i), slice(i, j), slice(j, b)]
+
+
+def _attend(q, k_cache, v_cache, starts, q_lens, lens_k, table, scale: float, result) -> None:
+    """One group's attention, written into ``result``'s rows: its queries padded to the group's
+    longest, its keys gathered to the group's most."""
+    t, h, d = q.shape
+    block, hkv = k_cache.shape[1], k_cache.shape[2]
+    b = lens_k.numel()
     real = int(q_lens.sum())
-    # each request's keys, gathered token by token through its block-table row, up to the longest
-    # request's count: [B, K_max, Hkv, D] (whole blocks, or the table's whole width, moved up to
-    # 2x and 5x the bytes, and the gather is most of a decode step's attention on the CPU)
+    # each request's keys, gathered token by token through its block-table row, up to the group's
+    # most: [B, K_max, Hkv, D] (whole blocks, or the table's whole width, moved up to 2x and 5x the
+    # bytes, and the gather is most of a decode step's attention on the CPU)
     key_pos = torch.arange(int(lens_k.max()), device=q.device)
-    slots = block_table[live][:, key_pos // block].clamp(min=0).long() * block + key_pos % block
-    slots = slots.view(-1)
+    slots = table[:, key_pos // block].clamp(min=0).long() * block + key_pos % block
+    # the slots past a request's keys hold whatever the cache's memory held (it is allocated empty): a NaN
+    # there would reach the softmax through masked scores (NaN + -inf is NaN), so those positions read the
+    # request's first key instead (written, and masked like them): no second pass over the gathered keys
+    slots = torch.where(key_pos[None, :] < lens_k[:, None], slots, slots[:, :1]).view(-1)
     keys = k_cache.view(-1, hkv, d).index_select(0, slots).view(b, -1, hkv, d)
     values = v_cache.view(-1, hkv, d).index_select(0, slots).view(b, -1, hkv, d)
-    # the slots past a request's keys hold whatever the cache's memory held (it is allocated empty): a NaN
-    # there would reach the softmax through masked scores (NaN + -inf is NaN), so they are zeroed
-    beyond = (key_pos[None, :] >= lens_k[:, None])[:, :, None, None]
-    keys.masked_fill_(beyond, 0)
-    values.masked_fill_(beyond, 0)
     # the queries padded per request: token i of request r sits at row r, column i
     request = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens, output_size=real)
     column = torch.arange(real, device=q.device) - (torch.cumsum(q_lens, 0) - q_lens)[request]
@@ -83,7 +129,6 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
         padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
         scale=scale, enable_gqa=hkv != h)
     result[rows] = out.transpose(1, 2)[request, column]
-    return result
 
 
 def flash_decode_and_prefill_wrapper(original):
