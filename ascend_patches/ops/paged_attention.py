@@ -3,11 +3,12 @@ continuous batching, a paged KV cache, chunked prefill), behind
 ``Attention.flash_decode_and_prefill``, which stock calls flash-attn's varlen and kvcache
 kernels with a block table for.
 
-- CUDA without flash-attn, and the CPU: one batched ``scaled_dot_product_attention`` over
-  every request of the step.  Each request's keys and values are gathered from the cache
-  token by token through its row of the block table, up to the step's longest request
+- CUDA without flash-attn, and the CPU: batched ``scaled_dot_product_attention`` over the
+  step's requests, sorted by key count and split into up to 3 groups of like lengths (the split
+  that pads least).  In a group, each request's keys and values are gathered from the cache
+  token by token through its row of the block table, up to the group's longest request
   (``[num_blocks * block, Hkv, D]`` indexed by ``[B, K_max]`` slots), its queries padded to the
-  step's longest, and the mask is causal from the end (a request's queries are the last
+  group's longest, and the mask is causal from the end (a request's queries are the last
   ``q_len`` of its ``seqlens_k`` positions, flash-attn's bottom-right alignment) and hides the
   padding.  The context's padding requests (no tokens or no keys) are left out, and the
   positions past a request's keys gather its first key (the cache is allocated empty, and what
