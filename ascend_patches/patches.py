@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from .collectives import all_gather_into_tensor_wrapper, backend_name_wrapper, reduce_scatter_wrapper
-from . import distrib_optimizer, with_deepspeed
+from . import distrib_optimizer, engine_threads, with_deepspeed
 from .device import (checkpoint_writer, cpu, cuda_queries, megatron_lm, megatron_lm_convert, npu, rng,
                      torch_compat, transformer_engine)
 from .ops import (adamw, context_parallel, decode_layer, flash_attention, grad_accum, inference_linear, multi_tensor,
@@ -252,6 +252,11 @@ _(Patch("paged_attention.engine_prompt", "megatron.core.inference.engines.dynami
         wrapper=paged_attention.engine_prompt_wrapper, backends=CPU | NPU, sweep=False, megatron_core=DYNAMIC_ENGINE,
         why="the engine asserts a tokenized prompt is on torch.device(f'cuda:{current_device()}'): no such name on "
             "the CPU, a CUDA device on the NPU; a prompt tensor on this device goes in as its token list"))
+_(Patch("engine_threads", "megatron.core.inference.engines.dynamic_engine:DynamicInferenceEngine.run_engine_with_coordinator",
+        wrapper=engine_threads.engine_loop_wrapper, sweep=False, megatron_core=DYNAMIC_ENGINE,
+        why="the engine steps in a thread of its own under the coordinator; where the main thread handed it its "
+            "intra-op threads (engine_threads.hand_to_engine_thread), the loop takes them in that thread, so "
+            "libgomp does not hold two teams and throttle their spin"))
 _(Patch("paged_attention.no_triton_kv_append",
         "megatron.core.inference.contexts.dynamic_context:triton_append_key_value_cache",
         wrapper=paged_attention.no_triton_kv_append, backends=CPU | NPU, sweep=False, megatron_core=DYNAMIC_ENGINE,

@@ -259,6 +259,11 @@ def main(argv=None):
     except ImportError as e:
         raise BadInput(f"megatron-core's server needs quart, hypercorn and pyzmq ({e}): pip install "
                        "'ascend-patches[serve]'") from None
+    from ascend_patches.engine_threads import hand_to_engine_thread
+
+    # megatron steps the engine in a thread of its own: this thread keeps one intra-op thread from here on
+    # (the load included), and the engine's thread takes the rest (ascend_patches/engine_threads.py)
+    hand_to_engine_thread()
     lm, tok = inference.open_checkpoint(s.checkpoint)
     import torch.distributed as dist
 

@@ -15,6 +15,7 @@ megatron's coordinator, as recipes.serve runs it.
 import dataclasses
 import json
 import sys
+import threading
 import time
 
 import torch
@@ -25,6 +26,10 @@ from recipes.infer import dynamic, inference
 
 
 def main():
+    from ascend_patches.engine_threads import hand_to_engine_thread
+
+    torch.set_num_threads(2)  # a process with two intra-op threads (the tests' torchrun gives each rank one)
+    handed = hand_to_engine_thread()  # as recipes.serve does: this thread keeps one from here on
     tp, load, hf_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dtype, block = (torch.bfloat16, int(sys.argv[5])) if len(sys.argv) > 4 else (None, 16)
     lm = inference.load(load, tp, 1, dtype=dtype)
@@ -82,11 +87,17 @@ def main():
     dummies = []
     real_dummy = TextGenerationController.dummy_forward
     TextGenerationController.dummy_forward = lambda self: (dummies.append(1), real_dummy(self))[1]
+    # and the engine's thread computes with the intra-op threads this (main) thread handed it
+    threads = set()
+    hook = lm.model.register_forward_pre_hook(
+        lambda *_: threads.add((threading.current_thread() is threading.main_thread(), torch.get_num_threads())))
     llm = dynamic.build_llm(lm.model, load_tokenizer(lm.args["tokenizer_name_or_path"]), settings, use_coordinator=True)
     if dist.get_rank() == 0:
         served = dynamic.greedy(llm, prompts, 40, eos_id=426)
         time.sleep(0.5)
-        coordinator = {"equal": served == [r["hf"] for r in rows if r["eos"] == 426], "dummy_forwards": len(dummies)}
+        coordinator = {"equal": served == [r["hf"] for r in rows if r["eos"] == 426], "dummy_forwards": len(dummies),
+                       "forward_threads": sorted(threads), "handed": handed, "main_thread": torch.get_num_threads()}
+    hook.remove()
     llm.shutdown()
     if dist.get_rank() == 0:
         sys.stdout.write("RESULT " + json.dumps(rows) + "\n")
