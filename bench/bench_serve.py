@@ -13,7 +13,9 @@ wheel pins torch 2.13.0+cpu and pulls builds of those made for another torch).
 Load: 16 prompts of mixed lengths (8 to 400 tokens), each asking for ``--new-tokens`` tokens with
 ``ignore_eos`` (every answer the same length), sent by 1, 4 and 16 concurrent clients (each
 client takes the next prompt when its last answer arrives).  The two servers are up together and
-measured in alternation, per round and concurrency; the static path runs the same 16 prompts as
+measured in alternation, per round and concurrency, each round once the machine is idle (under 15%
+busy for half a second, at most 10 s: vLLM's engine spins a core for 1 to 1.5 s after its last
+request, which cost the round after it a core); the static path runs the same 16 prompts as
 one batch of ``recipes.generate`` (its own generation time, the model load excluded).  Prefix
 caching is off in both servers (megatron-core's default; vLLM's is on, and every round sends the
 same prompts, so its cache would skip their prefill from the second round on); with
@@ -163,6 +165,27 @@ class Server:
                 pass
 
 
+def cpu_busy(window: float = 0.5) -> float:
+    """The machine's busy share of its CPUs over ``window`` seconds (/proc/stat)."""
+    def read():
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    t0, i0 = read()
+    time.sleep(window)
+    t1, i1 = read()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def settle(limit: float = 10.0, busy: float = 0.15) -> float:
+    """Wait until the machine is idle (under ``busy`` of its CPUs for half a second) or ``limit``
+    seconds pass; the seconds waited.  vLLM's engine spins a whole core for 1 to 1.5 s after its
+    last request (measured here), so a round that starts at once loses a core to the last one."""
+    t = time.time()
+    while cpu_busy() > busy and time.time() - t < limit:
+        pass
+    return time.time() - t
+
+
 def load_round(server: Server, ps: list, clients: int, new_tokens: int):
     """(seconds, [latency per request], [choice per prompt]) with ``clients`` at once."""
     t = time.perf_counter()
@@ -275,10 +298,12 @@ def main():
         for s in servers:  # warm-up: one request each
             s.complete(ps[0], 4)
         total = args.rounds * len(args.clients) * len(servers)
+        settled = []  # seconds waited for the machine to go idle before each measured round
         done, t0 = 0, time.time()
         for rnd in range(args.rounds):
             for c in args.clients:
                 for s in (servers if rnd % 2 == 0 else servers[::-1]):
+                    settled.append(settle())
                     secs, lat, choices = load_round(s, ps, c, args.new_tokens)
                     st = stats[(s.name, c)]
                     st["secs"].append(secs)
@@ -288,7 +313,7 @@ def main():
                     done += 1
                     eta = (time.time() - t0) / done * (total - done)
                     log(f"round {rnd + 1}/{args.rounds}, {c:>2} clients, {s.name:<13} {st['tok'] / secs:8.1f} "
-                        f"tokens/s  ({done}/{total}, ETA {eta:.0f} s)")
+                        f"tokens/s  (after {settled[-1]:.1f} s to idle; {done}/{total}, ETA {eta:.0f} s)")
     finally:
         for s in servers:
             s.stop()
@@ -322,7 +347,9 @@ def main():
           f"{same_static}/16 (shortest common prefix {prefix_static}); recipes.serve vs MegatronLLM alone, same "
           f"tokens {same_engine}/16")
     c = max(args.clients)
-    summary = {"prefix_caching": args.prefix_caching, "serve_over_vllm": rows[(ours.name, c)] / rows[(vllm.name, c)],
+    print(f"waited for an idle machine before each round: {min(settled):.1f} to {max(settled):.1f} s")
+    summary = {"prefix_caching": args.prefix_caching, "settle_seconds": [min(settled), max(settled)],
+               "serve_over_vllm": rows[(ours.name, c)] / rows[(vllm.name, c)],
                "serve_over_static": rows[(ours.name, c)] / static_tps,
                "same_tokens_vs_vllm": same_vllm, "common_prefixes_vs_vllm": prefix_vllm,
                "same_tokens_vs_static": same_static, "engine_alone_seconds": engine["seconds"],
