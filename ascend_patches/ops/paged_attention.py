@@ -39,8 +39,7 @@ def flash_kernels_present(attention_module) -> bool:
                 or getattr(attention_module, "flash_attn_varlen_func", None) is not None)
 
 
-GROUPS = 3  # at most: each group is one gather and one SDPA call
-GROUP_COST = 512  # a group's fixed cost (its calls), in gathered key rows
+GROUP_COST = 512  # a group's fixed cost (its gather and SDPA calls), in gathered key rows
 
 
 def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, scale: float):
@@ -67,7 +66,7 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
 
 
 def _length_groups(q_lens, lens_k) -> list:
-    """Index ranges into requests sorted by key count, at most GROUPS of them, that cost least when
+    """Index ranges into requests sorted by key count, at most 3 of them, that cost least when
     each group is padded to its longest: a group of n requests costs n x its longest query x its
     most keys (the padded scores, and the gathered keys when a query is one token) plus
     GROUP_COST.  Every split is costed at once (a [B, B] table), no loop over requests."""
@@ -85,7 +84,7 @@ def _length_groups(q_lens, lens_k) -> list:
     # the rest are at least the masked cost)
     two = cost[0, :-1] + cost[1:, b - 1]
     three = cost[0, :-1][:, None] + cost[1:, :-1] + cost[1:, b - 1][None, :]
-    best = [int(whole), int(two.min()), int(three.min())][:GROUPS]
+    best = [int(whole), int(two.min()), int(three.min())]
     pick = best.index(min(best))
     if pick == 0:
         return [slice(0, b)]
@@ -100,7 +99,7 @@ def _length_groups(q_lens, lens_k) -> list:
 def _attend(q, k_cache, v_cache, starts, q_lens, lens_k, table, scale: float, result) -> None:
     """One group's attention, written into ``result``'s rows: its queries padded to the group's
     longest, its keys gathered to the group's most."""
-    t, h, d = q.shape
+    h, d = q.shape[1:]
     block, hkv = k_cache.shape[1], k_cache.shape[2]
     b = lens_k.numel()
     real = int(q_lens.sum())
