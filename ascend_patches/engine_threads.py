@@ -36,11 +36,6 @@ def hand_to_engine_thread() -> int:
     return _handed
 
 
-def handed() -> Optional[int]:
-    """The count ``hand_to_engine_thread`` gave the engine thread, or None."""
-    return _handed
-
-
 def engine_loop_wrapper(original):
     """``DynamicInferenceEngine.run_engine_with_coordinator``, first taking the handed intra-op
     threads in the thread the loop runs in."""
