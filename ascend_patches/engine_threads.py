@@ -36,6 +36,11 @@ def hand_to_engine_thread() -> int:
     return _handed
 
 
+def engine_thread_count() -> int:
+    """The intra-op threads the engine computes with: the handed count, or this thread's own."""
+    return _handed if _handed is not None else torch.get_num_threads()
+
+
 def engine_loop_wrapper(original):
     """``DynamicInferenceEngine.run_engine_with_coordinator``, first taking the handed intra-op
     threads in the thread the loop runs in."""

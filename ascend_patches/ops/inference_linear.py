@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
+
+from . import packed_linear
 
 
 def linear_wrapper(original):
@@ -23,7 +24,7 @@ def linear_wrapper(original):
         if torch.is_grad_enabled() or sequence_parallel:
             return original(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                             sequence_parallel, *args, **kwargs)
-        return F.linear(input, weight, bias)
+        return packed_linear.linear(input, weight, bias)  # F.linear unless the weight was packed (CPU)
 
     return linear_with_grad_accumulation_and_async_allreduce
 

@@ -66,6 +66,7 @@ class Serve:
     prompt_log_probs: bool
     prefix_caching: bool
     prefix_eviction: str
+    packed_gemm: bool         # the CPU's MKL-packed GEMMs for decode steps (recipes/infer/dynamic.py)
 
 
 def build_parser():
@@ -101,6 +102,11 @@ def build_parser():
                    choices=["ref_zero", "lru"], default=None,
                    help="ref_zero (Megatron-LM's default): a cached block is forgotten once no request holds it; "
                         "lru: kept until its space is needed, so a later request can reuse it")
+    g.add_argument("--packed-gemm", dest="packed_gemm", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, decode steps of 4 to 16 requests multiply through MKL-packed copies of the "
+                        "float32 linear weights (about 2x faster there; the copies take 1.1 to 1.3x the weights' "
+                        "memory, more for small layers), made when they fit in half the free memory (default on; "
+                        "the start-up line says which GEMMs run)")
     return p
 
 
@@ -128,7 +134,7 @@ def settings(args) -> Serve:
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.load)))
     return Serve(c, args.host, args.port, name, args.inference_max_seq_length, args.max_requests,
                  args.block_size_tokens, args.buffer_size_gb, args.frontend_replicas, args.max_request_bytes,
-                 args.return_log_probs, args.prefix_caching, args.prefix_eviction or "ref_zero")
+                 args.return_log_probs, args.prefix_caching, args.prefix_eviction or "ref_zero", args.packed_gemm)
 
 
 class ServeTokenizer(dynamic.EngineTokenizer):
@@ -259,7 +265,7 @@ def main(argv=None):
     except ImportError as e:
         raise BadInput(f"megatron-core's server needs quart, hypercorn and pyzmq ({e}): pip install "
                        "'ascend-patches[serve]'") from None
-    from ascend_patches.engine_threads import hand_to_engine_thread
+    from ascend_patches.engine_threads import engine_thread_count, hand_to_engine_thread
 
     # megatron steps the engine in a thread of its own: this thread keeps one intra-op thread from here on
     # (the load included), and the engine's thread takes the rest (ascend_patches/engine_threads.py)
@@ -277,6 +283,13 @@ def main(argv=None):
         n = lora.merge_in_place(lm.model)
         if rank == 0:
             print(f"merged {n} LoRA adapters from {s.checkpoint.lora_load}", flush=True)
+    import ascend_patches
+
+    free, _ = free_device_bytes()  # every rank asks (an all-reduce)
+    gemms = (dynamic.pack_gemms(lm.model, free, engine_thread_count()) if s.packed_gemm
+             else "CPU GEMMs: plain (--no-packed-gemm)")
+    if rank == 0 and ascend_patches.settings().backend == "cpu":
+        print(gemms, flush=True)
     engine = engine_settings(s, lm, s.checkpoint.tp)
     tokenizer = ServeTokenizer(tok)
     limits = openai_rules.Limits(s.model_name, engine.max_sequence_length, lm.vocab_size, s.prompt_log_probs)
