@@ -30,16 +30,17 @@ def test_an_older_megatron_core_is_refused_naming_the_release_that_has_it():
         dynamic.check_release()
 
 
-def _step(block, dtype, lens_k=(201, 145, 7, 0), lens_q=(1, 5, 7, 0)):
+def _step(block, dtype, lens_k=(201, 145, 7, 0), lens_q=(1, 5, 7, 0), compact=False):
     """Three requests in one step: a decode (1 new token after 200), a chunk (5 new after 140) and
-    a fresh prefill (7), GQA (8 query heads on 4 KV heads), blocks scattered in the cache, a
-    padding request (no tokens) and padding rows past the last token."""
+    a fresh prefill (7), GQA (8 query heads on 4 KV heads), blocks scattered in the cache (or,
+    ``compact``, taken from the top down as megatron's allocator hands them out), a padding
+    request (no tokens) and padding rows past the last token."""
     torch.manual_seed(0)
     h, hkv, d = 8, 4, 16
     lens_k, lens_q = list(lens_k), list(lens_q)
     blocks = sum(-(-n // block) for n in lens_k) + 5
     k_cache, v_cache = (torch.randn(blocks, block, hkv, d).to(dtype) for _ in range(2))
-    perm = torch.randperm(blocks)
+    perm = torch.arange(blocks - 1, -1, -1) if compact else torch.randperm(blocks)
     table = torch.full((len(lens_k), -(-max(lens_k) // block) + 1), -1, dtype=torch.int32)
     used = 0
     for r, n in enumerate(lens_k):
@@ -101,6 +102,47 @@ def test_requests_of_unlike_lengths_attend_in_groups_and_still_equal_the_referen
     assert out[real:].abs().max() == 0
 
 
+def test_decode_rows_attend_where_their_keys_lie_and_equal_the_reference(monkeypatch):
+    """Decode rows (one query token) whose blocks lie together attend in place (no gather), the
+    step's other rows through the groups; every row equals plain SDPA over its own keys (fp32, as
+    above).  The in-place path steps aside, and the gather gives the same rows, when the blocks lie
+    scattered, when two rows share a block (a cached prefix), and when a slot past a row's keys
+    holds a NaN."""
+    from ascend_patches.ops import paged_attention as pa
+
+    taken = []
+    in_place = pa._decode_in_place
+    monkeypatch.setattr(pa, "_decode_in_place", lambda *a: taken.append(in_place(*a)) or taken[-1])
+    lens_k = (300, 3, 40, 9, 0, 251, 17, 64, 5, 120, 33, 2, 190)
+    lens_q = (1, 1, 40, 1, 0, 1, 17, 3, 1, 1, 1, 2, 1)
+    real = sum(lens_q)
+
+    def check(q, k, v, cu, seqlens_k, table):
+        out = pa.paged_attention(q, k, v, cu, seqlens_k, table, q.shape[-1] ** -0.5)
+        torch.testing.assert_close(out[:real], _per_request_reference(q, k, v, cu, seqlens_k, table), rtol=1e-5,
+                                   atol=1e-6)
+        assert out[real:].abs().max() == 0
+
+    step = _step(16, torch.float32, lens_k, lens_q, compact=True)
+    check(*step)
+    q, k, v, cu, seqlens_k, table = step
+    far = table.clone()  # row 1's block moved 150 blocks past the others
+    far[1, 0] = k.shape[0] + 150
+    k_far, v_far = (torch.cat([c, torch.randn(200, *c.shape[1:])]) for c in (k, v))
+    k_far[far[1, 0]], v_far[far[1, 0]] = k[table[1, 0]], v[table[1, 0]]
+    check(q, k_far, v_far, cu, seqlens_k, far)
+    assert taken == [True, False]
+    shared = table.clone()
+    shared[3, 0] = shared[1, 0]  # rows 1 and 3 (decodes after 3 and 9 keys) start with the same block
+    check(q, k, v, cu, seqlens_k, shared)
+    nan_k, nan_v = k.clone(), v.clone()
+    nan_k[table[1, 0], 3:] = float("nan")  # past row 1's 3 keys, in its block: its scores are masked
+    check(q, nan_k, v, cu, seqlens_k, table)
+    nan_v[table[1, 0], 3:] = float("nan")  # and a value there: a zero weight times NaN is NaN
+    check(q, nan_k, nan_v, cu, seqlens_k, table)
+    assert taken == [True, False, False, True, False]
+
+
 def test_paged_attention_ignores_what_the_cache_holds_past_a_requests_keys():
     """The cache is allocated empty, so a slot past a request's keys can hold a NaN; masked, it must
     not reach the outputs (a NaN score plus the mask's -inf is still NaN, and poisoned the whole row)."""
@@ -117,7 +159,9 @@ def test_paged_attention_ignores_what_the_cache_holds_past_a_requests_keys():
             v[blocks[-1], n % 16:] = float("nan")
     free = [i for i in range(k.shape[0]) if i not in used]
     k[free], v[free] = float("nan"), float("nan")  # the blocks no request holds, block 0 among them here
-    torch.testing.assert_close(paged_attention(q, k, v, cu, lens_k, table, q.shape[-1] ** -0.5), clean, rtol=0, atol=0)
+    # the same rows (the decode row may go through the gather instead of in place: another summation order)
+    torch.testing.assert_close(paged_attention(q, k, v, cu, lens_k, table, q.shape[-1] ** -0.5), clean, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_the_npu_path_through_npu_fused_infer_attention_score(npu_emulated):

@@ -13,6 +13,12 @@ kernels with a block table for.
   padding.  The context's padding requests (no tokens or no keys) are left out, and the
   positions past a request's keys gather its first key (the cache is allocated empty, and what
   a free slot holds could be a NaN).  No Python loop over requests.
+  Decode rows (one query token) whose blocks lie together (their span at most 2 slots per key)
+  attend in place instead (``_decode_in_place``, float32, up to 16 query heads a rank; in 16-bit
+  its products would round the scores, which SDPA keeps in float32): every block of
+  the span meets its owner's query in one batched product, the softmax is per request, and
+  nothing is gathered; measured on bench_serve's engine (16 requests, 64-token blocks), 1.98 to
+  2.10 s against 2.13 to 2.26 s for the gather alone.
 - NPU: ``torch_npu.npu_fused_infer_attention_score`` in PageAttention mode, as vllm-ascend calls
   it for mixed batches: query TND, the cache viewed ``[blocks, block, Hkv * D]``, the block
   table, the queries' prefix sums and each request's key count (host lists: the kernel's
@@ -58,11 +64,74 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
     lens_k, order = seqlens_k[live].long().sort()
     live = live[order]
     q_lens = q_lens_all[live]
+    one = q_lens == 1
+    if h <= IN_PLACE_MAX_HEADS and q.dtype == torch.float32 and bool(one.any()):  # decode rows: where their keys lie, when that pays
+        dec = live[one]
+        if _decode_in_place(q, k_cache, v_cache, cu_seqlens_q[dec].long(), lens_k[one], block_table[dec], scale,
+                            result):
+            live, q_lens, lens_k = live[~one], q_lens[~one], lens_k[~one]
+            if live.numel() == 0:
+                return result
     for group in _length_groups(q_lens, lens_k):
         rows = live[group]
         _attend(q, k_cache, v_cache, cu_seqlens_q[rows].long(), q_lens[group], lens_k[group], block_table[rows],
                 scale, result)
     return result
+
+
+IN_PLACE_MAX_HEADS = 16  # the in-place decode's products do heads-fold the work of a per-head one
+SPAN_PER_KEY = 2.0       # it reads the span of the rows' blocks: taken while that is at most this per key
+
+
+def _decode_in_place(q, k_cache, v_cache, rows, lens_k, table, scale: float, result) -> bool:
+    """Requests with one query token each (decode), attended where their keys lie, nothing
+    gathered: the cache blocks in the span of their blocks (``[lo, hi)``, a view) meet their
+    owner's query in one batched product for all heads (each block ``[block, Hkv * D]`` times its
+    owner's queries laid block-diagonally, ``[Hkv * D, H]``: heads-fold the multiply-adds of a
+    per-head product, in one pass over the keys), each request's softmax is taken over its own
+    blocks (a max and a sum per request, scattered by owner), and each block's weighted values
+    (the same block-diagonal product) are summed into its owner's row.  No request's scores meet
+    another's keys.  Declines (False, nothing written) when the span is over ``SPAN_PER_KEY``
+    slots per key (scattered blocks: the gather moves less), when a block belongs to two of the
+    rows (shared prefix blocks), or when a result is not finite (the slots past a request's keys
+    are read too and may hold what the memory held; the gather path reads only written slots)."""
+    h, d = q.shape[1:]
+    block, hkv = k_cache.shape[1], k_cache.shape[2]
+    g, b = h // hkv, lens_k.numel()
+    col = torch.arange(table.shape[1], device=q.device)
+    used = col[None, :] < ((lens_k + block - 1) // block)[:, None]  # [B, max_blocks]: each request's blocks
+    ids = table.long()[used]
+    lo, hi = int(ids.min()), int(ids.max()) + 1
+    n = hi - lo
+    if n * block > SPAN_PER_KEY * int(lens_k.sum()) + block:
+        return False
+    if int(torch.bincount(ids - lo, minlength=n).max()) > 1:
+        return False
+    owner = torch.full((n,), b, dtype=torch.long, device=q.device)  # b: none of these rows owns the block
+    owner[ids - lo] = torch.arange(b, device=q.device)[:, None].expand_as(used)[used]
+    first = torch.zeros(n, dtype=torch.long, device=q.device)  # the block's first position in its request
+    first[ids - lo] = (col * block)[None, :].expand_as(used)[used]
+    lens = torch.cat([lens_k, lens_k.new_zeros(1)])[owner]  # unowned blocks: no visible slot
+    visible = first[:, None] + torch.arange(block, device=q.device)[None, :] < lens[:, None]  # [n, block]
+    heads = torch.arange(hkv, device=q.device)
+    # queries[n, kv * D + e, kv * G + j] = q[owner, kv * G + j, e]: block-diagonal over the KV heads
+    queries = q.new_zeros(n, hkv, d, hkv, g)
+    queries[:, heads, :, heads, :] = torch.cat([q[rows], q.new_zeros(1, h, d)])[owner].view(
+        n, hkv, g, d).permute(1, 0, 3, 2)
+    keys, values = k_cache[lo:hi].view(n, block, hkv * d), v_cache[lo:hi].view(n, block, hkv * d)
+    scores = torch.bmm(keys, queries.view(n, hkv * d, h))  # [n, block, H]
+    scores = torch.where(visible[:, :, None], scores * scale, float("-inf"))
+    peak = scores.new_full((b + 1, h), float("-inf")).scatter_reduce_(
+        0, owner[:, None].expand(n, h), scores.amax(1), "amax")
+    weights = torch.exp(scores - peak[owner][:, None, :])
+    total = scores.new_zeros(b + 1, h).index_add_(0, owner, weights.sum(1))
+    part = torch.bmm(weights.transpose(1, 2), values).view(n, hkv, g, hkv, d)[:, heads, :, heads, :]  # [Hkv, n, G, D]
+    out = q.new_zeros(b + 1, h, d).index_add_(0, owner, part.permute(1, 0, 2, 3).reshape(n, h, d))
+    out = out[:b] / total[:b, :, None]
+    if not bool(torch.isfinite(out).all()):
+        return False
+    result[rows] = out
+    return True
 
 
 def _length_groups(q_lens, lens_k) -> list:

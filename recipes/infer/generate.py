@@ -275,7 +275,7 @@ def dynamic_generation(lm, tokenizer, d: settings.Decoding, prompts_ids):
                        f"{lm.shape.seq_length}")
     n = len(prompts_ids)
     tp = ps.get_tensor_model_parallel_world_size()
-    block = 256
+    block = dynamic.default_block_size()
     blocks = n * -(-longest // block) + 1  # each request at full length, and megatron's dummy block
     slots = -(-min(n, 64) // tp) * tp  # megatron's context takes a multiple of the TP size
     engine = dynamic.EngineSettings(max_requests=slots, block_size_tokens=block,

@@ -24,8 +24,9 @@ prompt plus output; ``--inference-dynamic-batching-max-requests`` (``--max-reque
 requests in one step (more wait); ``--inference-dynamic-batching-buffer-size-gb`` the KV cache.
 Unset, the two are derived from the device's free memory after the model loads: as many
 full-length requests as fit in half of it (at most 64), and a cache that holds them all at full
-length.  ``--inference-dynamic-batching-block-size`` (``--block-size-tokens``, default 256) is the
-cache's block; on the NPU the paged attention kernel takes 128, 256, 384 or 512.
+length.  ``--inference-dynamic-batching-block-size`` (``--block-size-tokens``; default 64 tokens on
+the CPU, megatron-core's 256 elsewhere) is the cache's block; on the NPU the paged attention kernel
+takes 128, 256, 384 or 512.
 ``--inference-dynamic-batching-prefix-caching`` (vLLM's ``--enable-prefix-caching``; off by
 default, as in Megatron-LM) lets requests share the blocks of a common prompt prefix.
 """
@@ -88,7 +89,8 @@ def build_parser():
     g.add_argument("--inference-dynamic-batching-max-requests", "--max-requests", dest="max_requests", type=int,
                    default=0, help="requests in one engine step (default: from the device's free memory)")
     g.add_argument("--inference-dynamic-batching-block-size", "--block-size-tokens", dest="block_size_tokens",
-                   type=int, default=256, help="tokens per KV-cache block (default 256)")
+                   type=int, default=None, help="tokens per KV-cache block (default 64 on the CPU, where the decode "
+                                             "attention reads whole blocks; megatron-core's 256 elsewhere)")
     g.add_argument("--return-log-probs", action="store_true",
                    help="keep every prompt token's logits, for echo + logprobs (lm-eval's log-likelihoods), as "
                         "Megatron-LM's server does; it costs the output layer over every prompt token")
@@ -123,7 +125,7 @@ def settings(args) -> Serve:
                        ("buffer_size_gb", "--inference-dynamic-batching-buffer-size-gb")):
         if getattr(args, name) < 0:
             raise BadInput(f"{flag} {getattr(args, name)}: give a positive value (or leave it out)")
-    if args.block_size_tokens < 1:
+    if args.block_size_tokens is not None and args.block_size_tokens < 1:
         raise BadInput(f"--inference-dynamic-batching-block-size {args.block_size_tokens}: give 1 or more")
     if args.prefix_eviction and not args.prefix_caching:
         raise BadInput("--inference-dynamic-batching-prefix-caching-eviction-policy without "
@@ -133,7 +135,8 @@ def settings(args) -> Serve:
                        "run through the model, so its log-probs would be missing; use one or the other")
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.load)))
     return Serve(c, args.host, args.port, name, args.inference_max_seq_length, args.max_requests,
-                 args.block_size_tokens, args.buffer_size_gb, args.frontend_replicas, args.max_request_bytes,
+                 args.block_size_tokens or dynamic.default_block_size(),
+                 args.buffer_size_gb, args.frontend_replicas, args.max_request_bytes,
                  args.return_log_probs, args.prefix_caching, args.prefix_eviction or "ref_zero", args.packed_gemm)
 
 
