@@ -63,7 +63,7 @@ def default_block_size() -> int:
 @dataclass(frozen=True)
 class EngineSettings:
     max_requests: int = 16           # requests in one step; more wait in the engine's queue
-    block_size_tokens: int = 256     # the paged KV cache's block (megatron-core's default)
+    block_size_tokens: int = 0       # the paged KV cache's block; 0: default_block_size()
     buffer_size_gb: float = 1.0      # the KV cache's memory
     max_sequence_length: int = 4096  # prompt and generated tokens of one request
     prompt_log_probs: bool = False   # logits for every prompt token (echo + logprobs), not only the last
@@ -80,14 +80,15 @@ def inference_config(model, settings: EngineSettings):
     model.eval()
     import ascend_patches
 
+    block = settings.block_size_tokens or default_block_size()
     if ascend_patches.settings().backend == "npu":
         from ascend_patches.ops.paged_attention import check_npu_engine
 
         try:
-            check_npu_engine(settings.block_size_tokens, next(model.parameters()).dtype)
+            check_npu_engine(block, next(model.parameters()).dtype)
         except ValueError as e:
             raise BadInput(str(e)) from None
-    return InferenceConfig(block_size_tokens=settings.block_size_tokens, buffer_size_gb=settings.buffer_size_gb,
+    return InferenceConfig(block_size_tokens=block, buffer_size_gb=settings.buffer_size_gb,
                            max_requests=settings.max_requests, max_sequence_length=settings.max_sequence_length,
                            materialize_only_last_token_logits=not settings.prompt_log_probs,
                            enable_prefix_caching=settings.prefix_caching,
