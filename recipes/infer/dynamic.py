@@ -120,23 +120,21 @@ def pack_gemms(model, free_bytes: int, threads: int) -> str:
     took = packed_linear.pack(model, free_bytes // 2, threads)
     if took < 0:
         return (f"CPU GEMMs: plain (packed copies of the weights would pass half the free memory, "
-                f"{free_bytes / 2 ** 31:.2f} GiB; --no-packed-gemm says so without trying)")
+                f"{free_bytes / 2 ** 31:.2f} GiB)")
     return f"CPU GEMMs: MKL-packed copies of the linear weights for 4 to 16 rows ({took / 2 ** 30:.2f} GiB)"
 
 
-def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool = False, packed_gemm: bool = True):
+def build_llm(model, tokenizer, settings: EngineSettings, use_coordinator: bool = False):
     """``MegatronLLM`` over ``model`` (every rank calls this, in direct mode each rank runs the
-    engine in lockstep), with the CPU's packed GEMMs unless ``packed_gemm`` is False (rank 0
-    prints which GEMMs run)."""
+    engine in lockstep), with the CPU's packed GEMMs (rank 0 prints which GEMMs run)."""
     config = inference_config(model, settings)
-    if packed_gemm:
-        import ascend_patches
-        import torch.distributed as dist
-        from ascend_patches.engine_threads import engine_thread_count
+    import ascend_patches
+    import torch.distributed as dist
+    from ascend_patches.engine_threads import engine_thread_count
 
-        line = pack_gemms(model, ascend_patches.device_memory("free")[0], engine_thread_count())
-        if line and (not dist.is_initialized() or dist.get_rank() == 0):
-            print(line, flush=True)
+    line = pack_gemms(model, ascend_patches.device_memory("free")[0], engine_thread_count())
+    if line and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(line, flush=True)
     from megatron.core.inference.apis import MegatronLLM
 
     return MegatronLLM(model=model, tokenizer=EngineTokenizer(tokenizer), inference_config=config,
