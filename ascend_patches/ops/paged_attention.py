@@ -65,7 +65,8 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqlens_k, block_table, s
     live = live[order]
     q_lens = q_lens_all[live]
     one = q_lens == 1
-    if h <= IN_PLACE_MAX_HEADS and q.dtype == torch.float32 and bool(one.any()):  # decode rows: where their keys lie, when that pays
+    # decode rows: where their keys lie, when that pays
+    if h <= IN_PLACE_MAX_HEADS and q.dtype == torch.float32 and bool(one.any()):
         dec = live[one]
         if _decode_in_place(q, k_cache, v_cache, cu_seqlens_q[dec].long(), lens_k[one], block_table[dec], scale,
                             result):

@@ -100,16 +100,18 @@ def inference_config(model, settings: EngineSettings):
                            ep_consensus_interval=1)
 
 
-def pack_gemms(model, free_bytes: int, threads: int) -> str:
+def pack_gemms(model, free_bytes: int, threads: int, wanted: bool = True) -> str:
     """On the CPU backend, MKL-packed copies of ``model``'s float32 linear weights for decode steps
     of 4 to 16 requests (``ascend_patches/ops/packed_linear.py``: measured 2x faster GEMMs there),
     when they fit in half of ``free_bytes``, for GEMMs on ``threads`` intra-op threads (the
-    engine's): the line that says what was done ('' off the CPU).  Call once the weights are final
-    (LoRA merged)."""
+    engine's), unless not ``wanted`` (``--no-packed-gemm``): the line that says what was done ('' off
+    the CPU).  Call once the weights are final (LoRA merged)."""
     import ascend_patches
 
     if ascend_patches.settings().backend != "cpu":
         return ""
+    if not wanted:
+        return "CPU GEMMs: plain (--no-packed-gemm)"
     from ascend_patches.ops import packed_linear
 
     why = packed_linear.unavailable()

@@ -286,12 +286,9 @@ def main(argv=None):
         n = lora.merge_in_place(lm.model)
         if rank == 0:
             print(f"merged {n} LoRA adapters from {s.checkpoint.lora_load}", flush=True)
-    import ascend_patches
-
     free, _ = free_device_bytes()  # every rank asks (an all-reduce)
-    gemms = (dynamic.pack_gemms(lm.model, free, engine_thread_count()) if s.packed_gemm
-             else "CPU GEMMs: plain (--no-packed-gemm)")
-    if rank == 0 and ascend_patches.settings().backend == "cpu":
+    gemms = dynamic.pack_gemms(lm.model, free, engine_thread_count(), s.packed_gemm)
+    if rank == 0 and gemms:
         print(gemms, flush=True)
     engine = engine_settings(s, lm, s.checkpoint.tp)
     tokenizer = ServeTokenizer(tok)
